@@ -1,0 +1,17 @@
+"""skipgrad: transferable adversarial examples with the Skip Gradient Method.
+
+Wu et al., "Skip Connections Matter: On the Transferability of Adversarial Examples Generated with
+ResNets", ICLR 2020. ``skip_gradient`` decays the gradient through residual branches of any model;
+``attack`` runs one composable iterative attack loop (I-FGSM, PGD, MI, NI, DI, TI, ensembles).
+"""
+from skipgrad.attacks import AttackSpec, NonFiniteGradientError, attack, parse_attack_name
+from skipgrad.sgm import (BlockInfo, NoResidualBlockError, UnsupportedOfficialModelError,
+                          find_blocks, register_block, skip_gradient)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttackSpec", "BlockInfo", "NoResidualBlockError", "NonFiniteGradientError",
+    "UnsupportedOfficialModelError", "attack", "find_blocks", "parse_attack_name",
+    "register_block", "skip_gradient",
+]

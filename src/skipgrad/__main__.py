@@ -1,0 +1,3 @@
+from skipgrad.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""Attack configuration: composable names such as ``"mi+di+ti"`` parsed into a frozen spec."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+UPDATE_RULES = ("ifgsm", "mi", "ni")
+MODIFIERS = ("pgd", "di", "ti")
+ATTACK_TOKENS = UPDATE_RULES + MODIFIERS
+NORMS = ("linf", "l2")
+LOSSES = ("ce", "margin")
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """Everything that defines one iterative attack.
+
+    Attributes:
+        update: ``"ifgsm"`` (sign step, Kurakin et al. 2017), ``"mi"`` (momentum, Dong et al. 2018)
+            or ``"ni"`` (Nesterov look-ahead, Lin et al. 2020).
+        random_start: start from a uniform point in the ball (PGD, Madry et al. 2018).
+        input_diversity: random resize-and-pad of the input each step (DI, Xie et al. 2019).
+        translation_invariance: Gaussian smoothing of the gradient (TI, Dong et al. 2019).
+        eps, step_size: ball radius and step length in [0, 1] pixel units.
+        steps: number of iterations.
+        norm: ``"linf"`` or ``"l2"``.
+        loss: ``"ce"`` (cross-entropy) or ``"margin"`` (Carlini-Wagner logit margin).
+        targeted: ``labels`` are target classes to reach rather than true classes to leave.
+        decay: momentum decay mu for MI/NI.
+        di_prob, di_scale: DI applies with probability ``di_prob`` on a canvas ``di_scale`` times
+            the input size.
+        ti_kernel: TI Gaussian kernel size (odd); sigma spans +-3 over the kernel as in Dong et al.
+    """
+
+    update: str = "ifgsm"
+    random_start: bool = False
+    input_diversity: bool = False
+    translation_invariance: bool = False
+    eps: float = 16 / 255
+    step_size: float = 2 / 255
+    steps: int = 10
+    norm: str = "linf"
+    loss: str = "ce"
+    targeted: bool = False
+    decay: float = 1.0
+    di_prob: float = 0.5
+    di_scale: float = 1.1
+    ti_kernel: int = 7
+
+    def __post_init__(self) -> None:
+        _check_choice("update rule", self.update, UPDATE_RULES)
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("loss", self.loss, LOSSES)
+        _check_positive("eps", self.eps)
+        _check_positive("step_size", self.step_size)
+        if self.norm == "linf" and self.eps > 1:
+            raise ValueError(f"eps is in [0, 1] pixel units for the L-inf norm, got {self.eps}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        if not (isinstance(self.decay, (int, float)) and math.isfinite(self.decay)
+                and self.decay >= 0):
+            raise ValueError(f"decay must be a finite number >= 0, got {self.decay!r}")
+        if not 0 <= self.di_prob <= 1:
+            raise ValueError(f"di_prob must be in [0, 1], got {self.di_prob}")
+        if not self.di_scale >= 1:
+            raise ValueError(f"di_scale must be >= 1, got {self.di_scale}")
+        if not (isinstance(self.ti_kernel, int) and self.ti_kernel >= 1 and self.ti_kernel % 2):
+            raise ValueError(f"ti_kernel must be a positive odd integer, got {self.ti_kernel!r}")
+
+    @property
+    def name(self) -> str:
+        """The canonical composed name, e.g. ``"mi+di+ti"``."""
+        parts = ["pgd"] if self.random_start and self.update == "ifgsm" else [self.update]
+        if self.random_start and self.update != "ifgsm":
+            parts.append("pgd")
+        parts += [t for t, on in (("di", self.input_diversity), ("ti", self.translation_invariance))
+                  if on]
+        return "+".join(parts)
+
+
+def parse_attack_name(name: str) -> dict[str, object]:
+    """Turn ``"mi+di+ti"`` into AttackSpec fields.
+
+    Tokens: one update rule at most (``ifgsm``, ``mi``, ``ni``; default ``ifgsm``) and any of the
+    modifiers ``pgd`` (random start), ``di``, ``ti``. ``"pgd"`` alone is I-FGSM with a random start.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"attack name must be a non-empty string such as 'mi+di', got {name!r}")
+    tokens = [t.strip().lower() for t in name.split("+")]
+    for token in tokens:
+        if token not in ATTACK_TOKENS:
+            raise ValueError(f"unknown attack {token!r} in {name!r}; "
+                             f"known: {', '.join(ATTACK_TOKENS)} (combine with '+')")
+    if len(set(tokens)) != len(tokens):
+        raise ValueError(f"attack {name!r} names a component twice")
+    rules = [t for t in tokens if t in UPDATE_RULES]
+    if len(rules) > 1:
+        raise ValueError(f"attack {name!r} has several update rules ({', '.join(rules)}); pick one")
+    return {"update": rules[0] if rules else "ifgsm", "random_start": "pgd" in tokens,
+            "input_diversity": "di" in tokens, "translation_invariance": "ti" in tokens}
+
+
+def _check_choice(what: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(choices)}")
+
+
+def _check_positive(what: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value <= 0:
+        raise ValueError(f"{what} must be a finite number > 0, got {value!r}")

@@ -1,0 +1,235 @@
+"""The one iterative attack loop; every attack is a composition of its parts.
+
+An attack = objective (``losses``) + optional input transform (DI) + optional gradient transform
+(TI, and SGM as a context around the source model) + update rule (sign, momentum, Nesterov) +
+projection. ``"mi+di+ti"`` with ``sgm=0.2`` is a configuration of this loop, not a class.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from skipgrad.attacks.config import AttackSpec, parse_attack_name
+from skipgrad.attacks.losses import attack_objective
+from skipgrad.attacks.randomness import PerImageRandom
+from skipgrad.attacks.transforms import (apply_diversity, draw_diversity, gaussian_kernel,
+                                         smooth_gradient)
+from skipgrad.attacks.updates import (l1_normalise, per_sample_norm, project, quantise_in_ball,
+                                      steepest_direction)
+from skipgrad.sgm import check_gamma, skip_gradient
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A source model produced NaN or inf logits or gradients for some images."""
+
+
+def attack(
+    model: nn.Module | Sequence[nn.Module],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    method: str = "ifgsm",
+    *,
+    sgm: float | None | Sequence[float | None] = None,
+    sgm_official: bool = False,
+    eps: float = 16 / 255,
+    step_size: float = 2 / 255,
+    steps: int = 10,
+    norm: str = "linf",
+    loss: str = "ce",
+    targeted: bool = False,
+    seed: int = 0,
+    ids: Sequence[int] | torch.Tensor | None = None,
+    decay: float = 1.0,
+    di_prob: float = 0.5,
+    di_scale: float = 1.1,
+    ti_kernel: int = 7,
+) -> torch.Tensor:
+    """Craft adversarial examples with a composable iterative attack, optionally with SGM.
+
+    Args:
+        model: a module taking images in [0, 1] (normalisation inside), or a list of them: an
+            ensemble whose per-model objectives are averaged.
+        images: float tensor (N, C, H, W) in [0, 1]; not modified.
+        labels: int64 (N,): true labels (untargeted) or target labels (``targeted=True``).
+        method: ``ifgsm``, ``pgd``, ``mi``, ``ni``, ``di``, ``ti`` composed with ``+``.
+        sgm: SGM decay gamma in (0, 1] for every source, a list with one entry per source
+            (``None`` = no SGM for that source), or ``None`` for no SGM at all.
+        sgm_official: use the authors' hook placement (torchvision ResNet/DenseNet only).
+        eps, step_size: ball radius and step in [0, 1] pixel units (16/255 and 2/255 in the paper).
+        steps: iterations (10 in the paper). norm: ``"linf"`` or ``"l2"``.
+        loss: ``"ce"`` or ``"margin"``. targeted: aim for ``labels`` instead of away from them.
+        seed, ids: the run seed and per-image ids; each image's random draws (PGD start, DI) come
+            from its own stream, so results do not depend on batching. ``ids`` defaults to 0..N-1.
+        decay: MI/NI momentum decay. di_prob, di_scale: DI probability and canvas scale.
+        ti_kernel: TI Gaussian kernel size (odd).
+
+    Returns:
+        Adversarial images in [0, 1] on 8-bit levels: ``round(adv*255)`` is within the eps-ball of
+        ``round(images*255)`` (L-inf: at most ``floor(eps*255)`` levels per pixel).
+
+    Models are switched to eval mode during the attack and restored afterwards.
+    """
+    spec = AttackSpec(**parse_attack_name(method), eps=eps, step_size=step_size, steps=steps,
+                      norm=norm, loss=loss, targeted=targeted, decay=decay, di_prob=di_prob,
+                      di_scale=di_scale, ti_kernel=ti_kernel)
+    sources = _as_sources(model)
+    contexts = _sgm_contexts(sources, sgm, sgm_official)
+    _check_images(images)
+    _check_labels(labels, images)
+    rng = PerImageRandom(_check_seed(seed), _check_ids(ids, images.shape[0]))
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(evaluation_mode(sources))
+        for context in contexts:
+            stack.enter_context(context)
+        adv = run_attack(sources, images.detach(), labels, spec, rng)
+    return quantise_in_ball(adv, images.detach(), spec.eps, spec.norm)
+
+
+def run_attack(sources: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor,
+               spec: AttackSpec, rng: PerImageRandom) -> torch.Tensor:
+    """The loop itself, on validated inputs; SGM, if any, is already attached to the sources."""
+    kernel = gaussian_kernel(spec.ti_kernel).to(images) if spec.translation_invariance else None
+    x_adv = random_start(images, spec, rng) if spec.random_start else images.clone()
+    momentum = torch.zeros_like(images)
+    for _ in range(spec.steps):
+        query = x_adv
+        if spec.update == "ni":  # Nesterov look-ahead (Lin et al., ICLR 2020)
+            query = x_adv + spec.step_size * spec.decay * _lookahead(momentum, spec.norm)
+        grad = input_gradient(sources, query, labels, spec, rng)
+        if kernel is not None:
+            grad = smooth_gradient(grad, kernel)
+        if spec.update in ("mi", "ni"):
+            momentum = spec.decay * momentum + l1_normalise(grad)
+            grad = momentum
+        x_adv = project(x_adv + spec.step_size * steepest_direction(grad, spec.norm),
+                        images, spec.eps, spec.norm)
+    return x_adv
+
+
+def input_gradient(sources: Sequence[nn.Module], x: torch.Tensor, labels: torch.Tensor,
+                   spec: AttackSpec, rng: PerImageRandom) -> torch.Tensor:
+    """Gradient of the ensemble-averaged objective w.r.t. ``x``, one source at a time so that
+    memory grows with the largest source, not with their sum."""
+    draws = (draw_diversity(rng, tuple(x.shape[-2:]), spec.di_prob, spec.di_scale)
+             if spec.input_diversity else None)
+    total = torch.zeros_like(x)
+    for model in sources:
+        x_var = x.detach().requires_grad_(True)
+        inputs = apply_diversity(x_var, draws) if draws is not None else x_var
+        logits = model(inputs)
+        _check_logits(logits, labels)
+        objective = attack_objective(logits, labels, spec.loss, spec.targeted).sum()
+        (grad,) = torch.autograd.grad(objective / len(sources), x_var)
+        total += grad
+    _check_finite(total, "gradient")
+    return total
+
+
+def random_start(images: torch.Tensor, spec: AttackSpec, rng: PerImageRandom) -> torch.Tensor:
+    """A uniform random point of the ball (PGD, Madry et al., ICLR 2018)."""
+    shape = tuple(images.shape[1:])
+    if spec.norm == "linf":
+        delta = (2 * rng.uniform(shape, images.device) - 1) * spec.eps
+    else:
+        direction = rng.normal(shape, images.device)
+        direction = direction / per_sample_norm(direction, 2).clamp_min(1e-12)
+        radius = rng.uniform((1,) * len(shape), images.device) ** (1 / direction[0].numel())
+        delta = direction * radius * spec.eps
+    return project(images + delta.to(images.dtype), images, spec.eps, spec.norm)
+
+
+def _lookahead(momentum: torch.Tensor, norm: str) -> torch.Tensor:
+    # L-inf: the accumulated (mean-abs normalised) momentum as in Lin et al.; L2: its unit vector,
+    # so that the look-ahead is measured in the same units as the step.
+    return momentum if norm == "linf" else steepest_direction(momentum, norm)
+
+
+@contextlib.contextmanager
+def evaluation_mode(models: Sequence[nn.Module]) -> Iterator[None]:
+    """Put every module in eval mode (no batch statistics, no dropout) and restore it after."""
+    states = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for module, training in states:
+            module.training = training
+
+
+def _as_sources(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
+    sources = [model] if isinstance(model, nn.Module) else list(model)
+    if not sources:
+        raise ValueError("attack needs at least one source model")
+    for m in sources:
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"source models must be nn.Module, got {type(m).__name__}")
+    return sources
+
+
+def _sgm_contexts(sources: list[nn.Module], sgm: object, official: bool) -> list[skip_gradient]:
+    gammas = list(sgm) if isinstance(sgm, (list, tuple)) else [sgm] * len(sources)
+    if len(gammas) != len(sources):
+        raise ValueError(f"sgm has {len(gammas)} entries for {len(sources)} source models")
+    return [skip_gradient(m, check_gamma(g), official=official)
+            for m, g in zip(sources, gammas) if g is not None]
+
+
+def _check_images(images: object) -> None:
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+        raise ValueError("images must be a floating-point tensor (N, C, H, W) in [0, 1]")
+    if images.dim() != 4 or images.shape[0] == 0:
+        raise ValueError(f"images must have shape (N, C, H, W) with N >= 1, got {tuple(images.shape)}")
+    _check_finite(images, "images", ValueError)
+    low, high = images.min().item(), images.max().item()
+    if low < 0 or high > 1:
+        raise ValueError(f"images must be in [0, 1] (normalise inside the model); "
+                         f"got values in [{low:.4g}, {high:.4g}]")
+
+
+def _check_labels(labels: object, images: torch.Tensor) -> None:
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError("labels must be an integer tensor of shape (N,)")
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"labels must have shape ({images.shape[0]},) to match the images, "
+                         f"got {tuple(labels.shape)}")
+    if labels.device != images.device:
+        raise ValueError(f"labels are on {labels.device} but images on {images.device}")
+    if labels.numel() and labels.min().item() < 0:
+        raise ValueError("labels must be >= 0")
+
+
+def _check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    if logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
+        raise ValueError(f"a source model returned shape {tuple(logits.shape)}; expected logits "
+                         f"(N={labels.shape[0]}, num_classes)")
+    if labels.max().item() >= logits.shape[1]:
+        raise ValueError(f"label {labels.max().item()} is out of range for a model with "
+                         f"{logits.shape[1]} classes")
+    _check_finite(logits, "logits")
+
+
+def _check_finite(x: torch.Tensor, what: str,
+                  error: type[Exception] = NonFiniteGradientError) -> None:
+    bad = ~torch.isfinite(x.detach()).flatten(1).all(dim=1)
+    if bad.any():
+        raise error(f"non-finite {what} (NaN or inf) for images at batch positions "
+                    f"{bad.nonzero().flatten().tolist()[:20]}")
+
+
+def _check_seed(seed: object) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    return seed
+
+
+def _check_ids(ids: Sequence[int] | torch.Tensor | None, n: int) -> list[int]:
+    if ids is None:
+        return list(range(n))
+    ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    if len(ids) != n:
+        raise ValueError(f"ids has {len(ids)} entries for {n} images")
+    return [int(i) for i in ids]

@@ -1,0 +1,33 @@
+"""Per-image random streams, so an image's random draws never depend on how images are batched."""
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import torch
+
+
+def image_seed(run_seed: int, image_id: int) -> int:
+    """A 63-bit seed for one image, mixed from the run seed and the image id."""
+    digest = hashlib.blake2b(f"skipgrad:{run_seed}:{image_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class PerImageRandom:
+    """One CPU generator per image; every draw returns a stacked (N, *shape) tensor.
+
+    Drawing on the CPU makes results identical on every device. Each image consumes its own stream
+    in the same order whatever the batch it sits in.
+    """
+
+    def __init__(self, run_seed: int, image_ids: Sequence[int]) -> None:
+        self._generators = [torch.Generator().manual_seed(image_seed(run_seed, int(i)))
+                            for i in image_ids]
+
+    def uniform(self, shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
+        """Uniform draws in [0, 1), shape (N, *shape)."""
+        return torch.stack([torch.rand(shape, generator=g) for g in self._generators]).to(device)
+
+    def normal(self, shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
+        """Standard normal draws, shape (N, *shape)."""
+        return torch.stack([torch.randn(shape, generator=g) for g in self._generators]).to(device)

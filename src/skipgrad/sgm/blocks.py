@@ -1,0 +1,131 @@
+"""Which modules are residual or dense blocks, and where each block's residual branch begins.
+
+SGM needs one fact per block: the modules whose *input* feeds only the residual branch (never the
+skip path). Scaling the gradient that flows back into those inputs by gamma decays the branch while
+the skip path keeps scale 1. Block types are matched with ``isinstance`` (through the class's MRO),
+never by module name, so wrapped models, timm and torchvision all work the same way.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from torch import nn
+
+BranchEntries = Callable[[nn.Module], Sequence[nn.Module]]
+
+
+@dataclass(frozen=True)
+class BlockKind:
+    """How SGM treats one registered block type.
+
+    Attributes:
+        name: short label shown in reports, e.g. ``"torchvision.BasicBlock"``.
+        branch_entries: returns the modules whose input feeds only the residual branch of a block
+            instance; an empty sequence means "this instance has no identity-style skip".
+        decay_first_in_stage: ``False`` leaves the first block of each stage undecayed, as the
+            authors' release does for ResNets; dense layers set it to ``True``.
+    """
+
+    name: str
+    branch_entries: BranchEntries
+    decay_first_in_stage: bool = False
+
+
+class BlockRegistry:
+    """Maps block classes to :class:`BlockKind`. Refuses duplicates rather than overwriting them.
+
+    Classes of optional packages (timm, torchvision) are registered by dotted path and resolved only
+    once their module has been imported by someone else: a model can only contain a timm block if
+    timm is already imported, so skipgrad never imports timm just to look.
+    """
+
+    def __init__(self) -> None:
+        self._kinds: dict[type, BlockKind] = {}
+        self._lazy: dict[str, BlockKind] = {}
+
+    def register(self, block_type: type[nn.Module] | str, kind: BlockKind) -> None:
+        """Register a class (or a ``"package.module:ClassName"`` path resolved lazily)."""
+        if block_type in self._kinds or block_type in self._lazy:
+            raise ValueError(f"block type {block_type!r} is already registered with skipgrad")
+        if isinstance(block_type, str):
+            self._lazy[block_type] = kind
+        elif isinstance(block_type, type) and issubclass(block_type, nn.Module):
+            self._kinds[block_type] = kind
+        else:
+            raise TypeError(f"block_type must be an nn.Module subclass, got {block_type!r}")
+
+    def lookup(self, module: nn.Module) -> BlockKind | None:
+        """The kind of ``module``, by its class or the nearest registered base class."""
+        self._resolve_imported()
+        for cls in type(module).__mro__:
+            kind = self._kinds.get(cls)
+            if kind is not None:
+                return kind
+        return None
+
+    def _resolve_imported(self) -> None:
+        for path in [p for p in self._lazy if p.split(":")[0] in sys.modules]:
+            module_name, class_name = path.split(":")
+            cls = getattr(importlib.import_module(module_name), class_name, None)
+            kind = self._lazy.pop(path)
+            if cls is not None:
+                self._kinds.setdefault(cls, kind)
+
+
+BLOCKS = BlockRegistry()
+
+
+def register_block(
+    block_type: type[nn.Module] | str,
+    branch_entries: BranchEntries,
+    *,
+    decay_first_in_stage: bool = False,
+    name: str | None = None,
+) -> None:
+    """Teach :func:`skipgrad.skip_gradient` a new residual block type.
+
+    Args:
+        block_type: the block class (subclasses match too), or ``"module.path:ClassName"``.
+        branch_entries: ``block -> [modules]`` whose *input* feeds only the residual branch.
+            Return ``[]`` for instances without a skip connection (they are then ignored).
+        decay_first_in_stage: also decay the first block of each stage (its parent container).
+        name: label used in reports; defaults to the class name.
+
+    Example::
+
+        class MyBlock(nn.Module):             # y = x + body(x)
+            def forward(self, x):
+                return x + self.body(x)
+
+        skipgrad.register_block(MyBlock, lambda block: [block.body])
+    """
+    label = name or (block_type if isinstance(block_type, str) else block_type.__name__)
+    BLOCKS.register(block_type, BlockKind(label, branch_entries, decay_first_in_stage))
+
+
+def _first_conv(block: nn.Module) -> Sequence[nn.Module]:
+    # torchvision and timm ResNet blocks compute the branch as conv1(x) -> ...; x also feeds the skip.
+    return [block.conv1]
+
+
+def _whole_layer(block: nn.Module) -> Sequence[nn.Module]:
+    # A dense layer's input (the concatenated features) feeds only its new features; the
+    # concatenation that forms the skip path happens outside the layer, in its dense block.
+    return [block]
+
+
+def _register_builtin_families() -> None:
+    resnet = dict(decay_first_in_stage=False)
+    for path in ("torchvision.models.resnet:BasicBlock", "torchvision.models.resnet:Bottleneck",
+                 "timm.models.resnet:BasicBlock", "timm.models.resnet:Bottleneck"):
+        label = path.split(".")[0] + "." + path.split(":")[1]
+        register_block(path, _first_conv, name=label, **resnet)
+    for path in ("torchvision.models.densenet:_DenseLayer", "timm.models.densenet:DenseLayer"):
+        label = path.split(".")[0] + ".DenseLayer"
+        register_block(path, _whole_layer, decay_first_in_stage=True, name=label)
+
+
+_register_builtin_families()

@@ -1,0 +1,200 @@
+"""``skip_gradient``: the Skip Gradient Method as a context around any gradient computation.
+
+Wu et al., "Skip Connections Matter: On the Transferability of Adversarial Examples Generated with
+ResNets", ICLR 2020 (arXiv:2002.05990). For a block ``y = s(x) + f(x)`` the backward pass uses
+``dy/dx = ds/dx + gamma * df/dx``; forward values are unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import nn
+
+from skipgrad.sgm.blocks import BLOCKS
+
+
+class Removable(Protocol):
+    """Anything with ``remove()``: a hook handle or a group of them."""
+
+    def remove(self) -> None: ...
+
+
+class NoResidualBlockError(ValueError):
+    """The model holds no block that skip_gradient knows how to decay."""
+
+
+class UnsupportedOfficialModelError(ValueError):
+    """``official=True`` was asked for a model the authors' release does not cover."""
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """One residual or dense block found in a model, and whether SGM decays it."""
+
+    name: str
+    kind: str
+    decayed: bool
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward (a copy, so later in-place ops are safe); gradient times ``gamma``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, gamma: float) -> torch.Tensor:
+        ctx.gamma = gamma
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.gamma, None
+
+
+def scale_gradient(value: Any, gamma: float) -> Any:
+    """Apply the gradient scaling to every tensor in a (nested) list/tuple/dict of inputs."""
+    if isinstance(value, torch.Tensor):
+        if value.requires_grad and torch.is_grad_enabled():
+            return _ScaleGradient.apply(value, gamma)
+        return value
+    if isinstance(value, (list, tuple)):
+        return type(value)(scale_gradient(v, gamma) for v in value)
+    if isinstance(value, dict):
+        return {k: scale_gradient(v, gamma) for k, v in value.items()}
+    return value
+
+
+def check_gamma(gamma: float) -> float:
+    """Validate a decay factor: a real number in (0, 1]."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+        raise ValueError(f"gamma must be a number in (0, 1], got {gamma!r}")
+    if not 0.0 < float(gamma) <= 1.0:
+        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+    return float(gamma)
+
+
+def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module, BlockInfo]]:
+    """Every registered block in ``model`` that has a skip path, with the SGM default decision.
+
+    The default follows the authors' choice: the first block of each stage (the first block found
+    in each parent container) keeps its full gradient unless its kind says otherwise.
+    """
+    modules = dict(model.named_modules())
+    seen_parents: set[str] = set()
+    found = []
+    for name, module in modules.items():
+        kind = BLOCKS.lookup(module)
+        if kind is None or not kind.branch_entries(module):
+            continue
+        parent = name.rpartition(".")[0]
+        first_in_stage = parent not in seen_parents
+        seen_parents.add(parent)
+        decayed = kind.decay_first_in_stage or not first_in_stage
+        found.append((name, module, BlockInfo(name, kind.name, decayed)))
+    return found
+
+
+def _model_label(model: nn.Module) -> str:
+    return type(model).__name__
+
+
+class skip_gradient:  # noqa: N801 - a context manager named like torch.no_grad
+    """Decay the gradient through the residual branches of ``model`` by ``gamma`` (SGM).
+
+    Use as a context around the forward *and* backward pass::
+
+        with skip_gradient(model, gamma=0.2):
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+
+    Args:
+        model: any module containing registered residual or dense blocks, at any depth.
+        gamma: decay factor in (0, 1]; 1 gives the plain gradient.
+        official: reproduce the hook placement of the authors' release (torchvision ResNet and
+            DenseNet only), quirks included; see :mod:`skipgrad.sgm.official`.
+
+    Raises:
+        ValueError: gamma outside (0, 1].
+        NoResidualBlockError: the model holds no residual or dense block (a ``ValueError``).
+        UnsupportedOfficialModelError: ``official=True`` on a model the release does not cover.
+
+    Forward values are identical with and without the context. Every hook is removed on exit,
+    also when the body raises. The context may be entered again after it exits.
+    """
+
+    def __init__(self, model: nn.Module, gamma: float, *, official: bool = False) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"skip_gradient needs an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.gamma = check_gamma(gamma)
+        self.official = official
+        self._found = find_blocks(model)
+        self.blocks = [info for _, _, info in self._found]
+        self._attachers = self._plan()
+        self._handles: list[Removable] = []
+
+    def _plan(self) -> list[Callable[[], Removable]]:
+        if self.official:
+            from skipgrad.sgm.official import official_attachers
+
+            return official_attachers(self.model, self.gamma)
+        if not self.blocks:
+            raise NoResidualBlockError(
+                f"skip_gradient found no residual or dense block in {_model_label(self.model)}; "
+                "SGM needs skip connections (register new block types with "
+                "skipgrad.register_block)")
+        return [self._decay_branch_of(module) for _, module, info in self._found if info.decayed]
+
+    def _decay_branch_of(self, block: nn.Module) -> Callable[[], Removable]:
+        entries = list(BLOCKS.lookup(block).branch_entries(block))
+        gamma = self.gamma
+
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            return scale_gradient(args, gamma), scale_gradient(kwargs, gamma)
+
+        def attach() -> Removable:
+            handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in entries]
+            return _HandleGroup(handles)
+
+        return attach
+
+    def __enter__(self) -> "skip_gradient":
+        if self._handles:
+            raise RuntimeError("this skip_gradient context is already active")
+        try:
+            for attach in self._attachers:
+                self._handles.append(attach())
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @property
+    def active(self) -> bool:
+        """Whether hooks are currently attached."""
+        return bool(self._handles)
+
+    def __repr__(self) -> str:
+        decayed = sum(info.decayed for info in self.blocks)
+        mode = ", official=True" if self.official else ""
+        return (f"skip_gradient({_model_label(self.model)}, gamma={self.gamma}{mode}: "
+                f"{decayed}/{len(self.blocks)} blocks decayed)")
+
+
+class _HandleGroup:
+    """Several hook handles removed as one."""
+
+    def __init__(self, handles: list[Removable]) -> None:
+        self._handles = handles
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
