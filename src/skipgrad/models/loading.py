@@ -1,0 +1,167 @@
+"""Spec string -> wrapped model: the one function a reader looks for is :func:`load_model`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from skipgrad.errors import UserError
+from skipgrad.models import checkpoints, hub
+from skipgrad.models.specs import ModelConfig, WrappedModel, parse_spec
+
+ZOO_PREFIX = "fmnist-"
+
+
+def resolve_config(spec: str, weights: str | Path | None = None) -> ModelConfig:
+    """The :class:`ModelConfig` a spec stands for, without building the network or loading weights.
+
+    ``file:PATH`` specs (and ``weights`` given for any spec) read the checkpoint's metadata only.
+    """
+    family, name = parse_spec(spec)
+    if family == "file":
+        return resolve_config(_arch_of_file(name), weights=name)
+    config = {"tv": hub.tv_config, "timm": hub.timm_config, "zoo": _zoo_config}[family](name)
+    if weights is not None:
+        config = config.replace(weights=str(Path(weights)))
+    return config
+
+
+def load_model(spec: str, *, weights: str | Path | None = None, pretrained: bool = True,
+               device: str | torch.device = "cpu") -> WrappedModel:
+    """Build the model a spec names, load its weights, wrap it for [0, 1] inputs, eval mode.
+
+    Args:
+        spec: ``tv:NAME``, ``timm:NAME[.TAG]``, ``zoo:fmnist-NAME`` or ``file:PATH``.
+        weights: a local checkpoint (safetensors, or a ``torch.save`` state dict) to load instead of
+            the library's pretrained weights.
+        pretrained: False builds the architecture with random weights (for listings and tests).
+        device: where the model lives; inputs must be on the same device.
+    Raises:
+        UserError: unknown spec, unreadable checkpoint, weights that don't fit, missing weights.
+    """
+    config = resolve_config(spec, weights)
+    if config.weights is not None:
+        net = _net_with_file(config, Path(config.weights))
+    else:
+        net, config = _net_pretrained(config, pretrained)
+    model = WrappedModel(net, config).eval()
+    for param in model.parameters():
+        param.requires_grad_(False)  # attacks differentiate w.r.t. inputs only
+    return model.to(device)
+
+
+def _net_with_file(config: ModelConfig, path: Path) -> nn.Module:
+    state, _ = checkpoints.read_checkpoint(path)
+    net = _build(config, pretrained=False, num_classes=_classes_in(state, config))
+    checkpoints.load_into(net, state, path, config.spec)
+    return net
+
+
+def _net_pretrained(config: ModelConfig, pretrained: bool) -> tuple[nn.Module, ModelConfig]:
+    net = _build(config, pretrained=pretrained)
+    if not pretrained:
+        return net, config
+    path = _pretrained_path(config)
+    sha = checkpoints.sha256_file(path) if path and path.is_file() else None
+    return net, config.replace(weights=str(path) if path else None, weights_sha256=sha)
+
+
+def _build(config: ModelConfig, *, pretrained: bool, num_classes: int | None = None) -> nn.Module:
+    name = config.spec.split(":", 1)[1]
+    if config.family == "tv":
+        return hub.tv_build(name, pretrained=pretrained, num_classes=num_classes)
+    if config.family == "timm":
+        return hub.timm_build(name, pretrained=pretrained, num_classes=num_classes)
+    return _zoo_build(config.arch, pretrained=pretrained)
+
+
+def _pretrained_path(config: ModelConfig) -> Path | None:
+    name = config.spec.split(":", 1)[1]
+    if config.family == "tv":
+        return hub.tv_cache_path(name)
+    if config.family == "timm":
+        return hub.timm_cache_path(name)
+    return zoo_weights_path(config.arch)
+
+
+def _classes_in(state: dict[str, torch.Tensor], config: ModelConfig) -> int | None:
+    """Class count of a checkpoint's last layer, so e.g. a CIFAR-10 ResNet-18 loads as 10-way."""
+    if config.family == "zoo":
+        return None
+    matrices = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+    return int(matrices[-1].shape[0]) if matrices else None
+
+
+def _arch_of_file(path: str) -> str:
+    _, meta = checkpoints.read_checkpoint(path)
+    arch = checkpoints.arch_from_metadata(meta)
+    if arch is None:
+        raise UserError(f"file:{path} does not say which architecture it holds (no 'arch' "
+                        f"metadata); give the architecture as a spec and the file with --weights")
+    if arch.startswith("file:"):
+        raise UserError(f"file:{path} names another file ({arch}) as its architecture")
+    if ":" not in arch:  # bare zoo names written by the zoo trainer
+        arch = f"zoo:{arch if arch.startswith(ZOO_PREFIX) else ZOO_PREFIX + arch}"
+    return arch
+
+
+# ---------------------------------------------------------------- bundled Fashion-MNIST zoo
+
+def zoo_names() -> list[str]:
+    """Architectures of the bundled zoo (without the ``fmnist-`` prefix)."""
+    from skipgrad.models.zoo import ZOO_NAMES
+
+    return list(ZOO_NAMES)
+
+
+def zoo_weights_path(arch: str) -> Path:
+    """Where the bundled weights of a zoo architecture live."""
+    import skipgrad.models.zoo as zoo
+
+    return Path(zoo.__file__).parent / "weights" / f"fmnist-{arch}.safetensors"
+
+
+def _zoo_arch(name: str) -> str:
+    if not name.startswith(ZOO_PREFIX):
+        raise UserError(f"zoo models are named zoo:{ZOO_PREFIX}ARCH, got zoo:{name}")
+    arch = name[len(ZOO_PREFIX):]
+    if arch not in zoo_names():
+        raise hub._unknown("zoo", f"{ZOO_PREFIX}{arch}", [ZOO_PREFIX + n for n in zoo_names()])
+    return arch
+
+
+def _zoo_config(name: str) -> ModelConfig:
+    # Zoo networks normalise inside themselves: the config reports their mean/std, and
+    # ``normalized_inside`` tells the adapter not to apply them a second time.
+    arch = _zoo_arch(name)
+    mean, std = _zoo_norm()
+    return ModelConfig(spec=f"zoo:{ZOO_PREFIX}{arch}", family="zoo", arch=arch,
+                       input_size=(1, 28, 28), mean=mean, std=std, num_classes=10,
+                       normalized_inside=True)
+
+
+def _zoo_norm() -> tuple[tuple[float, ...], tuple[float, ...]]:
+    import skipgrad.models.zoo as zoo
+
+    mean = getattr(zoo, "FMNIST_MEAN", None)
+    std = getattr(zoo, "FMNIST_STD", None)
+    if mean is None or std is None:
+        return (0.0,), (1.0,)
+    as_tuple = lambda v: tuple(float(x) for x in (v if hasattr(v, "__iter__") else [v]))  # noqa: E731
+    return as_tuple(mean), as_tuple(std)
+
+
+def _zoo_build(arch: str, *, pretrained: bool) -> nn.Module:
+    import skipgrad.models.zoo as zoo
+
+    if pretrained:
+        if not zoo_weights_path(arch).is_file():
+            raise UserError(f"bundled weights for zoo:{ZOO_PREFIX}{arch} are missing "
+                            f"({zoo_weights_path(arch)}); train them with "
+                            f"`skipgrad zoo train {arch}` or pass --weights FILE")
+        return zoo.load_zoo_model(arch)
+    builder = getattr(zoo, "build_zoo_model", None)
+    if builder is not None:
+        return builder(arch)
+    return zoo.load_zoo_model(arch, pretrained=False)
