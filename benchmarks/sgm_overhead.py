@@ -1,51 +1,34 @@
-"""SGM overhead: attack time with ``sgm=gamma`` divided by attack time without, same model and batch.
-
-Runs both variants alternately several times in one process and compares medians, so machine noise
-hits both alike. Target: <= 1.03. The last line printed is the ratio.
+"""SGM overhead: attack time with ``sgm=gamma`` divided by attack time without (same model, batch
+and attack, alternating repeats in one run). Target <= 1.03. The last line printed is the ratio.
 
     python benchmarks/sgm_overhead.py [--arch resnet50] [--batch 16] [--size 64] [--repeats 5]
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
-import torch
-import torchvision
+from _common import alternate, describe, source_and_batch
 
 import skipgrad
 
 
-def time_attack(model, images, labels, sgm) -> float:
-    start = time.perf_counter()
-    skipgrad.attack(model, images, labels, "mi", sgm=sgm, steps=10)
-    return time.perf_counter() - start
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="resnet50", help="torchvision architecture (random weights)")
+    parser = argparse.ArgumentParser(description="SGM overhead ratio")
+    parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--gamma", type=float, default=0.2)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, args.arch)(num_classes=10).eval()
-    images = torch.rand(args.batch, 3, args.size, args.size)
-    labels = torch.randint(0, 10, (args.batch,))
-    time_attack(model, images, labels, None)  # warm-up: allocator and kernels
-    plain, sgm = [], []
-    for _ in range(args.repeats):
-        plain.append(time_attack(model, images, labels, None))
-        sgm.append(time_attack(model, images, labels, args.gamma))
-    print(f"model tv:{args.arch}, batch {args.batch}x3x{args.size}x{args.size}, MI 10 steps, "
-          f"{args.repeats} alternating repeats, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    print(f"median without SGM: {statistics.median(plain):.3f} s")
-    print(f"median with SGM (gamma={args.gamma}): {statistics.median(sgm):.3f} s")
-    print(f"sgm_overhead_ratio {statistics.median(sgm) / statistics.median(plain):.3f}")
+    model, images, labels = source_and_batch(args.arch, args.batch, args.size)
+    medians = alternate({
+        "mi": lambda: skipgrad.attack(model, images, labels, "mi"),
+        "mi+sgm": lambda: skipgrad.attack(model, images, labels, "mi", sgm=args.gamma),
+    }, args.repeats)
+    print(describe(args.arch, images, args.repeats) + ", MI 10 steps")
+    for name, seconds in medians.items():
+        print(f"median {name}: {seconds:.3f} s")
+    print(f"sgm_overhead_ratio {medians['mi+sgm'] / medians['mi']:.3f}")
 
 
 if __name__ == "__main__":

@@ -214,6 +214,8 @@ def _check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
 
 def _check_finite(x: torch.Tensor, what: str,
                   error: type[Exception] = NonFiniteGradientError) -> None:
+    if torch.isfinite(x).all():  # one reduction on the hot path; per-image detail only on failure
+        return
     bad = ~torch.isfinite(x.detach()).flatten(1).all(dim=1)
     if bad.any():
         raise error(f"non-finite {what} (NaN or inf) for images at batch positions "
