@@ -43,6 +43,7 @@ def load_model(spec: str, *, weights: str | Path | None = None, pretrained: bool
     config = resolve_config(spec, weights)
     if config.weights is not None:
         net = _net_with_file(config, Path(config.weights))
+        config = config.replace(weights_sha256=checkpoints.sha256_file(config.weights))
     else:
         net, config = _net_pretrained(config, pretrained)
     model = WrappedModel(net, config).eval()

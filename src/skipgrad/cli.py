@@ -1,0 +1,376 @@
+"""The ``skipgrad`` command line: thin argument handling over the library.
+
+User errors print one line (``skipgrad: error: ...``) and exit with code 2; Ctrl-C exits with 130
+and leaves only whole files behind. Perturbation sizes are pixel levels out of 255 (``--eps 16``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from skipgrad.errors import UserError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors in our format (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"skipgrad: error: {message} (see `{self.prog} --help`)\n")
+
+
+# ---------------------------------------------------------------- value parsers
+
+def levels(text: str) -> float:
+    """A perturbation size in pixel levels: ``16``, ``2.5``, or a fraction such as ``16/255``
+    (a fraction is read in [0, 1] pixel units and converted to levels). Never ``eval``."""
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            value = float(num) / float(den) * 255
+        else:
+            value = float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of pixel levels") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of pixel levels")
+    return value
+
+
+def gamma(text: str) -> float | None:
+    """An SGM gamma in (0, 1]; ``none`` means no SGM (for transfer matrices)."""
+    if text.strip().lower() in ("none", "off", "no"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"SGM gamma {text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"SGM gamma must be in (0, 1], got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A strictly positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
+
+
+def channels(text: str) -> int | None:
+    """``auto`` (decide from the files), ``1`` (grayscale) or ``3`` (RGB)."""
+    if text not in ("auto", "1", "3"):
+        raise argparse.ArgumentTypeError("channels must be auto, 1 or 3")
+    return None if text == "auto" else int(text)
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``skipgrad`` parser with every subcommand."""
+    import skipgrad
+
+    parser = _Parser(prog="skipgrad", description="Transferable adversarial examples with the "
+                     "Skip Gradient Method (Wu et al., ICLR 2020).")
+    parser.add_argument("--version", action="version", version=f"skipgrad {skipgrad.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
+    for add in (_add_demo, _add_attack, _add_evaluate, _add_transfer, _add_models, _add_zoo):
+        add(sub)
+    return parser
+
+
+def _add_run_options(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    p.add_argument("--batch-size", type=positive_int, default=32 if defaults else None)
+    p.add_argument("--device", default="auto" if defaults else None, help="auto, cpu or cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_data_options(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--data", required=required,
+                   help="fmnist:test, fmnist:train, or a folder (class subfolders, labels.csv "
+                        "or images.csv layouts)")
+    p.add_argument("--limit", type=positive_int, help="use only the first N images")
+    p.add_argument("--channels", type=channels, default=None,
+                   help="auto (default), 1 = grayscale, 3 = RGB")
+    p.add_argument("--class-map", help="JSON or text file: class folder name -> index")
+
+
+def _add_attack_settings(p: argparse.ArgumentParser) -> None:
+    """Attack settings; defaults are None so a transfer config file is never overridden silently."""
+    p.add_argument("--eps", type=levels, help="L-inf radius in pixel levels /255 (default 16)")
+    p.add_argument("--step-size", type=levels, help="step in pixel levels /255 (default 2)")
+    p.add_argument("--steps", type=positive_int, help="iterations (default 10)")
+    p.add_argument("--norm", choices=("linf", "l2"))
+    p.add_argument("--loss", choices=("ce", "margin"))
+    p.add_argument("--targeted", action="store_true", default=None,
+                   help="aim for the data's target labels (labels.csv targeted_label)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--decay", type=float, help="MI/NI momentum decay (default 1.0)")
+    p.add_argument("--di-prob", type=float, help="DI probability (default 0.5)")
+    p.add_argument("--di-scale", type=float, help="DI canvas scale (default 1.1)")
+    p.add_argument("--ti-kernel", type=positive_int, help="TI kernel size, odd (default 7)")
+    p.add_argument("--sgm-official", action="store_true", default=None,
+                   help="use the authors' hook placement (torchvision ResNet/DenseNet)")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the embedded Fashion-MNIST benchmark")
+    p.add_argument("--out", type=Path, default=Path("skipgrad-demo"))
+    p.add_argument("--limit", type=positive_int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+
+def _add_attack(sub) -> None:
+    p = sub.add_parser("attack", help="craft adversarial images from source model(s)")
+    p.add_argument("--source", action="append", required=True, metavar="SPEC",
+                   help="model spec; repeat for an ensemble")
+    p.add_argument("--weights", action="append", metavar="FILE",
+                   help="local weights, one per --source in the same order")
+    p.add_argument("--attack", default="ifgsm", help="ifgsm, pgd, mi, ni, di, ti joined by +")
+    p.add_argument("--sgm", type=gamma, help="SGM gamma in (0, 1] (0.2 ResNet, 0.5 DenseNet)")
+    p.add_argument("--out", type=Path, required=True)
+    _add_data_options(p, required=True)
+    _add_attack_settings(p)
+    _add_run_options(p)
+    p.set_defaults(func=cmd_attack)
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="transfer success of an attack folder on target models")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--target", action="append", required=True, metavar="SPEC")
+    p.add_argument("--weights", action="append", metavar="FILE",
+                   help="local weights, one per --target in the same order")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write results as JSON")
+    p.add_argument("--data", help="where the clean images are now, if they moved")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_evaluate)
+
+
+def _add_transfer(sub) -> None:
+    p = sub.add_parser("transfer", help="sources x attacks x targets matrix (flags or --config)")
+    p.add_argument("--config", type=Path, help="TOML file with the plan (flags override it)")
+    p.add_argument("--source", action="append", metavar="SPEC")
+    p.add_argument("--source-weights", action="append", metavar="FILE")
+    p.add_argument("--target", action="append", metavar="SPEC")
+    p.add_argument("--target-weights", action="append", metavar="FILE")
+    p.add_argument("--attack", action="append", help="repeat for several attacks")
+    p.add_argument("--sgm", action="append", type=gamma, help="gamma; repeat for several")
+    p.add_argument("--no-baseline", action="store_true", help="skip the runs without SGM")
+    p.add_argument("--out", type=Path)
+    p.add_argument("--title")
+    _add_data_options(p, required=False)
+    _add_attack_settings(p)
+    _add_run_options(p, defaults=False)
+    p.set_defaults(func=cmd_transfer)
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="list model specs with input size and mean/std")
+    p.add_argument("--preset", help="wu2020 (the paper's zoo) or fmnist (the bundled zoo)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_models)
+
+
+def _add_zoo(sub) -> None:
+    p = sub.add_parser("zoo", help="the bundled Fashion-MNIST zoo")
+    zoo_sub = p.add_subparsers(dest="zoo_command", required=True, parser_class=_Parser)
+    t = zoo_sub.add_parser("train", help="train one zoo architecture")
+    t.add_argument("name")
+    t.add_argument("--out", type=Path)
+    t.add_argument("--epochs", type=positive_int)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--limit", type=positive_int)
+    t.add_argument("--batch-size", type=positive_int, default=128)
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=cmd_zoo_train)
+
+
+# ---------------------------------------------------------------- commands
+
+def _log(quiet: bool):
+    return (lambda _msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    """Attack settings given on the command line (unset flags are left out)."""
+    names = ("eps", "step_size", "steps", "norm", "loss", "targeted", "seed", "decay", "di_prob",
+             "di_scale", "ti_kernel", "sgm_official", "channels", "class_map")
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def _options(args: argparse.Namespace, base: dict | None = None):
+    from skipgrad.runner import RunOptions
+
+    base = base or {}
+    pick = lambda name, default: (getattr(args, name, None) if getattr(args, name, None)  # noqa: E731
+                                  is not None else base.get(name, default))
+    return RunOptions(limit=pick("limit", None), batch_size=pick("batch_size", 32),
+                      device=pick("device", "auto"), quiet=bool(args.quiet or base.get("quiet")))
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    """``skipgrad attack``."""
+    from skipgrad.runner import AttackJob, run_attack_job
+
+    job = AttackJob(sources=tuple(args.source), data=args.data, attack=args.attack, sgm=args.sgm,
+                    weights=tuple(args.weights or ()), **_settings(args))
+    summary = run_attack_job(job, args.out, _options(args), log=_log(args.quiet))
+    print(f"{summary.total} images in {args.out} ({summary.skipped} already done, "
+          f"{summary.attacked} attacked in {summary.seconds:.1f} s); "
+          f"white-box success on the source: {100 * summary.source_success:.1f}%")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``skipgrad evaluate``."""
+    from skipgrad.evaluate import evaluate_folder, format_table, write_results_json
+
+    results = evaluate_folder(args.folder, args.target, weights=args.weights, device=args.device,
+                              batch_size=args.batch_size, quiet=args.quiet, data=args.data)
+    print(format_table(results, title=f"transfer success of {args.folder}"))
+    if args.json:
+        write_results_json(results, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    """``skipgrad transfer``: flags override the TOML config, which overrides defaults."""
+    from skipgrad.transfer import load_plan_file, run_transfer
+
+    config = load_plan_file(args.config) if args.config else {}
+    plan, out, opts = _transfer_plan(args, config)
+    result = run_transfer(plan, out, opts, log=_log(args.quiet))
+    from skipgrad.report import markdown_table
+
+    print(markdown_table(result.rows, plan.title))
+    print("wrote " + ", ".join(str(p) for p in result.files.values()))
+    return 0
+
+
+def _transfer_plan(args: argparse.Namespace, config: dict):
+    from skipgrad.transfer import (ModelRef, TransferPlan, gammas_with_baseline, model_refs,
+                                   template_from)
+
+    config = dict(config)
+    sources = _refs(args.source, args.source_weights, "source") or model_refs(
+        config.pop("sources", []), "sources")
+    targets = _refs(args.target, args.target_weights, "target") or model_refs(
+        config.pop("targets", []), "targets")
+    config.pop("sources", None), config.pop("targets", None)
+    attacks = tuple(args.attack or _as_list(config.pop("attacks", ["ifgsm"])))
+    gammas = args.sgm if args.sgm is not None else [_toml_gamma(g) for g in
+                                                     _as_list(config.pop("sgm", []))]
+    baseline = not args.no_baseline and bool(config.pop("baseline", True))
+    out = args.out or (Path(config.pop("out")) if "out" in config else None)
+    data = args.data or config.pop("data", None)
+    if out is None or data is None or not sources or not targets:
+        raise UserError("transfer needs --source, --target, --data and --out "
+                        "(as flags or in the --config file)")
+    title = args.title or config.pop("title", "Transfer success rate")
+    run_keys = {k: config.pop(k) for k in ("limit", "batch_size", "device", "quiet") if k in config}
+    settings = {**config, **_settings(args)}
+    plan = TransferPlan(sources, attacks, gammas_with_baseline(list(gammas), baseline), targets,
+                        template_from(settings, data), title)
+    return plan, out, _options(args, run_keys)
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _toml_gamma(value) -> float | None:
+    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+        return None if value is None else float(value)
+    return gamma(str(value))
+
+
+def _refs(specs: list[str] | None, weights: list[str] | None, what: str):
+    from skipgrad.transfer import ModelRef
+
+    if not specs:
+        if weights:
+            raise UserError(f"--{what}-weights given without --{what}")
+        return ()
+    if weights and len(weights) != len(specs):
+        raise UserError(f"{len(weights)} --{what}-weights for {len(specs)} --{what}; "
+                        f"give one per --{what}, in order")
+    return tuple(ModelRef(s, w) for s, w in zip(specs, weights or [None] * len(specs)))
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """``skipgrad models``: specs with input size, mean/std, parameter count, weight status."""
+    from skipgrad.models.listing import model_rows, rows_table
+
+    rows = model_rows(args.preset)
+    print(json.dumps(rows, indent=2) if args.json else rows_table(rows))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``skipgrad demo``: the embedded Fashion-MNIST benchmark."""
+    from skipgrad.demo import run_demo
+
+    report = run_demo(args.out, limit=args.limit, device=args.device, quiet=args.quiet,
+                      seed=args.seed)
+    print(f"wrote {report}")
+    return 0
+
+
+def cmd_zoo_train(args: argparse.Namespace) -> int:
+    """``skipgrad zoo train NAME``."""
+    from skipgrad.models.zoo import ZOO_NAMES
+    from skipgrad.models.zoo.training import train_model
+
+    name = args.name.removeprefix("zoo:").removeprefix("fmnist-")
+    if name not in ZOO_NAMES:
+        raise UserError(f"unknown zoo model {args.name!r} (known: {', '.join(ZOO_NAMES)})")
+    out = args.out or Path("zoo-weights")
+    summary = train_model(name, out, epochs=args.epochs, seed=args.seed, limit=args.limit,
+                          batch_size=args.batch_size, progress=not args.quiet)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+# ---------------------------------------------------------------- entry point
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 2 user error, 130 interrupted)."""
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except SystemExit as exc:  # argparse: --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
+    except KeyboardInterrupt:
+        print("skipgrad: interrupted; finished files are kept, re-run the same command to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (UserError, ValueError, FileNotFoundError, FloatingPointError) as exc:
+        print(f"skipgrad: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        return f"file not found: {exc.filename}"
+    return text or type(exc).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

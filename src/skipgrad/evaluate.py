@@ -1,0 +1,213 @@
+"""Transfer success of attack outputs on target models, with Wilson 95% intervals.
+
+Success rate follows Wu et al. (2020): 1 - top-1 accuracy of the target on the adversarial images,
+*all* images counted (for targeted runs: the fraction classified as the target label). We also report
+the target's clean accuracy and the success rate restricted to images it classified correctly when
+clean, which separates "fooled" from "was wrong anyway".
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from skipgrad.data.datasets import ImageDataset, Sample, open_dataset
+from skipgrad.data.images import atomic_write_text, read_image
+from skipgrad.errors import UserError
+from skipgrad.models import WrappedModel, load_model
+from skipgrad.progress import progress_bar
+from skipgrad.runner import predict, read_manifest, read_run, resolve_device
+from skipgrad.stats import wilson_interval
+
+@dataclass(frozen=True)
+class TargetResult:
+    """One target model's numbers on one attack folder."""
+
+    target: str
+    n: int
+    successes: int
+    clean_correct: int
+    successes_on_correct: int
+
+    @property
+    def success_rate(self) -> float:
+        return self.successes / self.n if self.n else float("nan")
+
+    @property
+    def ci95(self) -> tuple[float, float]:
+        return wilson_interval(self.successes, self.n)
+
+    @property
+    def clean_accuracy(self) -> float:
+        return self.clean_correct / self.n if self.n else float("nan")
+
+    @property
+    def success_rate_on_correct(self) -> float | None:
+        if not self.clean_correct:
+            return None
+        return self.successes_on_correct / self.clean_correct
+
+    def to_json(self) -> dict:
+        """The per-target object of ``evaluate --json`` (DESIGN section 3)."""
+        lo, hi = self.ci95
+        return {"success_rate": self.success_rate, "n": self.n, "ci95": [lo, hi],
+                "clean_accuracy": self.clean_accuracy,
+                "success_rate_on_correct": self.success_rate_on_correct}
+
+
+@dataclass
+class AttackOutput:
+    """A finished (or partly finished) attack folder, paired with its clean images."""
+
+    folder: Path
+    run: dict
+    data: ImageDataset
+    samples: list[Sample]
+    files: list[Path]
+    targeted: bool
+
+
+def open_attack_output(folder: Path, data_override: str | None = None) -> AttackOutput:
+    """Read run.json + manifest and find each adversarial image's clean original."""
+    run = read_run(folder)
+    if run is None:
+        raise UserError(f"{folder} is not an attack output folder (no run.json); "
+                        f"run `skipgrad attack ... --out {folder}` first")
+    config = run["config"]
+    rows = read_manifest(folder)
+    if not rows:
+        raise UserError(f"{folder} has no finished images yet (manifest.csv is empty or missing)")
+    data = _clean_data(config, data_override)
+    samples = [_match(data, row, folder) for row in rows]
+    return AttackOutput(folder, run, data, samples, [folder / r["file"] for r in rows],
+                        bool(config.get("targeted")))
+
+
+def _clean_data(config: dict, override: str | None) -> ImageDataset:
+    spec = override or config["data"]
+    try:
+        return open_dataset(spec, channels=config.get("channels"), class_map=config.get("class_map"))
+    except UserError as exc:
+        raise UserError(f"cannot open the clean data of this run ({exc}); "
+                        f"pass --data to say where it is now") from exc
+
+
+def _match(data: ImageDataset, row: dict[str, str], folder: Path) -> Sample:
+    index = int(row["id"])
+    sample = data.samples[index] if 0 <= index < len(data.samples) else None
+    if sample is None or f"images/{sample.name}.png" != row["file"]:
+        raise UserError(f"{folder}/manifest.csv row {row['id']} ({row['file']}) does not match the "
+                        f"clean data {data.spec}; was it changed since the attack?")
+    return sample
+
+
+def _batches(items: Sequence, size: int) -> list[Sequence]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def clean_predictions(model: WrappedModel, output: AttackOutput, batch_size: int,
+                      quiet: bool = True) -> torch.Tensor:
+    """Target predictions on the clean originals of an attack output."""
+    device = next(model.parameters()).device
+    preds, bar = [], progress_bar(len(output.samples), f"clean {model.config.spec}", quiet)
+    for batch in _batches(output.samples, batch_size):
+        preds.append(predict([model], output.data.load(batch).to(device)))
+        bar.update(len(batch))
+    bar.close()
+    return torch.cat(preds)
+
+
+def adversarial_predictions(model: WrappedModel, output: AttackOutput, batch_size: int,
+                            quiet: bool = True) -> torch.Tensor:
+    """Target predictions on the saved adversarial PNGs."""
+    device = next(model.parameters()).device
+    preds, bar = [], progress_bar(len(output.files), f"adv {model.config.spec}", quiet)
+    for batch in _batches(output.files, batch_size):
+        images = torch.stack([read_image(p, output.data.channels) for p in batch]).to(device)
+        preds.append(predict([model], images))
+        bar.update(len(batch))
+    bar.close()
+    return torch.cat(preds)
+
+
+def score(target: str, output: AttackOutput, clean: torch.Tensor, adv: torch.Tensor) -> TargetResult:
+    """Count successes from predictions (untargeted: label left; targeted: target reached)."""
+    labels = torch.tensor([s.label for s in output.samples])
+    correct = clean == labels
+    if output.targeted:
+        success = adv == torch.tensor([s.target for s in output.samples])
+    else:
+        success = adv != labels
+    return TargetResult(target, len(labels), int(success.sum()), int(correct.sum()),
+                        int((success & correct).sum()))
+
+
+def evaluate_folder(folder: Path, targets: Sequence[str], *,
+                    weights: Sequence[str | None] | None = None, device: str = "auto",
+                    batch_size: int = 64, quiet: bool = False,
+                    data: str | None = None) -> dict[str, TargetResult]:
+    """Evaluate every target spec on one attack folder (``data`` overrides where the clean images
+    are, should they have moved since the attack)."""
+    output = open_attack_output(folder, data)
+    models = load_targets(targets, weights, resolve_device(device))
+    return evaluate_output(output, models, batch_size=batch_size, quiet=quiet)
+
+
+def load_targets(targets: Sequence[str], weights: Sequence[str | None] | None,
+                 device: torch.device) -> dict[str, WrappedModel]:
+    """Target models by spec, with optional weight files paired in order."""
+    if not targets:
+        raise UserError("at least one --target is needed")
+    weights = list(weights or [None] * len(targets))
+    if len(weights) != len(targets):
+        raise UserError(f"{len(weights)} --weights for {len(targets)} --target; give one per target")
+    return {spec: load_model(spec, weights=w, device=device) for spec, w in zip(targets, weights)}
+
+
+def evaluate_output(output: AttackOutput, models: dict[str, WrappedModel], *, batch_size: int = 64,
+                    quiet: bool = False, clean_cache: dict | None = None) -> dict[str, TargetResult]:
+    """Score each target on an opened attack output; ``clean_cache`` reuses clean predictions
+    across folders that share their clean images (as in a transfer matrix)."""
+    cache = clean_cache if clean_cache is not None else {}
+    results = {}
+    for spec, model in models.items():
+        key = (spec, model.config.weights_sha256, output.data.spec,
+               tuple(s.id for s in output.samples))
+        if key not in cache:
+            cache[key] = clean_predictions(model, output, batch_size, quiet)
+        adv = adversarial_predictions(model, output, batch_size, quiet)
+        results[spec] = score(spec, output, cache[key], adv)
+    return results
+
+
+def results_json(results: dict[str, TargetResult]) -> dict:
+    """The ``evaluate --json`` document."""
+    return {"targets": {spec: r.to_json() for spec, r in results.items()}}
+
+
+def write_results_json(results: dict[str, TargetResult], path: Path) -> None:
+    """Write the ``--json`` file atomically."""
+    atomic_write_text(path, json.dumps(results_json(results), indent=2) + "\n")
+
+
+def format_table(results: dict[str, TargetResult], title: str = "") -> str:
+    """A fixed-width terminal table (percentages)."""
+    header = ("target", "n", "success", "95% CI", "clean acc", "success | clean correct")
+    lines = [[spec, str(r.n), _pct(r.success_rate), f"[{_pct(r.ci95[0])}, {_pct(r.ci95[1])}]",
+              _pct(r.clean_accuracy), _pct(r.success_rate_on_correct)]
+             for spec, r in results.items()]
+    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
+    fmt: Callable[[Sequence[str]], str] = lambda row: "  ".join(  # noqa: E731
+        cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+    body = [fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines)]
+    return "\n".join(([title] if title else []) + body)
+
+
+def _pct(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{100 * value:.1f}%"

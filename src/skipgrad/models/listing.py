@@ -1,0 +1,59 @@
+"""``skipgrad models``: resolve specs offline and describe them (input size, mean/std, weights)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from skipgrad.models import hub
+from skipgrad.models.loading import zoo_weights_path
+from skipgrad.models.presets import WU2020, check_builds, fmnist_preset, get_preset
+from skipgrad.models.specs import ModelConfig
+from skipgrad.models.loading import resolve_config
+
+
+def weight_status(config: ModelConfig) -> str:
+    """Where this spec's pretrained weights are, or that they are missing (never downloads)."""
+    name = config.spec.split(":", 1)[1]
+    if config.family == "zoo":
+        path: Path | None = zoo_weights_path(config.arch)
+        return "bundled" if path.is_file() else "not trained yet"
+    path = hub.tv_cache_path(name) if config.family == "tv" else hub.timm_cache_path(name)
+    return "cached" if path is not None and path.is_file() else "not cached"
+
+
+def _roles(preset_name: str | None) -> dict[str, list[str]]:
+    presets = [get_preset(preset_name)] if preset_name else [fmnist_preset(), WU2020]
+    roles: dict[str, list[str]] = {}
+    for preset in presets:
+        for spec in preset.sources:
+            roles.setdefault(spec, []).append(f"{preset.name} source")
+        for spec in preset.targets:
+            roles.setdefault(spec, []).append(f"{preset.name} target")
+    return roles
+
+
+def model_rows(preset: str | None = None) -> list[dict]:
+    """One dict per spec; each architecture is constructed (without weights) to prove it resolves."""
+    rows = []
+    for spec, roles in _roles(preset).items():
+        config = resolve_config(spec)
+        rows.append({"spec": config.spec, "roles": roles, "input_size": list(config.input_size),
+                     "mean": list(config.mean), "std": list(config.std),
+                     "interpolation": config.interpolation, "num_classes": config.num_classes,
+                     "params": check_builds(config), "weights": weight_status(config)})
+    return rows
+
+
+def rows_table(rows: list[dict]) -> str:
+    """Fixed-width table of :func:`model_rows`."""
+    header = ["spec", "role", "input", "mean", "std", "interp", "params", "weights"]
+    body = [[r["spec"], ", ".join(r["roles"]), "x".join(map(str, r["input_size"])),
+             _triple(r["mean"]), _triple(r["std"]), r["interpolation"],
+             f"{r['params'] / 1e6:.1f}M", r["weights"]] for r in rows]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _triple(values: list[float]) -> str:
+    return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"

@@ -1,0 +1,163 @@
+"""Transfer matrices as JSON, CSV, Markdown and a heatmap PNG (like Table 1 of Wu et al., 2020).
+
+``transfer.json`` follows DESIGN section 3::
+
+    {"rows": [{"source": SPEC, "attack": "ifgsm", "sgm": null | gamma, "target": SPEC,
+               "success_rate": r, "n": n, "ci95": [lo, hi]}, ...]}
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from skipgrad.data.images import atomic_write_bytes, atomic_write_text
+
+CSV_COLUMNS = ("source", "attack", "sgm", "target", "success_rate", "n", "ci95_low", "ci95_high")
+
+
+@dataclass(frozen=True)
+class TransferRow:
+    """One cell of a transfer matrix: attack from ``source`` evaluated on ``target``."""
+
+    source: str
+    attack: str
+    sgm: float | None
+    target: str
+    success_rate: float
+    n: int
+    ci95: tuple[float, float]
+
+    @property
+    def method(self) -> str:
+        """Row label of the matrix: the attack, with its SGM gamma if any."""
+        return self.attack if self.sgm is None else f"{self.attack}+sgm (γ={self.sgm:g})"
+
+    def to_json(self) -> dict:
+        record = asdict(self)
+        record["ci95"] = list(self.ci95)
+        return record
+
+    @classmethod
+    def from_json(cls, record: dict) -> "TransferRow":
+        return cls(record["source"], record["attack"], record["sgm"], record["target"],
+                   float(record["success_rate"]), int(record["n"]), tuple(record["ci95"]))
+
+
+def short_name(spec: str) -> str:
+    """Compact display name: no family prefix, no torchvision weight tag."""
+    name = spec.split(":", 1)[-1]
+    if spec.startswith("tv:"):
+        name = name.split(".", 1)[0]
+    return name
+
+
+def _ordered(values: Iterable) -> list:
+    seen: list = []
+    for value in values:
+        if value not in seen:
+            seen.append(value)
+    return seen
+
+
+def matrix(rows: Sequence[TransferRow]) -> tuple[list[tuple[str, str]], list[str], dict]:
+    """(row keys (source, method), target columns, {(row key, target): TransferRow}) in first-seen
+    order, so the caller's order of sources, attacks and targets is kept."""
+    keys = _ordered((r.source, r.method) for r in rows)
+    targets = _ordered(r.target for r in rows)
+    cells = {((r.source, r.method), r.target): r for r in rows}
+    return keys, targets, cells
+
+
+def transfer_json(rows: Sequence[TransferRow]) -> dict:
+    """The ``transfer.json`` document."""
+    return {"rows": [r.to_json() for r in rows]}
+
+
+def read_transfer_json(path: Path) -> list[TransferRow]:
+    """Rows back from a ``transfer.json`` file."""
+    return [TransferRow.from_json(r) for r in json.loads(Path(path).read_text())["rows"]]
+
+
+def csv_text(rows: Sequence[TransferRow]) -> str:
+    """Long format, one line per (source, attack, sgm, target)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for r in rows:
+        writer.writerow([r.source, r.attack, "" if r.sgm is None else r.sgm, r.target,
+                         f"{r.success_rate:.6f}", r.n, f"{r.ci95[0]:.6f}", f"{r.ci95[1]:.6f}"])
+    return buffer.getvalue()
+
+
+def markdown_table(rows: Sequence[TransferRow], title: str | None = None) -> str:
+    """Matrix as a Markdown table: success rate (%) with its 95% Wilson interval per cell."""
+    keys, targets, cells = matrix(rows)
+    header = ["source", "attack", *(f"`{t}`" for t in targets)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * len(targets)]
+    for source, method in keys:
+        values = [_md_cell(cells.get(((source, method), t))) for t in targets]
+        lines.append(f"| `{source}` | {method} | " + " | ".join(values) + " |")
+    n = sorted({r.n for r in rows})
+    note = (f"\nSuccess rate = 1 − top-1 accuracy of the target on the adversarial images, all "
+            f"images counted (n = {', '.join(map(str, n))}); brackets: Wilson 95% interval.\n")
+    return (f"## {title}\n\n" if title else "") + "\n".join(lines) + "\n" + note
+
+
+def _md_cell(row: TransferRow | None) -> str:
+    if row is None:
+        return "–"
+    lo, hi = row.ci95
+    return f"**{100 * row.success_rate:.1f}** [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def heatmap_png(rows: Sequence[TransferRow], title: str = "Transfer success rate (%)") -> bytes:
+    """Render the matrix as a heatmap with the value printed in every cell; returns PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed, and safe in threads/CI
+    import matplotlib.pyplot as plt
+
+    keys, targets, cells = matrix(rows)
+    values = np.array([[100 * cells[(k, t)].success_rate if (k, t) in cells else np.nan
+                        for t in targets] for k in keys])
+    fig, ax = plt.subplots(figsize=(2.0 + 1.25 * len(targets), 1.2 + 0.5 * len(keys)), dpi=110)
+    image = ax.imshow(values, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    _annotate(ax, values)
+    ax.set_xticks(range(len(targets)), [short_name(t) for t in targets],
+                  rotation=30, ha="right", fontsize=9)
+    ax.set_yticks(range(len(keys)), [f"{short_name(s)}  {m}" for s, m in keys], fontsize=9)
+    ax.set_xlabel("target model")
+    ax.set_title(title, fontsize=11)
+    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02).set_label("success rate (%)")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _annotate(ax, values) -> None:
+    # Dark text on the bright end of viridis, white on the dark end, so every value stays legible.
+    for (i, j), value in np.ndenumerate(values):
+        if value == value:  # skip NaN (missing cells)
+            ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=9,
+                    color="black" if value > 60 else "white")
+
+
+def write_transfer_report(rows: Sequence[TransferRow], out: Path,
+                          title: str = "Transfer success rate") -> dict[str, Path]:
+    """Write transfer.json, transfer.csv, transfer.md and transfer_heatmap.png into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "transfer.json", "csv": out / "transfer.csv",
+             "markdown": out / "transfer.md", "heatmap": out / "transfer_heatmap.png"}
+    atomic_write_text(paths["json"], json.dumps(transfer_json(rows), indent=2) + "\n")
+    atomic_write_text(paths["csv"], csv_text(rows))
+    atomic_write_text(paths["markdown"], markdown_table(rows, title))
+    atomic_write_bytes(paths["heatmap"], heatmap_png(rows, f"{title} (%)"))
+    return paths

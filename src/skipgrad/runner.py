@@ -1,0 +1,330 @@
+"""The ``attack`` command's engine: dataset batches -> :func:`skipgrad.attack` -> PNGs + manifest.
+
+Output folder::
+
+    DIR/run.json        what was run (the config that must match to resume) and the environment
+    DIR/manifest.csv    one row per finished image: id, file, label, target_label, source_pred
+    DIR/images/...      lossless 8-bit PNGs, one per input, relative paths kept, suffix .png
+
+Every file is written atomically; the manifest is rewritten after each batch, so an interrupted run
+keeps all finished images and re-running the same command does only the missing ones.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from skipgrad.data.datasets import ImageDataset, Sample, open_dataset
+from skipgrad.data.images import atomic_write_text, to_uint8, write_png
+from skipgrad.errors import UserError
+from skipgrad.models import WrappedModel, load_model, resolve_config
+
+RUN_FORMAT = 1
+MANIFEST_COLUMNS = ("id", "file", "label", "target_label", "source_pred")
+
+
+@dataclass(frozen=True)
+class AttackJob:
+    """Everything that determines the adversarial images (and so must match to resume).
+
+    ``eps`` and ``step_size`` are in pixel levels out of 255, as on the command line.
+    """
+
+    sources: tuple[str, ...]
+    data: str
+    attack: str = "ifgsm"
+    sgm: float | None = None
+    sgm_official: bool = False
+    weights: tuple[str | None, ...] = ()
+    eps: float = 16.0
+    step_size: float = 2.0
+    steps: int = 10
+    norm: str = "linf"
+    loss: str = "ce"
+    targeted: bool = False
+    seed: int = 0
+    decay: float = 1.0
+    di_prob: float = 0.5
+    di_scale: float = 1.1
+    ti_kernel: int = 7
+    channels: int | None = None
+    class_map: str | None = None
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run (not what): these may change between a run and its resumption."""
+
+    limit: int | None = None
+    batch_size: int = 32
+    device: str = "auto"
+    quiet: bool = False
+
+
+@dataclass
+class RunSummary:
+    """What a call to :func:`run_attack_job` did."""
+
+    out: Path
+    total: int
+    skipped: int
+    attacked: int
+    seconds: float
+    source_success: float = field(default=float("nan"))
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; refuses CUDA on a machine without it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available here")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UserError(f"unknown device {name!r} (use auto, cpu or cuda)")
+    return torch.device(name)
+
+
+def check_job(job: AttackJob) -> None:
+    """Validate the numbers early so bad input fails before any model is loaded."""
+    import skipgrad
+
+    if not job.sources:
+        raise UserError("at least one --source is needed")
+    skipgrad.parse_attack_name(job.attack)
+    _positive("eps", job.eps)
+    _positive("step size", job.step_size)
+    if job.norm == "linf" and job.eps > 255:
+        raise UserError(f"--eps is in pixel levels out of 255; {job.eps:g} is larger than 255")
+    if isinstance(job.steps, bool) or not isinstance(job.steps, int) or job.steps < 1:
+        raise UserError(f"--steps must be a positive integer, got {job.steps}")
+    if job.sgm is not None and not (0 < job.sgm <= 1):
+        raise UserError(f"--sgm gamma must be in (0, 1], got {job.sgm:g}")
+    if job.weights and len(job.weights) != len(job.sources):
+        raise UserError(f"{len(job.weights)} --weights for {len(job.sources)} --source; give one "
+                        f"weights file per source, in the same order")
+    for spec, weights in zip(job.sources, job.weights or (None,) * len(job.sources)):
+        resolve_config(spec, weights)  # unknown specs fail before any data is read
+
+
+def _positive(what: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise UserError(f"{what} must be a finite number > 0, got {value}")
+
+
+def load_sources(job: AttackJob, device: torch.device) -> list[WrappedModel]:
+    """The source models of a job, on ``device``."""
+    weights = job.weights or (None,) * len(job.sources)
+    return [load_model(spec, weights=w, device=device) for spec, w in zip(job.sources, weights)]
+
+
+def run_identity(job: AttackJob, models: Sequence[WrappedModel], data: ImageDataset) -> dict:
+    """The part of run.json that must be equal for a folder to be resumed."""
+    import skipgrad
+
+    identity = asdict(job)
+    identity.pop("weights")
+    identity["attack"] = skipgrad.AttackSpec(**skipgrad.parse_attack_name(job.attack)).name
+    identity["sources"] = [m.config.spec for m in models]
+    identity["weights_sha256"] = [m.config.weights_sha256 for m in models]
+    identity["data"] = data.spec
+    identity["channels"] = data.channels
+    return identity
+
+
+def environment(models: Sequence[WrappedModel], data: ImageDataset, opts: RunOptions,
+                device: torch.device) -> dict:
+    """Versions and run options: recorded, not compared."""
+    import skipgrad
+
+    return {"skipgrad": skipgrad.__version__, "torch": torch.__version__,
+            "python": sys.version.split()[0], "platform": platform.platform(),
+            "numpy": np.__version__, "device": str(device), "batch_size": opts.batch_size,
+            "limit": opts.limit, "data_convention": data.convention,
+            "models": [m.config.to_dict() for m in models],
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def read_run(out: Path) -> dict | None:
+    """The run.json of a folder, or None when there is none."""
+    path = out / "run.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); it is not a skipgrad run folder") from exc
+
+
+def claim_folder(out: Path, identity: dict, env: dict) -> None:
+    """Write run.json, or check that the folder holds this same run; refuses another run."""
+    existing = read_run(out)
+    if existing is None and ((out / "images").exists() or (out / "manifest.csv").exists()):
+        raise UserError(f"output folder {out} holds images or a manifest but no run.json; "
+                        f"use another --out")
+    if existing is not None and existing.get("config") != identity:
+        raise UserError(f"output folder {out} holds another run ({_differences(existing, identity)}); "
+                        f"use another --out or remove it")
+    record = {"format": RUN_FORMAT, "config": identity, "environment": env}
+    atomic_write_text(out / "run.json", json.dumps(record, indent=2) + "\n")
+
+
+def _differences(existing: dict, identity: dict) -> str:
+    old = existing.get("config") or {}
+    keys = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+    return "; ".join(f"{k}: {old.get(k)!r} there vs {identity.get(k)!r} now" for k in keys[:4])
+
+
+def read_manifest(out: Path) -> list[dict[str, str]]:
+    """Manifest rows whose image file still exists (a row without its file is redone)."""
+    path = out / "manifest.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    return [row for row in rows if (out / row["file"]).is_file()]
+
+
+def write_manifest(out: Path, rows: list[dict[str, object]]) -> None:
+    """Rewrite the manifest atomically, rows ordered by id."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(sorted(rows, key=lambda r: int(r["id"])))
+    atomic_write_text(out / "manifest.csv", buffer.getvalue())
+
+
+def image_file(sample: Sample) -> str:
+    """Path of a sample's adversarial PNG relative to the run folder."""
+    return f"images/{sample.name}.png"
+
+
+def check_bound(adv: np.ndarray, clean: np.ndarray, job: AttackJob, name: str) -> None:
+    """Assert the perturbation bound on the 8-bit levels about to be saved."""
+    diff = adv.astype(np.int16) - clean.astype(np.int16)
+    if job.norm == "linf":
+        limit = math.floor(job.eps + 1e-6)
+        worst = int(np.abs(diff).max()) if diff.size else 0
+        ok = worst <= limit
+    else:
+        worst = float(np.sqrt((diff.astype(np.float64) ** 2).sum()))
+        limit = job.eps
+        ok = worst <= limit * (1 + 1e-6) + 1e-6
+    if not ok:
+        raise RuntimeError(f"refusing to save {name}: perturbation {worst} levels exceeds the "
+                           f"{job.norm} bound {limit} (this is a bug in the attack; please report)")
+
+
+def run_attack_job(job: AttackJob, out: Path, opts: RunOptions = RunOptions(),
+                   log: Callable[[str], None] = print) -> RunSummary:
+    """Attack every image of ``job.data`` not yet finished in ``out``; see the module docstring."""
+    check_job(job)
+    if opts.batch_size < 1:
+        raise UserError(f"--batch-size must be a positive integer, got {opts.batch_size}")
+    device = resolve_device(opts.device)
+    data = open_dataset(job.data, limit=opts.limit, channels=job.channels, class_map=job.class_map)
+    if job.targeted and not data.has_targets():
+        raise UserError(f"--targeted needs target labels, and {job.data} has none "
+                        f"(labels.csv needs a targeted_label column)")
+    models = load_sources(job, device)
+    _check_labels(data, models, job.targeted)
+    out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, run_identity(job, models, data), environment(models, data, opts, device))
+    log(f"data: {data.spec}: {len(data)} images, {data.channels} channel(s), "
+        f"{data.size[1]}x{data.size[0]}; {data.convention}")
+    return _attack_missing(job, out, opts, data, models, device)
+
+
+def _check_labels(data: ImageDataset, models: Sequence[WrappedModel], targeted: bool) -> None:
+    for model in models:
+        classes = model.config.num_classes
+        for sample in data.samples:
+            label = sample.target if targeted else sample.label
+            if not 0 <= label < classes:
+                raise UserError(f"label {label} of {sample.name} is outside the {classes} classes "
+                                f"of {model.config.spec}")
+
+
+def _attack_missing(job: AttackJob, out: Path, opts: RunOptions, data: ImageDataset,
+                    models: Sequence[WrappedModel], device: torch.device) -> RunSummary:
+    from skipgrad.progress import progress_bar
+
+    rows = {row["file"]: row for row in read_manifest(out)}
+    todo = [s for s in data.samples if image_file(s) not in rows]
+    started, skipped = time.perf_counter(), len(data) - len(todo)
+    bar = progress_bar(len(data), "attack", opts.quiet, initial=skipped)
+    try:
+        for batch in _aligned_batches(todo, opts.batch_size):
+            for row in _attack_batch(job, out, data, models, batch, device):
+                rows[row["file"]] = row
+            write_manifest(out, list(rows.values()))
+            bar.update(len(batch))
+    finally:
+        bar.close()
+    wanted = {image_file(s) for s in data.samples}
+    return RunSummary(out, len(data), skipped, len(todo), time.perf_counter() - started,
+                      _source_success(rows, wanted, job.targeted))
+
+
+def _aligned_batches(todo: list[Sample], size: int) -> list[list[Sample]]:
+    """Group by ``id // size`` so a resumed run batches images as the first run did (as far as
+    possible): float results on CPU depend on which images share a batch."""
+    groups: dict[int, list[Sample]] = {}
+    for sample in todo:
+        groups.setdefault(sample.id // size, []).append(sample)
+    return [groups[k] for k in sorted(groups)]
+
+
+def _attack_batch(job: AttackJob, out: Path, data: ImageDataset, models: Sequence[WrappedModel],
+                  batch: list[Sample], device: torch.device) -> list[dict[str, object]]:
+    import skipgrad
+
+    clean = data.load(batch).to(device)
+    labels = torch.tensor([s.target if job.targeted else s.label for s in batch], device=device)
+    adv = skipgrad.attack(
+        list(models) if len(models) > 1 else models[0], clean, labels, job.attack, sgm=job.sgm,
+        sgm_official=job.sgm_official, eps=job.eps / 255, step_size=job.step_size / 255,
+        steps=job.steps, norm=job.norm, loss=job.loss, targeted=job.targeted, seed=job.seed,
+        ids=[s.id for s in batch], decay=job.decay, di_prob=job.di_prob, di_scale=job.di_scale,
+        ti_kernel=job.ti_kernel)
+    levels = [to_uint8(a) for a in adv]
+    for sample, adv_levels, image in zip(batch, levels, clean):
+        check_bound(adv_levels, to_uint8(image), job, sample.name)
+    for sample, adv_levels in zip(batch, levels):
+        write_png(adv_levels, out / image_file(sample))
+    preds = predict(models, _from_levels(levels, adv.shape, device))
+    return [{"id": s.id, "file": image_file(s), "label": s.label,
+             "target_label": "" if s.target is None else s.target, "source_pred": int(p)}
+            for s, p in zip(batch, preds.tolist())]
+
+
+def _from_levels(levels: list[np.ndarray], shape: torch.Size, device: torch.device) -> torch.Tensor:
+    # Predict on exactly what was saved, not on the float tensor before rounding.
+    stacked = torch.from_numpy(np.stack(levels)).to(device).float().div(255)
+    return stacked.reshape(shape) if stacked.ndim == 3 else stacked.permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def predict(models: Sequence[torch.nn.Module], images: torch.Tensor) -> torch.Tensor:
+    """Top-1 class of the (ensemble-averaged) logits."""
+    logits = sum(model(images) for model in models) / len(models)
+    return logits.argmax(dim=1).cpu()
+
+
+def _source_success(rows: dict[str, dict], wanted: set[str], targeted: bool) -> float:
+    chosen = [r for f, r in rows.items() if f in wanted]
+    if not chosen:
+        return float("nan")
+    hits = [(int(r["source_pred"]) == int(r["target_label"])) if targeted
+            else (int(r["source_pred"]) != int(r["label"])) for r in chosen]
+    return sum(hits) / len(hits)

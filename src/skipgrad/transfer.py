@@ -1,0 +1,160 @@
+"""The whole transfer experiment: sources x attacks x SGM gammas -> attack folders -> targets -> matrix.
+
+Each (source, attack, gamma) cell is an ordinary ``attack`` output folder under ``OUT/attacks/``, so a
+re-run reuses finished folders (and finishes interrupted ones); the matrix is written by
+:func:`skipgrad.report.write_transfer_report`. Plans come from flags or a TOML file, e.g.::
+
+    data = "fmnist:test"
+    limit = 500
+    sources = ["zoo:fmnist-resnet20", {spec = "zoo:fmnist-resnet56", weights = "r56.safetensors"}]
+    attacks = ["ifgsm", "mi"]
+    sgm = [0.2, 0.5]          # gammas; the no-SGM baseline is included unless baseline = false
+    targets = ["zoo:fmnist-vgg", "zoo:fmnist-densenet"]
+    eps = 16                  # pixel levels out of 255, like step_size
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from skipgrad.errors import UserError
+from skipgrad.evaluate import evaluate_output, load_targets, open_attack_output
+from skipgrad.report import TransferRow, write_transfer_report
+from skipgrad.runner import AttackJob, RunOptions, resolve_device, run_attack_job
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model spec plus an optional local weights file."""
+
+    spec: str
+    weights: str | None = None
+
+
+@dataclass(frozen=True)
+class TransferPlan:
+    """Sources x attacks x gammas x targets, and the attack settings shared by every cell."""
+
+    sources: tuple[ModelRef, ...]
+    attacks: tuple[str, ...]
+    gammas: tuple[float | None, ...]
+    targets: tuple[ModelRef, ...]
+    template: AttackJob
+    title: str = "Transfer success rate"
+
+    def cells(self) -> list[tuple[ModelRef, str, float | None]]:
+        """Every (source, attack, gamma) to run, in table order."""
+        return [(s, a, g) for s in self.sources for a in self.attacks for g in self.gammas]
+
+
+@dataclass
+class TransferResult:
+    """Rows of the matrix and where its files went."""
+
+    rows: list[TransferRow]
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def gammas_with_baseline(gammas: list[float | None], baseline: bool) -> tuple[float | None, ...]:
+    """The gamma column: ``None`` (no SGM) first unless ``baseline`` is off, then each gamma once."""
+    values: list[float | None] = [None] if baseline else []
+    for gamma in gammas:
+        if gamma is not None and not (0 < gamma <= 1):
+            raise UserError(f"SGM gamma must be in (0, 1], got {gamma:g}")
+        if gamma not in values:
+            values.append(gamma)
+    if not values:
+        raise UserError("nothing to run: no SGM gamma given and the baseline is switched off")
+    return tuple(values)
+
+
+def cell_folder(out: Path, source: ModelRef, attack: str, gamma: float | None) -> Path:
+    """Readable, filesystem-safe folder name of one matrix row."""
+    label = source.spec if source.weights is None else f"{source.spec}-{Path(source.weights).stem}"
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-")
+    sgm = "nosgm" if gamma is None else f"sgm{gamma:g}"
+    return out / "attacks" / f"{safe}__{attack.replace('+', '-')}__{sgm}"
+
+
+def run_transfer(plan: TransferPlan, out: Path, opts: RunOptions = RunOptions(),
+                 log: Callable[[str], None] = print) -> TransferResult:
+    """Run (or resume) every attack folder, evaluate every target, write the matrix files."""
+    if not plan.sources or not plan.targets or not plan.attacks:
+        raise UserError("transfer needs at least one source, one attack and one target")
+    folders = []
+    for i, (source, attack, gamma) in enumerate(plan.cells(), start=1):
+        job = dataclasses.replace(plan.template, sources=(source.spec,), attack=attack, sgm=gamma,
+                                  weights=(source.weights,))
+        folder = cell_folder(out, source, attack, gamma)
+        log(f"[{i}/{len(plan.cells())}] {source.spec} {attack} sgm={gamma} -> {folder}")
+        summary = run_attack_job(job, folder, opts, log=lambda _msg: None)
+        log(f"    {summary.skipped} reused, {summary.attacked} attacked, "
+            f"source success {100 * summary.source_success:.1f}%")
+        folders.append((source, attack, gamma, folder))
+    rows = evaluate_cells(plan, folders, opts, log)
+    return TransferResult(rows, write_transfer_report(rows, out, plan.title))
+
+
+def evaluate_cells(plan: TransferPlan, folders: list, opts: RunOptions,
+                   log: Callable[[str], None]) -> list[TransferRow]:
+    """Score every target on every folder; targets load once, clean predictions are shared."""
+    models = load_targets([t.spec for t in plan.targets], [t.weights for t in plan.targets],
+                          resolve_device(opts.device))
+    cache: dict = {}
+    rows = []
+    for source, attack, gamma, folder in folders:
+        output = open_attack_output(folder)
+        results = evaluate_output(output, models, batch_size=opts.batch_size, quiet=opts.quiet,
+                                  clean_cache=cache)
+        rows += [TransferRow(source.spec, attack, gamma, spec, r.success_rate, r.n, r.ci95)
+                 for spec, r in results.items()]
+    log(f"evaluated {len(folders)} attack folders on {len(models)} targets")
+    return rows
+
+
+# ---------------------------------------------------------------- TOML plans
+
+_TEMPLATE_KEYS = {f.name for f in dataclasses.fields(AttackJob)} - {"sources", "attack", "sgm",
+                                                                     "weights"}
+
+
+def load_plan_file(path: Path) -> dict:
+    """Read a TOML plan into a plain dict (validated later, together with the flags)."""
+    import tomllib
+
+    if not path.is_file():
+        raise UserError(f"transfer config {path} does not exist")
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"transfer config {path} is not valid TOML: {exc}") from exc
+
+
+def model_refs(values: object, what: str) -> tuple[ModelRef, ...]:
+    """``["spec", {spec = "...", weights = "..."}]`` -> ModelRefs."""
+    if isinstance(values, (str, dict)):
+        values = [values]
+    if not isinstance(values, list):
+        raise UserError(f"{what} must be a list of model specs")
+    refs = []
+    for value in values:
+        if isinstance(value, str):
+            refs.append(ModelRef(value))
+        elif isinstance(value, dict) and isinstance(value.get("spec"), str):
+            refs.append(ModelRef(value["spec"], value.get("weights")))
+        else:
+            raise UserError(f"{what}: {value!r} is neither a spec string nor {{spec = ..., weights = ...}}")
+    return tuple(refs)
+
+
+def template_from(settings: dict, data: str) -> AttackJob:
+    """An AttackJob holding the shared attack settings of a plan (sources/attack/sgm filled later)."""
+    unknown = sorted(set(settings) - _TEMPLATE_KEYS)
+    if unknown:
+        raise UserError(f"unknown transfer setting(s): {', '.join(unknown)} "
+                        f"(known: {', '.join(sorted(_TEMPLATE_KEYS))})")
+    return AttackJob(sources=(), data=data, **{k: v for k, v in settings.items() if k != "data"})
