@@ -22,8 +22,9 @@ def resolve_config(spec: str, weights: str | Path | None = None) -> ModelConfig:
     if family == "file":
         return resolve_config(_arch_of_file(name), weights=name)
     config = {"tv": hub.tv_config, "timm": hub.timm_config, "zoo": _zoo_config}[family](name)
-    if weights is not None:
-        config = config.replace(weights=str(Path(weights)))
+    if weights is not None:  # a local file replaces the library's weights (and their tag)
+        spec = f"tv:{config.arch}" if family == "tv" else config.spec
+        config = config.replace(spec=spec, weights=str(Path(weights)))
     return config
 
 
@@ -42,8 +43,9 @@ def load_model(spec: str, *, weights: str | Path | None = None, pretrained: bool
     """
     config = resolve_config(spec, weights)
     if config.weights is not None:
-        net = _net_with_file(config, Path(config.weights))
-        config = config.replace(weights_sha256=checkpoints.sha256_file(config.weights))
+        net, classes = _net_with_file(config, Path(config.weights))
+        config = config.replace(weights_sha256=checkpoints.sha256_file(config.weights),
+                                num_classes=classes or config.num_classes)
     else:
         net, config = _net_pretrained(config, pretrained)
     model = WrappedModel(net, config).eval()
@@ -52,11 +54,12 @@ def load_model(spec: str, *, weights: str | Path | None = None, pretrained: bool
     return model.to(device)
 
 
-def _net_with_file(config: ModelConfig, path: Path) -> nn.Module:
+def _net_with_file(config: ModelConfig, path: Path) -> tuple[nn.Module, int | None]:
     state, _ = checkpoints.read_checkpoint(path)
-    net = _build(config, pretrained=False, num_classes=_classes_in(state, config))
+    classes = _classes_in(state, config)
+    net = _build(config, pretrained=False, num_classes=classes)
     checkpoints.load_into(net, state, path, config.spec)
-    return net
+    return net, classes
 
 
 def _net_pretrained(config: ModelConfig, pretrained: bool) -> tuple[nn.Module, ModelConfig]:
@@ -87,11 +90,24 @@ def _pretrained_path(config: ModelConfig) -> Path | None:
 
 
 def _classes_in(state: dict[str, torch.Tensor], config: ModelConfig) -> int | None:
-    """Class count of a checkpoint's last layer, so e.g. a CIFAR-10 ResNet-18 loads as 10-way."""
+    """Class count of a checkpoint's classifier, so e.g. a CIFAR-10 ResNet-18 loads as 10-way."""
     if config.family == "zoo":
         return None
+    head = _classifier_key(config)
+    if head is not None and head in state:
+        return int(state[head].shape[0])
     matrices = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
     return int(matrices[-1].shape[0]) if matrices else None
+
+
+def _classifier_key(config: ModelConfig) -> str | None:
+    # timm names its classifier in the pretrained config; torchvision has no such metadata.
+    if config.family != "timm":
+        return None
+    from timm.models import get_pretrained_cfg
+
+    head = get_pretrained_cfg(config.spec.split(":", 1)[1]).classifier
+    return f"{head}.weight" if isinstance(head, str) else None
 
 
 def _arch_of_file(path: str) -> str:
