@@ -52,6 +52,8 @@ class TransferRow:
 def short_name(spec: str) -> str:
     """Compact display name: no family prefix, no torchvision weight tag."""
     name = spec.split(":", 1)[-1]
+    if spec.startswith("file:"):
+        return Path(name).stem
     if spec.startswith("tv:"):
         name = name.split(".", 1)[0]
     return name
@@ -133,11 +135,12 @@ def heatmap_png(rows: Sequence[TransferRow], title: str = "Transfer success rate
                   rotation=30, ha="right", fontsize=9)
     ax.set_yticks(range(len(keys)), [f"{short_name(s)}  {m}" for s, m in keys], fontsize=9)
     ax.set_xlabel("target model")
+    ax.set_ylabel("source model, attack")
     ax.set_title(title, fontsize=11)
     fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02).set_label("success rate (%)")
-    fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    # A tight bounding box instead of tight_layout: long spec labels widen the canvas, never clip.
+    fig.savefig(buffer, format="png", bbox_inches="tight", pad_inches=0.15)
     plt.close(fig)
     return buffer.getvalue()
 

@@ -1,0 +1,92 @@
+"""Scoring rules, the evaluate JSON schema, and the transfer report files."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from skipgrad.evaluate import TargetResult, format_table, results_json, score
+from skipgrad.report import TransferRow, read_transfer_json, write_transfer_report
+from skipgrad.stats import wilson_interval
+
+
+def _output(labels: list[int], targets: list[int] | None = None) -> SimpleNamespace:
+    samples = [SimpleNamespace(label=y, target=None if targets is None else targets[i])
+               for i, y in enumerate(labels)]
+    return SimpleNamespace(samples=samples, targeted=targets is not None)
+
+
+def test_untargeted_success_counts_every_image() -> None:
+    labels = [0, 1, 2, 3]
+    clean = torch.tensor([0, 1, 9, 9])  # target right on the first two images only
+    adv = torch.tensor([5, 1, 9, 3])    # fooled on 0, not on 1; 2 stays wrong; 3 becomes right
+    result = score("t", _output(labels), clean, adv)
+    assert (result.n, result.successes, result.clean_correct) == (4, 2, 2)
+    assert result.success_rate == 0.5
+    assert result.clean_accuracy == 0.5
+    assert result.success_rate_on_correct == 0.5
+    assert result.ci95 == wilson_interval(2, 4)
+
+
+def test_targeted_success_means_reaching_the_target() -> None:
+    result = score("t", _output([0, 1], targets=[7, 8]), torch.tensor([0, 1]), torch.tensor([7, 3]))
+    assert result.successes == 1 and result.success_rate_on_correct == 0.5
+
+
+def test_json_schema_is_exactly_the_documented_one() -> None:
+    doc = results_json({"zoo:fmnist-vgg": TargetResult("zoo:fmnist-vgg", 10, 7, 9, 6)})
+    entry = doc["targets"]["zoo:fmnist-vgg"]
+    assert set(doc) == {"targets"}
+    assert set(entry) == {"success_rate", "n", "ci95", "clean_accuracy", "success_rate_on_correct"}
+    assert entry["n"] == 10 and entry["success_rate"] == 0.7 and len(entry["ci95"]) == 2
+    assert entry["ci95"][0] < 0.7 < entry["ci95"][1]
+    json.dumps(doc)  # serialisable
+
+
+def test_table_prints_percentages_and_dashes() -> None:
+    text = format_table({"a": TargetResult("a", 4, 1, 0, 0)})
+    assert "25.0%" in text and "0.0%" in text and text.rstrip().endswith("-")
+
+
+def _rows() -> list[TransferRow]:
+    rows = []
+    for gamma in (None, 0.2):
+        for target, rate in (("tv:vgg19.IMAGENET1K_V1", 0.46), ("timm:inception_v3.tf_adv_in1k", 0.2)):
+            rate += 0.3 if gamma else 0.0
+            rows.append(TransferRow("tv:resnet152.IMAGENET1K_V1", "ifgsm", gamma, target, rate, 500,
+                                    wilson_interval(int(rate * 500), 500)))
+    return rows
+
+
+def test_transfer_report_files(tmp_path: Path) -> None:
+    paths = write_transfer_report(_rows(), tmp_path, "Table 1")
+    doc = json.loads(paths["json"].read_text())
+    assert [set(r) for r in doc["rows"]] == [
+        {"source", "attack", "sgm", "target", "success_rate", "n", "ci95"}] * 4
+    assert doc["rows"][0]["sgm"] is None and doc["rows"][2]["sgm"] == 0.2
+    assert read_transfer_json(paths["json"]) == _rows()
+    with open(paths["csv"], newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 4
+    markdown = paths["markdown"].read_text()
+    assert "ifgsm+sgm (γ=0.2)" in markdown and "**76.0**" in markdown and "**46.0**" in markdown
+
+
+def test_heatmap_is_a_real_image_sized_to_the_matrix(tmp_path: Path) -> None:
+    paths = write_transfer_report(_rows(), tmp_path)
+    with Image.open(paths["heatmap"]) as image:
+        width, height = image.size
+        pixels = np.asarray(image.convert("RGB"))
+    assert width > 300 and height > 150
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # drawn, not blank
+
+
+@pytest.mark.parametrize("n, k", [(0, 0), (1, 1), (5000, 2500)])
+def test_intervals_are_valid(n: int, k: int) -> None:
+    lo, hi = TargetResult("t", n, k, n, k).ci95
+    assert 0.0 <= lo <= hi <= 1.0
