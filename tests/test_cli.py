@@ -239,3 +239,37 @@ def test_console_entry_point_prints_one_line_without_traceback(work: Path) -> No
         "skipgrad: error: unknown model family 'nope' in spec 'nope:x' "
         "(known: tv:, timm:, zoo:, file:)"]
     assert "Traceback" not in proc.stderr
+
+
+def test_transfer_from_flags_and_bad_config_keys(work: Path, capsys) -> None:
+    weights = str(work / "source.safetensors")
+    argv = ["transfer", "--source", "timm:test_resnet", "--source-weights", weights,
+            "--attack", "ifgsm", "--attack", "di", "--sgm", "0.5", "--no-baseline",
+            "--target", f"file:{weights}", "--data", str(work / "data"), "--limit", "2",
+            "--steps", "1", "--out", str(work / "tflags"), "--quiet"]
+    assert main(argv) == 0
+    rows = json.loads((work / "tflags" / "transfer.json").read_text())["rows"]
+    assert [(r["attack"], r["sgm"]) for r in rows] == [("ifgsm", 0.5), ("di", 0.5)]
+    bad = work / "bad.toml"
+    bad.write_text('epsilon = 3\n')
+    capsys.readouterr()
+    assert main(["transfer", "--config", str(bad), *argv[1:]]) == 2
+    assert "unknown transfer setting(s): epsilon" in capsys.readouterr().err
+
+
+def test_targeted_attack_uses_labels_csv_targets(work: Path) -> None:
+    folder = work / "nips"
+    (folder / "images").mkdir(parents=True)
+    images, labels = _fmnist_test(3)
+    lines = ["filename,label,targeted_label"]
+    for i, (image, label) in enumerate(zip(images, labels)):
+        Image.fromarray(image).save(folder / "images" / f"{i}.png")
+        lines.append(f"{i}.png,{label},{(label + 1) % 10}")
+    (folder / "labels.csv").write_text("\n".join(lines) + "\n")
+    out = work / "targeted"
+    assert main(["attack", "--source", f"file:{work / 'source.safetensors'}", "--targeted",
+                 "--data", str(folder), "--out", str(out), "--steps", "2", "--quiet"]) == 0
+    with open(out / "manifest.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["target_label"]) for r in rows] == [(int(y) + 1) % 10 for y in labels]
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["0.png", "1.png", "2.png"]

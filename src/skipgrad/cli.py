@@ -171,6 +171,8 @@ def _add_transfer(sub) -> None:
     p.add_argument("--attack", action="append", help="repeat for several attacks")
     p.add_argument("--sgm", action="append", type=gamma, help="gamma; repeat for several")
     p.add_argument("--no-baseline", action="store_true", help="skip the runs without SGM")
+    p.add_argument("--preset", help="take sources/targets not given otherwise from a preset "
+                                    "(wu2020, fmnist)")
     p.add_argument("--out", type=Path)
     p.add_argument("--title")
     _add_data_options(p, required=False)
@@ -263,31 +265,47 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _transfer_plan(args: argparse.Namespace, config: dict):
-    from skipgrad.transfer import (ModelRef, TransferPlan, gammas_with_baseline, model_refs,
-                                   template_from)
+_PLAN_KEYS = ("sources", "targets", "preset", "attacks", "sgm", "baseline", "out", "data", "title")
+_RUN_KEYS = ("limit", "batch_size", "device", "quiet")
 
-    config = dict(config)
-    sources = _refs(args.source, args.source_weights, "source") or model_refs(
-        config.pop("sources", []), "sources")
-    targets = _refs(args.target, args.target_weights, "target") or model_refs(
-        config.pop("targets", []), "targets")
-    config.pop("sources", None), config.pop("targets", None)
-    attacks = tuple(args.attack or _as_list(config.pop("attacks", ["ifgsm"])))
-    gammas = args.sgm if args.sgm is not None else [_toml_gamma(g) for g in
-                                                     _as_list(config.pop("sgm", []))]
-    baseline = not args.no_baseline and bool(config.pop("baseline", True))
-    out = args.out or (Path(config.pop("out")) if "out" in config else None)
-    data = args.data or config.pop("data", None)
+
+def _transfer_plan(args: argparse.Namespace, config: dict):
+    """Merge flags over the TOML config: (plan, output folder, run options)."""
+    from skipgrad.transfer import TransferPlan, gammas_with_baseline, template_from
+
+    settings = dict(config)  # what remains after the plan and run keys are the attack settings
+    plan_cfg = {k: settings.pop(k) for k in _PLAN_KEYS if k in settings}
+    run_cfg = {k: settings.pop(k) for k in _RUN_KEYS if k in settings}
+    sources, targets = _transfer_models(args, plan_cfg)
+    attacks = tuple(args.attack or _as_list(plan_cfg.get("attacks", ["ifgsm"])))
+    gammas = args.sgm if args.sgm is not None else [
+        _toml_gamma(g) for g in _as_list(plan_cfg.get("sgm", []))]
+    baseline = not args.no_baseline and bool(plan_cfg.get("baseline", True))
+    out = args.out or (Path(plan_cfg["out"]) if "out" in plan_cfg else None)
+    data = args.data or plan_cfg.get("data")
     if out is None or data is None or not sources or not targets:
         raise UserError("transfer needs --source, --target, --data and --out "
                         "(as flags or in the --config file)")
-    title = args.title or config.pop("title", "Transfer success rate")
-    run_keys = {k: config.pop(k) for k in ("limit", "batch_size", "device", "quiet") if k in config}
-    settings = {**config, **_settings(args)}
     plan = TransferPlan(sources, attacks, gammas_with_baseline(list(gammas), baseline), targets,
-                        template_from(settings, data), title)
-    return plan, out, _options(args, run_keys)
+                        template_from({**settings, **_settings(args)}, data),
+                        args.title or plan_cfg.get("title", "Transfer success rate"))
+    return plan, out, _options(args, run_cfg)
+
+
+def _transfer_models(args: argparse.Namespace, plan_cfg: dict):
+    from skipgrad.models.presets import get_preset
+    from skipgrad.transfer import model_refs
+
+    sources = _refs(args.source, args.source_weights, "source") or model_refs(
+        plan_cfg.get("sources", []), "sources")
+    targets = _refs(args.target, args.target_weights, "target") or model_refs(
+        plan_cfg.get("targets", []), "targets")
+    preset = args.preset or plan_cfg.get("preset")
+    if preset:
+        chosen = get_preset(preset)
+        sources = sources or model_refs(list(chosen.sources), "sources")
+        targets = targets or model_refs(list(chosen.targets), "targets")
+    return sources, targets
 
 
 def _as_list(value) -> list:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from skipgrad.errors import UserError
 from skipgrad.models import hub
 from skipgrad.models.loading import zoo_weights_path
 from skipgrad.models.presets import WU2020, check_builds, fmnist_preset, get_preset
@@ -21,7 +22,7 @@ def weight_status(config: ModelConfig) -> str:
 
 
 def _roles(preset_name: str | None) -> dict[str, list[str]]:
-    presets = [get_preset(preset_name)] if preset_name else [fmnist_preset(), WU2020]
+    presets = [get_preset(preset_name)] if preset_name else _default_presets()
     roles: dict[str, list[str]] = {}
     for preset in presets:
         for spec in preset.sources:
@@ -29,6 +30,13 @@ def _roles(preset_name: str | None) -> dict[str, list[str]]:
         for spec in preset.targets:
             roles.setdefault(spec, []).append(f"{preset.name} target")
     return roles
+
+
+def _default_presets() -> list:
+    try:
+        return [fmnist_preset(), WU2020]
+    except UserError:  # no zoo in this install: still list the paper's models
+        return [WU2020]
 
 
 def model_rows(preset: str | None = None) -> list[dict]:

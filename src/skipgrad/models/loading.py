@@ -127,7 +127,10 @@ def _arch_of_file(path: str) -> str:
 
 def zoo_names() -> list[str]:
     """Architectures of the bundled zoo (without the ``fmnist-`` prefix)."""
-    from skipgrad.models.zoo import ZOO_NAMES
+    try:
+        from skipgrad.models.zoo import ZOO_NAMES
+    except ImportError as exc:
+        raise UserError(f"the bundled Fashion-MNIST zoo is not available ({exc})") from exc
 
     return list(ZOO_NAMES)
 
