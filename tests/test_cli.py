@@ -273,3 +273,12 @@ def test_targeted_attack_uses_labels_csv_targets(work: Path) -> None:
         rows = list(csv.DictReader(handle))
     assert [int(r["target_label"]) for r in rows] == [(int(y) + 1) % 10 for y in labels]
     assert sorted(p.name for p in (out / "images").iterdir()) == ["0.png", "1.png", "2.png"]
+
+
+def test_sgm_on_a_source_without_skip_connections_is_refused_up_front(work: Path, capsys) -> None:
+    argv = ["attack", "--source", "timm:test_efficientnet", "--weights", str(work / "target.pth"),
+            "--data", str(work / "data"), "--out", str(work / "nosgm"), "--limit", "1",
+            "--steps", "1", "--quiet"]
+    assert main([*argv, "--sgm", "0.2"]) == 2
+    assert "has none; drop --sgm" in capsys.readouterr().err
+    assert main(argv) == 0  # the folder was not claimed by the failed run

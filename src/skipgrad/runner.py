@@ -167,12 +167,13 @@ def read_run(out: Path) -> dict | None:
 
 
 def claim_folder(out: Path, identity: dict, env: dict) -> None:
-    """Write run.json, or check that the folder holds this same run; refuses another run."""
+    """Write run.json, or check that the folder holds this same run. A folder whose run has
+    finished images is refused to any other config; one with none yet is simply taken over."""
     existing = read_run(out)
     if existing is None and ((out / "images").exists() or (out / "manifest.csv").exists()):
         raise UserError(f"output folder {out} holds images or a manifest but no run.json; "
                         f"use another --out")
-    if existing is not None and existing.get("config") != identity:
+    if existing is not None and existing.get("config") != identity and read_manifest(out):
         raise UserError(f"output folder {out} holds another run ({_differences(existing, identity)}); "
                         f"use another --out or remove it")
     record = {"format": RUN_FORMAT, "config": identity, "environment": env}
@@ -238,6 +239,7 @@ def run_attack_job(job: AttackJob, out: Path, opts: RunOptions = RunOptions(),
                         f"(labels.csv needs a targeted_label column)")
     models = load_sources(job, device)
     _check_labels(data, models, job.targeted)
+    _check_sgm(job, models)
     out.mkdir(parents=True, exist_ok=True)
     claim_folder(out, run_identity(job, models, data), environment(models, data, opts, device))
     log(f"data: {data.spec}: {len(data)} images, {data.channels} channel(s), "
@@ -253,6 +255,18 @@ def _check_labels(data: ImageDataset, models: Sequence[WrappedModel], targeted: 
             if not 0 <= label < classes:
                 raise UserError(f"label {label} of {sample.name} is outside the {classes} classes "
                                 f"of {model.config.spec}")
+
+
+def _check_sgm(job: AttackJob, models: Sequence[WrappedModel]) -> None:
+    """SGM needs residual/dense blocks; say so before the folder is claimed, not mid-run."""
+    if job.sgm is None:
+        return
+    import skipgrad
+
+    for model in models:
+        if not skipgrad.find_blocks(model):
+            raise UserError(f"--sgm needs residual or dense blocks and {model.config.spec} has "
+                            f"none; drop --sgm for this source")
 
 
 def _attack_missing(job: AttackJob, out: Path, opts: RunOptions, data: ImageDataset,
