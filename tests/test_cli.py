@@ -282,3 +282,17 @@ def test_sgm_on_a_source_without_skip_connections_is_refused_up_front(work: Path
     assert main([*argv, "--sgm", "0.2"]) == 2
     assert "has none; drop --sgm" in capsys.readouterr().err
     assert main(argv) == 0  # the folder was not claimed by the failed run
+
+
+def test_bundled_zoo_on_fmnist_test_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "zoo"
+    assert main(["attack", "--source", "zoo:fmnist-cnn", "--data", "fmnist:test", "--limit", "6",
+                 "--out", str(out), "--eps", "16", "--steps", "10", "--quiet"]) == 0
+    names = sorted(p.name for p in (out / "images").iterdir())
+    assert names == [f"test_{i:05d}.png" for i in range(6)]
+    report = tmp_path / "eval.json"
+    assert main(["evaluate", str(out), "--target", "zoo:fmnist-cnn", "--json", str(report),
+                 "--quiet"]) == 0
+    entry = json.loads(report.read_text())["targets"]["zoo:fmnist-cnn"]
+    assert entry["n"] == 6 and entry["clean_accuracy"] >= 0.5  # a trained model, real data
+    assert entry["success_rate"] >= 0.5  # white-box at the paper's eps 16/255
