@@ -13,3 +13,4 @@ __all__ = [
     "BLOCKS", "BlockInfo", "BlockKind", "NoResidualBlockError", "UnsupportedOfficialModelError",
     "check_gamma", "find_blocks", "register_block", "skip_gradient",
 ]
+from skipgrad.sgm import families  # noqa: E402,F401  (registers the timm/torchvision families)
