@@ -1,0 +1,249 @@
+"""What SGM does to a model: its blocks, and how the gradient splits between skip and residual paths.
+
+For every block found by :func:`skipgrad.find_blocks`, the gradient of the attack loss is taken at the
+block's *split points* — the tensors that feed both a residual branch and the skip path, i.e. the
+inputs of the block's branch entries (the block input for most blocks; for transformer blocks also
+the sum after the attention branch). At each split point the total gradient is ``branch + skip``:
+``branch`` is what arrives back through the entry modules (captured by a tap on their input) and
+``skip`` is the rest (``total - branch``: the identity or projection shortcut, and for a dense layer
+every later consumer of the features). Norms are over all split points of the block and the batch.
+Comparing the shares without and with SGM shows the mechanism of Wu et al. (ICLR 2020): SGM shifts
+the input gradient towards the skip paths, i.e. towards the low-level features that transfer.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from skipgrad.sgm.blocks import BLOCKS
+from skipgrad.sgm.context import find_blocks, skip_gradient
+
+
+@dataclass(frozen=True)
+class GradientSplit:
+    """Norms of the gradient at a block's split points, divided into residual branch and skip."""
+
+    total_norm: float
+    branch_norm: float
+    skip_norm: float
+
+    @property
+    def branch_share(self) -> float:
+        """``|branch| / (|branch| + |skip|)`` in [0, 1]; NaN if no gradient reached the block."""
+        denominator = self.branch_norm + self.skip_norm
+        return self.branch_norm / denominator if denominator > 0 else math.nan
+
+    @property
+    def skip_share(self) -> float:
+        """``1 - branch_share``: the part of the gradient that bypasses the residual branch."""
+        return 1.0 - self.branch_share
+
+
+@dataclass(frozen=True)
+class BlockGradient:
+    """One block: its name and kind, whether SGM decays it, and the split without and with SGM."""
+
+    name: str
+    kind: str
+    decayed: bool
+    plain: GradientSplit
+    sgm: GradientSplit
+
+
+@dataclass(frozen=True)
+class SGMReport:
+    """Structural and gradient analysis of SGM on one model for one batch (see :func:`inspect_model`).
+
+    Attributes:
+        model: the model's class name.
+        gamma: the decay factor analysed.
+        blocks: one entry per block, in module order.
+        loss: the summed cross-entropy on the batch (identical with and without SGM).
+        input_grad_norm_plain / input_grad_norm_sgm: norm of the gradient at the images.
+        input_grad_cosine: mean per-image cosine between the plain and the SGM input gradient.
+    """
+
+    model: str
+    gamma: float
+    blocks: tuple[BlockGradient, ...]
+    loss: float
+    input_grad_norm_plain: float
+    input_grad_norm_sgm: float
+    input_grad_cosine: float
+
+    @property
+    def n_decayed(self) -> int:
+        """How many blocks SGM decays."""
+        return sum(block.decayed for block in self.blocks)
+
+    def mean_branch_share(self, sgm: bool, decayed_only: bool = True) -> float:
+        """Average branch share over the (decayed) blocks, without or with SGM."""
+        chosen = [b for b in self.blocks if b.decayed or not decayed_only]
+        shares = [(b.sgm if sgm else b.plain).branch_share for b in chosen]
+        shares = [s for s in shares if not math.isnan(s)]
+        return sum(shares) / len(shares) if shares else math.nan
+
+
+class _Tap(torch.autograd.Function):
+    """Identity forward (a copy, so in-place ops downstream are safe); records the gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, sink: list) -> torch.Tensor:
+        ctx.sink = sink
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        ctx.sink.append(grad)
+        return grad, None
+
+
+class _SplitPoint:
+    """Gradients seen at one split tensor: through the branch entries, and in total."""
+
+    def __init__(self) -> None:
+        self.branch: list[torch.Tensor] = []
+        self.total: list[torch.Tensor] = []
+
+    def vectors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not self.total:
+            return None
+        total = sum(self.total).flatten().double()
+        branch = sum(self.branch).flatten().double() if self.branch else torch.zeros_like(total)
+        return total, branch
+
+
+def _tap(value: Any, points: dict[int, _SplitPoint]) -> Any:
+    """Route every grad-requiring tensor in ``value`` through a tap keyed by the tensor's identity."""
+    if isinstance(value, torch.Tensor):
+        if not value.requires_grad:
+            return value
+        point = points.get(id(value))
+        if point is None:
+            # Several entries may read the same tensor (Inception-ResNet branches): one total.
+            point = points[id(value)] = _SplitPoint()
+            value.register_hook(lambda grad, p=point: p.total.append(grad))
+        return _Tap.apply(value, point.branch)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_tap(v, points) for v in value)
+    if isinstance(value, dict):
+        return {k: _tap(v, points) for k, v in value.items()}
+    return value
+
+
+def _split(points: dict[int, _SplitPoint]) -> GradientSplit:
+    pairs = [p.vectors() for p in points.values()]
+    pairs = [pair for pair in pairs if pair is not None]
+    if not pairs:
+        return GradientSplit(0.0, 0.0, 0.0)
+    total = torch.cat([t for t, _ in pairs])
+    branch = torch.cat([b for _, b in pairs])
+    return GradientSplit(total.norm().item(), branch.norm().item(), (total - branch).norm().item())
+
+
+@contextlib.contextmanager
+def _taps(found: list, points: dict[str, dict[int, _SplitPoint]]) -> Iterator[None]:
+    """Pre-hooks on every branch entry, prepended so they see the input before SGM scales it."""
+    handles = []
+
+    def hook_for(block_points: dict[int, _SplitPoint]) -> Any:
+        return lambda _m, args, kwargs: (_tap(args, block_points), _tap(kwargs, block_points))
+
+    try:
+        for name, block, _info in found:
+            for entry in BLOCKS.lookup(block).branch_entries(block):
+                handles.append(entry.register_forward_pre_hook(
+                    hook_for(points[name]), with_kwargs=True, prepend=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    # Analysis must not update BatchNorm statistics or sample dropout masks; restore modes after.
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.train(training)
+
+
+def _measure(model: nn.Module, found: list, images: torch.Tensor, labels: torch.Tensor,
+             sgm: skip_gradient | None) -> tuple[torch.Tensor, float, dict[str, GradientSplit]]:
+    """Input gradient, loss and per-block split for one pass, with SGM active if ``sgm`` is given."""
+    points: dict[str, dict[int, _SplitPoint]] = {name: {} for name, _, _ in found}
+    x = images.detach().clone().requires_grad_(True)
+    with _taps(found, points), (sgm if sgm is not None else contextlib.nullcontext()):
+        # Summed, not averaged: each image's gradient does not depend on the batch size.
+        loss = F.cross_entropy(model(x), labels, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x)
+    return grad, loss.item(), {name: _split(p) for name, p in points.items()}
+
+
+def inspect_model(model: nn.Module, gamma: float, images: torch.Tensor,
+                  labels: torch.Tensor) -> SGMReport:
+    """Which blocks SGM finds and decays, and how it moves the gradient from branches to skips.
+
+    Args:
+        model: any module with registered residual or dense blocks (evaluated in eval mode; the
+            modes are restored afterwards).
+        gamma: SGM decay factor in (0, 1].
+        images: a batch (N, C, H, W) as the model takes it.
+        labels: true class indices (N,); the loss is the summed cross-entropy, as in an attack.
+
+    Raises:
+        NoResidualBlockError: the model has no block SGM can decay (e.g. VGG, Inception-v3).
+        ValueError: gamma outside (0, 1].
+    """
+    sgm = skip_gradient(model, gamma)  # validates gamma and raises for models without blocks
+    found = find_blocks(model)
+    with _eval_mode(model):
+        plain_grad, loss, plain = _measure(model, found, images, labels, None)
+        sgm_grad, _, decayed = _measure(model, found, images, labels, sgm)
+    blocks = tuple(BlockGradient(info.name, info.kind, info.decayed, plain[name], decayed[name])
+                   for name, _, info in found)
+    cosine = F.cosine_similarity(plain_grad.flatten(1).double(), sgm_grad.flatten(1).double(), dim=1)
+    return SGMReport(type(model).__name__, sgm.gamma, blocks, loss, plain_grad.norm().item(),
+                     sgm_grad.norm().item(), cosine.mean().item())
+
+
+def _percent(value: float) -> str:
+    return "-" if math.isnan(value) else f"{100 * value:5.1f}%"
+
+
+def format_report(report: SGMReport) -> str:
+    """A terminal table: one row per block, then a whole-model summary."""
+    width = max([len("block")] + [len(b.name) for b in report.blocks])
+    kind_width = max([len("kind")] + [len(b.kind) for b in report.blocks])
+    header = (f"{'block':<{width}}  {'kind':<{kind_width}}  decayed  branch share: plain    SGM"
+              "   |grad| plain       SGM")
+    lines = [f"SGM analysis of {report.model}, gamma={report.gamma:g}", header, "-" * len(header)]
+    for b in report.blocks:
+        lines.append(
+            f"{b.name:<{width}}  {b.kind:<{kind_width}}  {'yes' if b.decayed else 'no':<7}"
+            f"  {_percent(b.plain.branch_share):>19}  {_percent(b.sgm.branch_share):>6}"
+            f"  {b.plain.total_norm:>12.4g}  {b.sgm.total_norm:>9.4g}")
+    lines += ["-" * len(header), *_summary_lines(report)]
+    return "\n".join(lines)
+
+
+def _summary_lines(report: SGMReport) -> list[str]:
+    return [
+        f"blocks: {len(report.blocks)} found, {report.n_decayed} decayed, "
+        f"{len(report.blocks) - report.n_decayed} left undecayed",
+        f"mean branch share over decayed blocks: {_percent(report.mean_branch_share(False))} plain"
+        f" -> {_percent(report.mean_branch_share(True))} with SGM",
+        f"input gradient: |g| {report.input_grad_norm_plain:.4g} plain, "
+        f"{report.input_grad_norm_sgm:.4g} with SGM; cosine(plain, SGM) "
+        f"{report.input_grad_cosine:.4f}",
+    ]
