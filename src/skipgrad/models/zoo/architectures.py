@@ -208,19 +208,19 @@ class PlainCNN(nn.Module):
 
 # ---------------------------------------------------------------- MobileNetV2
 
-# (expand ratio, output channels, blocks, first stride); two strides take 28 -> 14 -> 7.
+# (expand ratio, output channels, blocks, first stride); with the strided stem: 28 -> 14 -> 7 -> 4.
 _MOBILENET_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 2, 1))
 
 
 class SmallMobileNetV2(nn.Module):
-    """MobileNetV2 (Sandler et al., 2018) from torchvision's ``InvertedResidual`` at small width; the
-    stem keeps stride 1 so that 28x28 inputs are only downsampled twice.
+    """MobileNetV2 (Sandler et al., 2018) from torchvision's ``InvertedResidual`` at small width. The
+    stem is a single strided 3x3 conv: expanded 28x28 feature maps cost ~4x more CPU time to train.
     """
 
     def __init__(self, stem: int = 16, last: int = 256) -> None:
         super().__init__()
         self.normalize = Normalize()
-        layers: list[nn.Module] = _conv_bn_relu(1, stem)
+        layers: list[nn.Module] = _conv_bn_relu(1, stem, stride=2)
         cin = stem
         for expand, cout, n, stride in _MOBILENET_STAGES:
             for i in range(n):

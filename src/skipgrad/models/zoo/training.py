@@ -43,8 +43,8 @@ RECIPES: dict[str, Recipe] = {
     "resnet110": Recipe(epochs=2),
     "preact-resnet20": Recipe(epochs=2),
     "densenet": Recipe(epochs=2),
-    "mobilenetv2": Recipe(epochs=2),
-    "vit": Recipe(epochs=6, optimizer="adamw", max_lr=2e-3, weight_decay=0.05),
+    "mobilenetv2": Recipe(epochs=3),
+    "vit": Recipe(epochs=8, optimizer="adamw", max_lr=2e-3, weight_decay=0.05),
 }
 
 
