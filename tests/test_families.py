@@ -69,6 +69,17 @@ def _resnetv2_post_activation() -> nn.Module:
     return ResNetV2(layers=(2, 2), channels=(128, 256), preact=False, num_classes=10)
 
 
+def _timm_vit_with(block: str) -> Callable[[], nn.Module]:
+    """A small timm ViT built from one of its alternative block classes."""
+
+    def build() -> nn.Module:
+        from timm.models import vision_transformer as vt
+        return vt.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2,
+                                    num_classes=10, block_fn=getattr(vt, block))
+
+    return build
+
+
 def _stages(fmt: str, n: int = 4, start: int = 1) -> set[str]:
     return {fmt.format(i) for i in range(start, start + n)}
 
@@ -111,6 +122,12 @@ FAMILIES = [
     ("timm-swin_tiny", _timm("swin_tiny_patch4_window7_224", img_size=64, window_size=2), 64, 12,
      set(), {"timm.swin_transformer.SwinTransformerBlock"}),
     ("timm-mixer_s32", _timm("mixer_s32_224", img_size=64), 64, 8, set(), {"timm.mlp_mixer.MixerBlock"}),
+    ("timm-resmlp_12", _timm("resmlp_12_224", img_size=64), 64, 12, set(), {"timm.mlp_mixer.ResBlock"}),
+    ("timm-gmlp_ti16", _timm("gmlp_ti16_224", img_size=64), 64, 30, set(),
+     {"timm.mlp_mixer.SpatialGatingBlock"}),
+    *[(f"timm-vit-{block}", _timm_vit_with(block), 32, 3, set(), {f"timm.vision_transformer.{block}"})
+      for block in ("ResPostBlock", "ParallelScalingBlock", "DiffParallelScalingBlock",
+                    "ParallelThingsBlock")],
     ("tv-mobilenet_v2", _tv("mobilenet_v2"), 32, 10, set(), {"torchvision.mobilenetv2.InvertedResidual"}),
     ("tv-mobilenet_v3_small", _tv("mobilenet_v3_small"), 32, 6, set(),
      {"torchvision.mobilenetv3.InvertedResidual"}),
@@ -218,7 +235,28 @@ def _ref_mixer(b: nn.Module, x: torch.Tensor, g: float) -> torch.Tensor:
     return x + _decay(b.mlp_channels(b.norm2(x)), g)
 
 
+def _ref_senet(b: nn.Module, x: torch.Tensor, g: float) -> torch.Tensor:
+    out = b.relu(b.bn2(b.conv2(b.relu(b.bn1(b.conv1(x))))))
+    shortcut = x if b.downsample is None else b.downsample(x)
+    return b.relu(_decay(b.se_module(b.bn3(b.conv3(out))), g) + shortcut)
+
+
+def _ref_timm_regnet(b: nn.Module, x: torch.Tensor, g: float) -> torch.Tensor:
+    return b.act3(_decay(b.conv3(b.se(b.conv2(b.conv1(x)))), g) + b.downsample(x))
+
+
+def _ref_timm_convnext(b: nn.Module, x: torch.Tensor, g: float) -> torch.Tensor:
+    if b.use_conv_mlp:
+        out = b.mlp(b.norm(b.conv_dw(x)))
+    else:
+        out = b.mlp(b.norm(b.conv_dw(x).permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+    return _decay(out.mul(b.gamma.reshape(1, -1, 1, 1)), g) + b.shortcut(x)
+
+
 REFERENCES = [
+    ("timm-legacy_seresnet50", _timm("legacy_seresnet50"), 32, {"SEResNetBottleneck": _ref_senet}),
+    ("timm-regnetx_002", _timm("regnetx_002"), 32, {"Bottleneck": _ref_timm_regnet}),
+    ("timm-convnext_atto", _timm("convnext_atto"), 32, {"ConvNeXtBlock": _ref_timm_convnext}),
     ("timm-vit", _timm("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3), 32,
      {"Block": _ref_timm_vit}),
     ("tv-vit", _tv("vit_b_16", image_size=32), 32, {"EncoderBlock": _ref_tv_encoder}),
