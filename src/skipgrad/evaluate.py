@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,6 +32,8 @@ class TargetResult:
     successes: int
     clean_correct: int
     successes_on_correct: int
+    # Per-image success (bool, in manifest order): what paired comparisons between attacks need.
+    per_image: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def success_rate(self) -> float:
@@ -143,7 +145,7 @@ def score(target: str, output: AttackOutput, clean: torch.Tensor, adv: torch.Ten
     else:
         success = adv != labels
     return TargetResult(target, len(labels), int(success.sum()), int(correct.sum()),
-                        int((success & correct).sum()))
+                        int((success & correct).sum()), per_image=success)
 
 
 def evaluate_folder(folder: Path, targets: Sequence[str], *,

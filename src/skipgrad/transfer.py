@@ -56,6 +56,8 @@ class TransferResult:
 
     rows: list[TransferRow]
     files: dict[str, Path] = field(default_factory=dict)
+    # (source spec, attack, gamma, target spec) -> per-image success, for paired statistics.
+    outcomes: dict[tuple, object] = field(default_factory=dict)
 
 
 def gammas_with_baseline(gammas: list[float | None], baseline: bool) -> tuple[float | None, ...]:
@@ -94,25 +96,28 @@ def run_transfer(plan: TransferPlan, out: Path, opts: RunOptions = RunOptions(),
         log(f"    {summary.skipped} reused, {summary.attacked} attacked, "
             f"source success {100 * summary.source_success:.1f}%")
         folders.append((source, attack, gamma, folder))
-    rows = evaluate_cells(plan, folders, opts, log)
-    return TransferResult(rows, write_transfer_report(rows, out, plan.title))
+    rows, outcomes = evaluate_cells(plan, folders, opts, log)
+    return TransferResult(rows, write_transfer_report(rows, out, plan.title), outcomes)
 
 
 def evaluate_cells(plan: TransferPlan, folders: list, opts: RunOptions,
-                   log: Callable[[str], None]) -> list[TransferRow]:
-    """Score every target on every folder; targets load once, clean predictions are shared."""
+                   log: Callable[[str], None]) -> tuple[list[TransferRow], dict[tuple, object]]:
+    """Score every target on every folder; targets load once, clean predictions are shared.
+    Returns the matrix rows and each cell's per-image success vector."""
     models = load_targets([t.spec for t in plan.targets], [t.weights for t in plan.targets],
                           resolve_device(opts.device))
     cache: dict = {}
-    rows = []
+    rows, outcomes = [], {}
     for source, attack, gamma, folder in folders:
         output = open_attack_output(folder)
         results = evaluate_output(output, models, batch_size=opts.batch_size, quiet=opts.quiet,
                                   clean_cache=cache)
         rows += [TransferRow(source.spec, attack, gamma, spec, r.success_rate, r.n, r.ci95)
                  for spec, r in results.items()]
+        outcomes.update({(source.spec, attack, gamma, spec): r.per_image
+                         for spec, r in results.items()})
     log(f"evaluated {len(folders)} attack folders on {len(models)} targets")
-    return rows
+    return rows, outcomes
 
 
 # ---------------------------------------------------------------- TOML plans
