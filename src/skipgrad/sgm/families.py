@@ -8,7 +8,8 @@ Classes are registered by ``"module:Class"`` path, so neither timm nor torchvisi
 Two policies for the first block of each stage (the first registered block in a parent container):
 
 * ResNet-like families whose stages open with a downsampling block that has a projection shortcut
-  keep that block undecayed, as the authors' release does for ResNets (``decay_first_in_stage=False``).
+  keep that block undecayed, as the authors' release does for ResNets
+  (``decay_first_in_stage=False``).
 * Families whose residual blocks all have identity skips (transformers, Mixer, ConvNeXt, inverted
   residuals, Inception-ResNet) decay every block: a block without a skip simply reports no entries.
 """
@@ -50,7 +51,7 @@ def _preact(block: nn.Module) -> Sequence[nn.Module]:
 
 
 def _first_present(flag: str, *names: str) -> BranchEntries:
-    """The first of ``names`` that the block has (e.g. an optional space-to-depth conv), if it skips."""
+    """The first of ``names`` the block has (e.g. an optional space-to-depth conv), if it skips."""
 
     def entries(block: nn.Module) -> Sequence[nn.Module]:
         present = _attrs(*names)(block)

@@ -1,8 +1,8 @@
-"""What SGM does to a model: its blocks, and how the gradient splits between skip and residual paths.
+"""What SGM does to a model: its blocks, and how the gradient splits between skip and branch paths.
 
-For every block found by :func:`skipgrad.find_blocks`, the gradient of the attack loss is taken at the
-block's *split points* — the tensors that feed both a residual branch and the skip path, i.e. the
-inputs of the block's branch entries (the block input for most blocks; for transformer blocks also
+For every block found by :func:`skipgrad.find_blocks`, the gradient of the attack loss is taken at
+the block's *split points* — the tensors that feed both a residual branch and the skip path, i.e.
+the inputs of the block's branch entries (the block input for most blocks; for transformer blocks also
 the sum after the attention branch). At each split point the total gradient is ``branch + skip``:
 ``branch`` is what arrives back through the entry modules (captured by a tap on their input) and
 ``skip`` is the rest (``total - branch``: the identity or projection shortcut, and for a dense layer
@@ -58,7 +58,7 @@ class BlockGradient:
 
 @dataclass(frozen=True)
 class SGMReport:
-    """Structural and gradient analysis of SGM on one model for one batch (see :func:`inspect_model`).
+    """Structural and gradient analysis of SGM on one model and batch (see :func:`inspect_model`).
 
     Attributes:
         model: the model's class name.
@@ -120,7 +120,7 @@ class _SplitPoint:
 
 
 def _tap(value: Any, points: dict[int, _SplitPoint]) -> Any:
-    """Route every grad-requiring tensor in ``value`` through a tap keyed by the tensor's identity."""
+    """Route each grad-requiring tensor in ``value`` through a tap keyed by the tensor's id."""
     if isinstance(value, torch.Tensor):
         if not value.requires_grad:
             return value
@@ -180,7 +180,7 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 def _measure(model: nn.Module, found: list, images: torch.Tensor, labels: torch.Tensor,
              sgm: skip_gradient | None) -> tuple[torch.Tensor, float, dict[str, GradientSplit]]:
-    """Input gradient, loss and per-block split for one pass, with SGM active if ``sgm`` is given."""
+    """Input gradient, loss and per-block split of one pass, with SGM active if ``sgm`` is given."""
     points: dict[str, dict[int, _SplitPoint]] = {name: {} for name, _, _ in found}
     x = images.detach().clone().requires_grad_(True)
     with _taps(found, points), (sgm if sgm is not None else contextlib.nullcontext()):
@@ -212,7 +212,8 @@ def inspect_model(model: nn.Module, gamma: float, images: torch.Tensor,
         sgm_grad, _, decayed = _measure(model, found, images, labels, sgm)
     blocks = tuple(BlockGradient(info.name, info.kind, info.decayed, plain[name], decayed[name])
                    for name, _, info in found)
-    cosine = F.cosine_similarity(plain_grad.flatten(1).double(), sgm_grad.flatten(1).double(), dim=1)
+    cosine = F.cosine_similarity(plain_grad.flatten(1).double(), sgm_grad.flatten(1).double(),
+                                 dim=1)
     return SGMReport(type(model).__name__, sgm.gamma, blocks, loss, plain_grad.norm().item(),
                      sgm_grad.norm().item(), cosine.mean().item())
 
