@@ -4,9 +4,9 @@ For every block found by :func:`skipgrad.find_blocks`, the gradient of the attac
 the block's *split points* — the tensors that feed both a residual branch and the skip path, i.e.
 the inputs of the block's branch entries (the block input for most blocks; for transformer blocks
 also the sum after the attention branch). At each split point the total gradient is
-``branch + skip``: ``branch`` is what arrives back through the entry modules (captured by a tap on their input) and
-``skip`` is the rest (``total - branch``: the identity or projection shortcut, and for a dense layer
-every later consumer of the features). Norms are over all split points of the block and the batch.
+``branch + skip``: ``branch`` is what arrives back through the entry modules (captured by a tap on
+their input) and ``skip`` is the rest (``total - branch``: the identity or projection shortcut, and
+for a dense layer every later consumer of the features). Norms are over all split points of the block and the batch.
 Comparing the shares without and with SGM shows the mechanism of Wu et al. (ICLR 2020): SGM shifts
 the input gradient towards the skip paths, i.e. towards the low-level features that transfer.
 """
