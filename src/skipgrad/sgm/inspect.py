@@ -6,7 +6,8 @@ the inputs of the block's branch entries (the block input for most blocks; for t
 also the sum after the attention branch). At each split point the total gradient is
 ``branch + skip``: ``branch`` is what arrives back through the entry modules (captured by a tap on
 their input) and ``skip`` is the rest (``total - branch``: the identity or projection shortcut, and
-for a dense layer every later consumer of the features). Norms are over all split points of the block and the batch.
+for a dense layer every later consumer of the features). Norms are over all split points of the
+block and the whole batch.
 Comparing the shares without and with SGM shows the mechanism of Wu et al. (ICLR 2020): SGM shifts
 the input gradient towards the skip paths, i.e. towards the low-level features that transfer.
 """
