@@ -6,13 +6,22 @@ Output folder::
     DIR/manifest.csv    one row per finished image: id, file, label, target_label, source_pred
     DIR/images/...      lossless 8-bit PNGs, one per input, relative paths kept, suffix .png
 
-Every file is written atomically; the manifest is rewritten after each batch, so an interrupted run
-keeps all finished images and re-running the same command does only the missing ones.
+Every file is written atomically; the manifest is rewritten after each image group, so an
+interrupted run (even by ``kill -9``) keeps all finished images and re-running the same command does
+only the missing ones.
+
+Images are attacked in fixed groups by index (``GROUP_SIZE`` images per :func:`skipgrad.attack` call,
+recorded in run.json): a convolution's float result on CPU depends on how many images share the
+batch, so fixing the groups makes the files byte-identical whatever ``--batch-size``, the number of
+torchrun processes, or where an interrupted run stopped. A group with any image missing is redone
+whole. Under torchrun the groups are shared round-robin across ranks; each rank writes its own PNGs
+and its own manifest part (``.manifest-rank<R>.csv``), which rank 0 merges into manifest.csv.
 """
 from __future__ import annotations
 
 import csv
 import io
+import re
 import json
 import math
 import platform
@@ -25,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from skipgrad import distributed
 from skipgrad.data.datasets import ImageDataset, Sample, open_dataset
 from skipgrad.data.images import atomic_write_text, to_uint8, write_png
 from skipgrad.errors import UserError
@@ -32,6 +42,10 @@ from skipgrad.models import WrappedModel, load_model, resolve_config
 
 RUN_FORMAT = 1
 MANIFEST_COLUMNS = ("id", "file", "label", "target_label", "source_pred")
+# Images per attack call. Part of a run's identity: changing it changes the float results.
+GROUP_SIZE = 16
+# Leftovers of atomic writes killed before their rename (data.images.atomic_write_bytes).
+_TEMP_FILE = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")
 
 
 @dataclass(frozen=True)
@@ -139,6 +153,7 @@ def run_identity(job: AttackJob, models: Sequence[WrappedModel], data: ImageData
     identity["weights_sha256"] = [m.config.weights_sha256 for m in models]
     identity["data"] = data.spec
     identity["channels"] = data.channels
+    identity["group_size"] = GROUP_SIZE
     return identity
 
 
@@ -150,6 +165,7 @@ def environment(models: Sequence[WrappedModel], data: ImageDataset, opts: RunOpt
     return {"skipgrad": skipgrad.__version__, "torch": torch.__version__,
             "python": sys.version.split()[0], "platform": platform.platform(),
             "numpy": np.__version__, "device": str(device), "batch_size": opts.batch_size,
+            "world_size": distributed.world().size,
             "limit": opts.limit, "data_convention": data.convention,
             "models": [m.config.to_dict() for m in models],
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -188,21 +204,72 @@ def _differences(existing: dict, identity: dict) -> str:
 
 def read_manifest(out: Path) -> list[dict[str, str]]:
     """Manifest rows whose image file still exists (a row without its file is redone)."""
-    path = out / "manifest.csv"
+    return [row for row in _read_rows(out / "manifest.csv") if (out / row["file"]).is_file()]
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         return []
     with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    return [row for row in rows if (out / row["file"]).is_file()]
+        return list(csv.DictReader(handle))
 
 
-def write_manifest(out: Path, rows: list[dict[str, object]]) -> None:
+def write_manifest(out: Path, rows: Sequence[dict[str, object]]) -> None:
     """Rewrite the manifest atomically, rows ordered by id."""
+    _write_rows(out / "manifest.csv", rows)
+
+
+def _write_rows(path: Path, rows: Sequence[dict[str, object]]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(sorted(rows, key=lambda r: int(r["id"])))
-    atomic_write_text(out / "manifest.csv", buffer.getvalue())
+    atomic_write_text(path, buffer.getvalue())
+
+
+def manifest_part(out: Path, rank: int) -> Path:
+    """Where rank ``rank`` of a sharded run lists the images it finished."""
+    return out / f".manifest-rank{rank}.csv"
+
+
+def merge_manifest_parts(out: Path) -> None:
+    """Fold the manifest parts of a sharded run (finished or interrupted) into manifest.csv, then
+    delete them; the merged manifest is in place before any part disappears, so a kill in between
+    loses nothing (merging again is harmless)."""
+    parts = sorted(out.glob(".manifest-rank*.csv"))
+    if not parts:
+        return
+    rows = {row["file"]: row for row in read_manifest(out)}
+    for part in parts:
+        rows.update((r["file"], r) for r in _read_rows(part) if (out / r["file"]).is_file())
+    write_manifest(out, list(rows.values()))
+    for part in parts:
+        part.unlink(missing_ok=True)
+
+
+def remove_stale_temp_files(out: Path) -> int:
+    """Delete temporary files left by writes that were killed before their rename (``kill -9``
+    skips the cleanup in :func:`atomic_write_bytes`); they never carry a final name."""
+    stale = [p for p in out.rglob(".*.tmp") if p.is_file() and _TEMP_FILE.match(p.name)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
+def prepare_folder(out: Path, identity: dict, env: dict) -> None:
+    """Make ``out`` ready for this run (rank 0 only): tidy what a killed run left, claim run.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out)
+    merge_manifest_parts(out)
+    claim_folder(out, identity, env)
+
+
+def image_groups(samples: Sequence[Sample], size: int = GROUP_SIZE) -> list[list[Sample]]:
+    """Samples grouped by ``id // size``, in id order: the fixed units every attack call gets."""
+    groups: dict[int, list[Sample]] = {}
+    for sample in sorted(samples, key=lambda s: s.id):
+        groups.setdefault(sample.id // size, []).append(sample)
+    return [groups[k] for k in sorted(groups)]
 
 
 def image_file(sample: Sample) -> str:
@@ -232,7 +299,7 @@ def run_attack_job(job: AttackJob, out: Path, opts: RunOptions = RunOptions(),
     check_job(job)
     if opts.batch_size < 1:
         raise UserError(f"--batch-size must be a positive integer, got {opts.batch_size}")
-    device = resolve_device(opts.device)
+    device = distributed.device_for(resolve_device(opts.device))
     data = open_dataset(job.data, limit=opts.limit, channels=job.channels, class_map=job.class_map)
     if job.targeted and not data.has_targets():
         raise UserError(f"--targeted needs target labels, and {job.data} has none "
@@ -240,10 +307,11 @@ def run_attack_job(job: AttackJob, out: Path, opts: RunOptions = RunOptions(),
     models = load_sources(job, device)
     _check_labels(data, models, job.targeted)
     _check_sgm(job, models)
-    out.mkdir(parents=True, exist_ok=True)
-    claim_folder(out, run_identity(job, models, data), environment(models, data, opts, device))
-    log(f"data: {data.spec}: {len(data)} images, {data.channels} channel(s), "
-        f"{data.size[1]}x{data.size[0]}; {data.convention}")
+    identity, env = run_identity(job, models, data), environment(models, data, opts, device)
+    distributed.on_main(lambda: prepare_folder(out, identity, env))
+    if distributed.world().is_main:
+        log(f"data: {data.spec}: {len(data)} images, {data.channels} channel(s), "
+            f"{data.size[1]}x{data.size[0]}; {data.convention}")
     return _attack_missing(job, out, opts, data, models, device)
 
 
@@ -273,34 +341,46 @@ def _attack_missing(job: AttackJob, out: Path, opts: RunOptions, data: ImageData
                     models: Sequence[WrappedModel], device: torch.device) -> RunSummary:
     from skipgrad.progress import progress_bar
 
-    rows = {row["file"]: row for row in read_manifest(out)}
-    todo = [s for s in data.samples if image_file(s) not in rows]
-    started, skipped = time.perf_counter(), len(data) - len(todo)
-    bar = progress_bar(len(data), "attack", opts.quiet, initial=skipped)
+    world = distributed.world()
+    done = {row["file"]: row for row in read_manifest(out)}
+    todo = [g for g in image_groups(data.samples) if any(image_file(s) not in done for s in g)]
+    mine = distributed.shard(todo)
+    started, skipped = time.perf_counter(), len(data) - sum(map(len, todo))
+    bar = progress_bar(len(data), "attack", opts.quiet or not world.is_main, initial=skipped)
+    new_rows: dict[str, dict[str, object]] = {}
     try:
-        for batch in _aligned_batches(todo, opts.batch_size):
-            for row in _attack_batch(job, out, data, models, batch, device):
-                rows[row["file"]] = row
-            write_manifest(out, list(rows.values()))
-            bar.update(len(batch))
+        for group in mine:
+            new_rows.update((r["file"], r) for r in _attack_group(job, out, data, models, group,
+                                                                  device))
+            _save_progress(out, done, new_rows)
+            bar.update(len(group) * world.size)  # rank 0 speaks for all: shares are equal
     finally:
         bar.close()
+    attacked = distributed.total(sum(map(len, mine)))  # also waits for every rank's last part
     wanted = {image_file(s) for s in data.samples}
-    return RunSummary(out, len(data), skipped, len(todo), time.perf_counter() - started,
-                      _source_success(rows, wanted, job.targeted))
+    success = distributed.on_main(lambda: _finish_manifest(out, wanted, job.targeted))
+    return RunSummary(out, len(data), skipped, attacked, time.perf_counter() - started, success)
 
 
-def _aligned_batches(todo: list[Sample], size: int) -> list[list[Sample]]:
-    """Group by ``id // size`` so a resumed run batches images as the first run did (as far as
-    possible): float results on CPU depend on which images share a batch."""
-    groups: dict[int, list[Sample]] = {}
-    for sample in todo:
-        groups.setdefault(sample.id // size, []).append(sample)
-    return [groups[k] for k in sorted(groups)]
+def _save_progress(out: Path, done: dict[str, dict], new_rows: dict[str, dict]) -> None:
+    """After each group: a single process rewrites manifest.csv; a rank of a sharded run rewrites
+    only its own part, so no file ever has two writers."""
+    world = distributed.world()
+    if world.sharded:
+        _write_rows(manifest_part(out, world.rank), list(new_rows.values()))
+    else:
+        write_manifest(out, list({**done, **new_rows}.values()))
 
 
-def _attack_batch(job: AttackJob, out: Path, data: ImageDataset, models: Sequence[WrappedModel],
+def _finish_manifest(out: Path, wanted: set[str], targeted: bool) -> float:
+    merge_manifest_parts(out)
+    return _source_success({r["file"]: r for r in read_manifest(out)}, wanted, targeted)
+
+
+def _attack_group(job: AttackJob, out: Path, data: ImageDataset, models: Sequence[WrappedModel],
                   batch: list[Sample], device: torch.device) -> list[dict[str, object]]:
+    """Attack one fixed group, check the bound on the 8-bit levels, write its PNGs (atomically,
+    overwriting any left by an interrupted run with the same bytes) and return its manifest rows."""
     import skipgrad
 
     clean = data.load(batch).to(device)
