@@ -74,6 +74,28 @@ def channels(text: str) -> int | None:
     return None if text == "auto" else int(text)
 
 
+# The sweep and --sgm auto grid: 0.1, 0.2, ..., 1.0 (1.0 is the plain gradient, the no-SGM baseline).
+DEFAULT_GAMMAS = tuple(round(0.1 * k, 1) for k in range(1, 11))
+
+
+def gamma_list(text: str) -> tuple[float, ...]:
+    """Comma-separated gammas in (0, 1], e.g. ``0.1,0.2,0.5,1``; kept in the order given, no repeats."""
+    values: list[float] = []
+    for part in text.split(","):
+        value = gamma(part.strip()) if part.strip() else None
+        if value is None:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of gammas "
+                                             f"in (0, 1]")
+        if value not in values:
+            values.append(value)
+    return tuple(values)
+
+
+def sgm_choice(text: str) -> float | str | None:
+    """``--sgm`` of ``attack``: a gamma in (0, 1], or ``auto`` (calibrated, see autogamma)."""
+    return "auto" if text.strip().lower() == "auto" else gamma(text)
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"skipgrad {skipgrad.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=_Parser)
-    for add in (_add_demo, _add_attack, _add_evaluate, _add_transfer, _add_models, _add_zoo):
+    for add in (_add_demo, _add_attack, _add_evaluate, _add_transfer, _add_models, _add_zoo,
+                _add_inspect, _add_sweep):
         add(sub)
     return parser
 
@@ -200,6 +223,38 @@ def _add_zoo(sub) -> None:
     t.add_argument("--batch-size", type=positive_int, default=128)
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_zoo_train)
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="blocks SGM finds and decays, and the skip/branch gradient "
+                                       "split without and with SGM")
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("--weights", metavar="FILE", help="local weights for SPEC")
+    p.add_argument("--gamma", type=gamma, default=0.5, help="SGM gamma to analyse (default 0.5)")
+    p.add_argument("--data", default="fmnist:test", help="images to measure on (default "
+                                                         "fmnist:test)")
+    p.add_argument("--limit", type=positive_int, default=32, help="images used (default 32)")
+    p.add_argument("--channels", type=channels, default=None)
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the analysis as JSON")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_inspect)
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="transfer success against SGM gamma, one line per target")
+    p.add_argument("--source", required=True, metavar="SPEC")
+    p.add_argument("--source-weights", metavar="FILE")
+    p.add_argument("--attack", default="ifgsm", help="ifgsm, pgd, mi, ni, di, ti joined by +")
+    p.add_argument("--gammas", type=gamma_list, default=DEFAULT_GAMMAS,
+                   help="comma-separated gammas in (0, 1] (default 0.1,0.2,...,1.0); "
+                        "1.0 is the attack without SGM")
+    p.add_argument("--target", action="append", required=True, metavar="SPEC")
+    p.add_argument("--target-weights", action="append", metavar="FILE")
+    p.add_argument("--out", type=Path, required=True)
+    _add_data_options(p, required=True)
+    _add_attack_settings(p)
+    _add_run_options(p)
+    p.set_defaults(func=cmd_sweep)
 
 
 # ---------------------------------------------------------------- commands
@@ -331,6 +386,77 @@ def _refs(specs: list[str] | None, weights: list[str] | None, what: str):
     return tuple(ModelRef(s, w) for s, w in zip(specs, weights or [None] * len(specs)))
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """``skipgrad sweep``: one attack over a list of gammas, transfer success per target."""
+    from skipgrad.sweep import format_best, run_sweep
+    from skipgrad.transfer import ModelRef, template_from
+
+    source = _refs([args.source], [args.source_weights] if args.source_weights else None,
+                   "source")[0]
+    targets = _refs(args.target, args.target_weights, "target")
+    result = run_sweep(source, args.attack, args.gammas, targets,
+                       template_from(_settings(args), args.data), args.out, _options(args),
+                       log=_log(args.quiet))
+    print(format_best(result))
+    print("wrote " + ", ".join(str(p) for p in result.files.values()))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """``skipgrad inspect SPEC``: SGM's blocks and gradient split on a few images of the data."""
+    import skipgrad
+    from skipgrad.data.images import atomic_write_text
+    from skipgrad.runner import resolve_device
+    from skipgrad.sgm.inspect import format_report, inspect_model, report_json
+
+    model, missing = _inspect_model(args.spec, args.weights, resolve_device(args.device))
+    if not skipgrad.find_blocks(model):  # before any note, so the error stays one line
+        raise UserError(f"{model.config.spec} has no residual or dense block SGM can decay "
+                        f"(e.g. VGG, Inception-v3); there is nothing to inspect")
+    if missing:
+        print(f"skipgrad: note: {missing}; analysing the architecture with random weights "
+              f"(gradient shares then describe an untrained network)", file=sys.stderr)
+    images, labels = _inspect_batch(args, model)
+    report = inspect_model(model, args.gamma, images, labels)
+    print(format_report(report))
+    if args.json:
+        record = {"spec": model.config.spec, "random_weights": missing is not None,
+                  "data": args.data, "images": len(labels), **report_json(report)}
+        atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _inspect_model(spec: str, weights: str | None, device):
+    """(model, why its weights are random or None): missing hub weights fall back to random ones,
+    because which blocks exist and which are decayed does not depend on the weights."""
+    from skipgrad.errors import MissingWeightsError
+    from skipgrad.models import load_model
+
+    try:
+        return load_model(spec, weights=weights, device=device), None
+    except MissingWeightsError as exc:
+        return load_model(spec, weights=weights, pretrained=False, device=device), _one_line(exc)
+
+
+def _inspect_batch(args: argparse.Namespace, model):
+    """The first ``--limit`` images of ``--data`` and their labels; labels outside the model's
+    classes (Fashion-MNIST into a 10-class model is fine, ImageNet labels into it are not) are
+    replaced by the model's own predictions so the loss stays defined."""
+    import torch
+
+    from skipgrad.data.datasets import open_dataset
+
+    data = open_dataset(args.data, limit=args.limit, channels=args.channels)
+    device = next(model.parameters()).device
+    images = data.load(data.samples).to(device)
+    labels = torch.tensor([s.label for s in data.samples], device=device)
+    if int(labels.max()) >= model.config.num_classes or int(labels.min()) < 0:
+        with torch.no_grad():
+            labels = model(images).argmax(dim=1)
+    return images, labels
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     """``skipgrad models``: specs with input size, mean/std, parameter count, weight status."""
     from skipgrad.models.listing import model_rows, rows_table
@@ -371,6 +497,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 2 user error, 130 interrupted)."""
     try:
         args = build_parser().parse_args(argv)
+        from skipgrad.distributed import silence_other_ranks
+
+        silence_other_ranks()  # under torchrun rank 0 prints the results
         return args.func(args)
     except SystemExit as exc:  # argparse: --help, --version and usage errors
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)

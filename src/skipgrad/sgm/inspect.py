@@ -249,3 +249,24 @@ def _summary_lines(report: SGMReport) -> list[str]:
         f"{report.input_grad_norm_sgm:.4g} with SGM; cosine(plain, SGM) "
         f"{report.input_grad_cosine:.4f}",
     ]
+
+
+def report_json(report: SGMReport) -> dict:
+    """The report as plain JSON data (``skipgrad inspect --json``): shares next to raw norms."""
+    def split(s: GradientSplit) -> dict:
+        share = None if math.isnan(s.branch_share) else s.branch_share
+        return {"total_norm": s.total_norm, "branch_norm": s.branch_norm,
+                "skip_norm": s.skip_norm, "branch_share": share}
+
+    def mean(sgm: bool) -> float | None:
+        value = report.mean_branch_share(sgm)
+        return None if math.isnan(value) else value
+
+    return {"model": report.model, "gamma": report.gamma, "loss": report.loss,
+            "blocks": [{"name": b.name, "kind": b.kind, "decayed": b.decayed,
+                        "plain": split(b.plain), "sgm": split(b.sgm)} for b in report.blocks],
+            "n_blocks": len(report.blocks), "n_decayed": report.n_decayed,
+            "mean_branch_share_plain": mean(False), "mean_branch_share_sgm": mean(True),
+            "input_grad_norm_plain": report.input_grad_norm_plain,
+            "input_grad_norm_sgm": report.input_grad_norm_sgm,
+            "input_grad_cosine": report.input_grad_cosine}

@@ -1,0 +1,192 @@
+"""``skipgrad sweep``: transfer success of one attack against the SGM gamma, one curve per target.
+
+A sweep is an ordinary transfer experiment (:func:`skipgrad.transfer.run_transfer`) with one source,
+one attack and many gammas, so its attack folders live under ``OUT/attacks/`` and a re-run resumes.
+Gamma 1.0 *is* the attack without SGM (the backward pass is then exactly the plain gradient), so it
+is always run, as the no-SGM folder, and reported as the point ``gamma = 1``.
+
+``OUT/sweep.json``::
+
+    {"source": SPEC, "attack": NAME, "data": DATA, "gammas": [0.1, ..., 1.0],
+     "targets": {SPEC: {"0.1": {"success_rate": r, "n": n, "ci95": [lo, hi]}, ...}, ...},
+     "mean": {"0.1": r, ...},            # over the transfer targets (the source itself left out)
+     "best": {"targets": {SPEC: gamma}, "mean": gamma}}
+
+``OUT/sweep.png`` plots success against gamma, one line per target (95% bands), the mean dashed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from skipgrad.data.images import atomic_write_bytes, atomic_write_text
+from skipgrad.errors import UserError
+from skipgrad.report import TransferRow, short_name
+from skipgrad.runner import AttackJob, RunOptions
+from skipgrad.transfer import ModelRef, TransferPlan, run_transfer
+
+# Two success rates closer than this are a tie (they are ratios of counts, so ties are exact).
+_TIE = 1e-12
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """Transfer success of the attack at one gamma on one target."""
+
+    gamma: float
+    success_rate: float
+    n: int
+    ci95: tuple[float, float]
+
+    def to_json(self) -> dict:
+        return {"success_rate": self.success_rate, "n": self.n, "ci95": list(self.ci95)}
+
+
+@dataclass
+class SweepResult:
+    """Curves of a sweep (target -> gamma -> point) and the files written."""
+
+    source: str
+    attack: str
+    data: str
+    gammas: tuple[float, ...]
+    curves: dict[str, dict[float, SweepPoint]]
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def transfer_targets(self) -> list[str]:
+        """Targets other than the source (the white-box row says nothing about transfer)."""
+        others = [t for t in self.curves if t != self.source]
+        return others or list(self.curves)
+
+    def mean_curve(self) -> dict[float, float]:
+        """Gamma -> mean success over :meth:`transfer_targets`."""
+        chosen = self.transfer_targets()
+        return {g: sum(self.curves[t][g].success_rate for t in chosen) / len(chosen)
+                for g in self.gammas}
+
+
+def best_gamma(curve: Mapping[float, float]) -> float:
+    """The gamma with the highest score; ties go to the largest gamma (the smallest change to the
+    plain gradient), so the choice is deterministic and never more aggressive than the data says."""
+    if not curve:
+        raise ValueError("best_gamma needs at least one (gamma, score) pair")
+    top = max(curve.values())
+    return max(g for g, score in curve.items() if score >= top - _TIE)
+
+
+def sweep_gammas(gammas: Sequence[float]) -> tuple[float, ...]:
+    """Sorted, unique gammas in (0, 1], with 1.0 (no SGM) always included."""
+    for g in gammas:
+        if not 0 < g <= 1:
+            raise UserError(f"SGM gamma must be in (0, 1], got {g:g}")
+    return tuple(sorted(set(float(g) for g in gammas) | {1.0}))
+
+
+def sweep_plan(source: ModelRef, attack: str, gammas: Sequence[float],
+               targets: Sequence[ModelRef], template: AttackJob) -> TransferPlan:
+    """The transfer plan of a sweep: gamma 1.0 is run as the no-SGM baseline (``None``)."""
+    column = tuple(None if g == 1.0 else g for g in sweep_gammas(gammas))
+    return TransferPlan((source,), (attack,), column, tuple(targets), template,
+                        f"SGM gamma sweep: {short_name(source.spec)}, {attack}")
+
+
+def run_sweep(source: ModelRef, attack: str, gammas: Sequence[float],
+              targets: Sequence[ModelRef], template: AttackJob, out: Path,
+              opts: RunOptions = RunOptions(),
+              log: Callable[[str], None] = print) -> SweepResult:
+    """Run (or resume) every gamma's attack folder, evaluate the targets, write sweep.json/.png."""
+    plan = sweep_plan(source, attack, gammas, targets, template)
+    transfer = run_transfer(plan, out, opts, log)
+    result = SweepResult(source.spec, attack, template.data, sweep_gammas(gammas),
+                         curves_from_rows(transfer.rows))
+    result.files = write_sweep(result, out)
+    return result
+
+
+def curves_from_rows(rows: Sequence[TransferRow]) -> dict[str, dict[float, SweepPoint]]:
+    """Transfer rows -> target -> gamma -> point, the no-SGM row as gamma 1.0."""
+    curves: dict[str, dict[float, SweepPoint]] = {}
+    for row in rows:
+        g = 1.0 if row.sgm is None else float(row.sgm)
+        curves.setdefault(row.target, {})[g] = SweepPoint(g, row.success_rate, row.n,
+                                                          tuple(row.ci95))
+    return curves
+
+
+def sweep_json(result: SweepResult) -> dict:
+    """The ``sweep.json`` document (module docstring)."""
+    key = lambda g: f"{g:g}"  # noqa: E731 - JSON object keys must be strings
+    return {"source": result.source, "attack": result.attack, "data": result.data,
+            "gammas": list(result.gammas),
+            "targets": {t: {key(g): p.to_json() for g, p in sorted(c.items())}
+                        for t, c in result.curves.items()},
+            "mean": {key(g): r for g, r in result.mean_curve().items()},
+            "mean_over": result.transfer_targets(),
+            "best": {"targets": {t: best_gamma({g: p.success_rate for g, p in c.items()})
+                                 for t, c in result.curves.items()},
+                     "mean": best_gamma(result.mean_curve())}}
+
+
+def write_sweep(result: SweepResult, out: Path) -> dict[str, Path]:
+    """Write ``sweep.json`` and ``sweep.png`` into ``out``."""
+    paths = {"sweep_json": out / "sweep.json", "sweep_png": out / "sweep.png"}
+    atomic_write_text(paths["sweep_json"], json.dumps(sweep_json(result), indent=2) + "\n")
+    atomic_write_bytes(paths["sweep_png"], sweep_png(result))
+    return paths
+
+
+def sweep_png(result: SweepResult) -> bytes:
+    """Success rate (%) against gamma, one line with its 95% band per target, the mean dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    for target, curve in result.curves.items():
+        gs = sorted(curve)
+        label = short_name(target) + (" (source, white-box)" if target == result.source else "")
+        line, = ax.plot(gs, [100 * curve[g].success_rate for g in gs], marker="o", label=label)
+        ax.fill_between(gs, [100 * curve[g].ci95[0] for g in gs],
+                        [100 * curve[g].ci95[1] for g in gs], color=line.get_color(), alpha=0.12)
+    mean = result.mean_curve()
+    ax.plot(list(mean), [100 * r for r in mean.values()], "k--", lw=2, label="mean (transfer)")
+    _style_axes(ax, result)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight", pad_inches=0.15)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _style_axes(ax, result: SweepResult) -> None:
+    n = max(p.n for c in result.curves.values() for p in c.values())
+    ax.set_xlabel("SGM gamma (1.0 = no SGM)", fontsize=11)
+    ax.set_ylabel("transfer success rate (%)", fontsize=11)
+    ax.set_title(f"{short_name(result.source)}, {result.attack}: success vs gamma "
+                 f"({n} images)", fontsize=12)
+    ax.set_xticks(list(result.gammas), [f"{g:g}" for g in result.gammas], fontsize=9)
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+
+
+def format_best(result: SweepResult) -> str:
+    """Terminal summary: each target's curve and best gamma, then the best on average."""
+    width = max(len(short_name(t)) for t in result.curves)
+    header = f"{'target':<{width}}  " + "  ".join(f"{g:>5g}" for g in result.gammas) + "   best γ"
+    lines = [f"transfer success (%) by SGM gamma ({result.attack} from {result.source})", header]
+    for target, curve in result.curves.items():
+        best = best_gamma({g: p.success_rate for g, p in curve.items()})
+        cells = "  ".join(f"{100 * curve[g].success_rate:5.1f}" for g in result.gammas)
+        lines.append(f"{short_name(target):<{width}}  {cells}   {best:g}")
+    mean = result.mean_curve()
+    cells = "  ".join(f"{100 * mean[g]:5.1f}" for g in result.gammas)
+    lines.append(f"{'mean':<{width}}  {cells}   {best_gamma(mean):g}")
+    lines.append(f"best gamma on average over {len(result.transfer_targets())} transfer target(s): "
+                 f"{best_gamma(mean):g} ({100 * max(mean.values()):.1f}% vs "
+                 f"{100 * mean[1.0]:.1f}% without SGM)")
+    return "\n".join(lines)
