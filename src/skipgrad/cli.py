@@ -164,12 +164,30 @@ def _add_attack(sub) -> None:
     p.add_argument("--weights", action="append", metavar="FILE",
                    help="local weights, one per --source in the same order")
     p.add_argument("--attack", default="ifgsm", help="ifgsm, pgd, mi, ni, di, ti joined by +")
-    p.add_argument("--sgm", type=gamma, help="SGM gamma in (0, 1] (0.2 ResNet, 0.5 DenseNet)")
+    p.add_argument("--sgm", type=sgm_choice, help="SGM gamma in (0, 1] (0.2 ResNet, 0.5 "
+                   "DenseNet), or auto: calibrated on held-out models (docs/autogamma.md)")
     p.add_argument("--out", type=Path, required=True)
     _add_data_options(p, required=True)
     _add_attack_settings(p)
+    _add_auto_options(p)
     _add_run_options(p)
     p.set_defaults(func=cmd_attack)
+
+
+def _add_auto_options(p: argparse.ArgumentParser) -> None:
+    """Options of ``--sgm auto`` (ignored otherwise)."""
+    p.add_argument("--calibrate-on", action="append", metavar="SPEC",
+                   help="--sgm auto: held-out model; repeat (default: the other zoo models, "
+                        "Fashion-MNIST data only)")
+    p.add_argument("--calibrate-weights", action="append", metavar="FILE",
+                   help="local weights, one per --calibrate-on in the same order")
+    p.add_argument("--calibrate-images", type=positive_int, default=200,
+                   help="--sgm auto: calibration images (default 200)")
+    p.add_argument("--calibrate-data", metavar="DATA", help="--sgm auto: where calibration "
+                   "images come from (default: fmnist:train for fmnist:test, else the images "
+                   "after the --limit attacked ones)")
+    p.add_argument("--calibrate-gammas", type=gamma_list, default=DEFAULT_GAMMAS,
+                   help="--sgm auto: gamma grid (default 0.1,0.2,...,1.0)")
 
 
 def _add_evaluate(sub) -> None:
@@ -284,13 +302,42 @@ def cmd_attack(args: argparse.Namespace) -> int:
     """``skipgrad attack``."""
     from skipgrad.runner import AttackJob, run_attack_job
 
-    job = AttackJob(sources=tuple(args.source), data=args.data, attack=args.attack, sgm=args.sgm,
-                    weights=tuple(args.weights or ()), **_settings(args))
+    auto = args.sgm == "auto"
+    job = AttackJob(sources=tuple(args.source), data=args.data, attack=args.attack,
+                    sgm=None if auto else args.sgm, weights=tuple(args.weights or ()),
+                    **_settings(args))
+    record = None
+    if auto:  # gamma is resolved before the runner sees the job: run.json holds a plain float
+        job, record = _auto_gamma(args, job)
     summary = run_attack_job(job, args.out, _options(args), log=_log(args.quiet))
+    if record is not None:
+        from skipgrad import distributed
+        from skipgrad.autogamma import record_calibration
+
+        distributed.on_main(lambda: record_calibration(args.out, record))
+        print(f"--sgm auto chose gamma {job.sgm:g} (calibration curve in {args.out}/run.json)")
     print(f"{summary.total} images in {args.out} ({summary.skipped} already done, "
           f"{summary.attacked} attacked in {summary.seconds:.1f} s); "
           f"white-box success on the source: {100 * summary.source_success:.1f}%")
     return 0
+
+
+def _auto_gamma(args: argparse.Namespace, job):
+    """``--sgm auto``: (job with the calibrated gamma, the run.json record)."""
+    import dataclasses
+
+    from skipgrad.autogamma import AutoGammaRequest, format_calibration, resolve_auto_gamma
+    from skipgrad.runner import check_job, resolve_device
+
+    check_job(job)  # bad settings fail before the (long) calibration
+    held = _refs(args.calibrate_on, args.calibrate_weights, "calibrate")
+    request = AutoGammaRequest(tuple((r.spec, r.weights) for r in held), args.calibrate_images,
+                               args.calibrate_gammas, args.calibrate_data)
+    chosen, record = resolve_auto_gamma(job, args.out, request, args.limit,
+                                        resolve_device(args.device), _log(args.quiet))
+    if not args.quiet:
+        print(format_calibration(record), file=sys.stderr)
+    return dataclasses.replace(job, sgm=chosen), record
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -1,0 +1,238 @@
+"""``--sgm auto``: choose the SGM gamma by transfer to local held-out models on a calibration split.
+
+The best gamma depends on the source's depth and on the data (on Fashion-MNIST a 20-layer ResNet is
+hurt by the paper's 0.2, see docs/autogamma.md), so ``auto`` measures it: the attack, with the run's
+own settings, is crafted from the source at every gamma of a grid on a small *calibration split*,
+rounded to 8-bit levels as the saved files are, and scored on held-out models; the gamma with the
+highest mean success is chosen (ties to the largest gamma, :func:`skipgrad.sweep.best_gamma`).
+
+Calibration split, never overlapping the attacked images:
+
+- ``fmnist:test`` -> the first N images of ``fmnist:train`` (another split: disjoint by construction);
+- ``fmnist:train`` or a folder -> the N images right *after* the attacked range, i.e. ids
+  ``limit .. limit+N-1``, which needs ``--limit`` (without it every image is attacked);
+- ``--calibrate-data SPEC`` -> its first N images; if it is the attacked data, the rule above.
+
+Everything is deterministic: fixed image groups by id (as the runner does), the run's seed, and a
+tie rule. The choice, the split and the whole curve go into run.json under ``sgm_auto``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from skipgrad.data.datasets import ImageDataset, Sample, open_dataset
+from skipgrad.data.images import atomic_write_text
+from skipgrad.errors import UserError
+from skipgrad.runner import AttackJob, image_groups, load_sources, predict, read_run
+from skipgrad.sweep import best_gamma
+
+DEFAULT_CALIBRATION_IMAGES = 200
+
+
+@dataclass(frozen=True)
+class CalibrationSplit:
+    """Images gamma is calibrated on, and the rule that made them disjoint from the attacked ones."""
+
+    data: ImageDataset
+    samples: tuple[Sample, ...]
+    rule: str
+
+    def ids(self) -> list[int]:
+        return [s.id for s in self.samples]
+
+
+@dataclass(frozen=True)
+class GammaCalibration:
+    """The calibration curve (held-out model -> gamma -> success) and the gamma it selects."""
+
+    gammas: tuple[float, ...]
+    held_out: tuple[str, ...]
+    data: str
+    ids: tuple[int, ...]
+    rule: str
+    scores: dict[str, dict[float, float]]
+    chosen: float
+
+    def mean_curve(self) -> dict[float, float]:
+        """Gamma -> mean success over the held-out models (the quantity maximised)."""
+        return {g: sum(s[g] for s in self.scores.values()) / len(self.scores) for g in self.gammas}
+
+    def to_json(self, settings: dict) -> dict:
+        """The ``sgm_auto`` record of run.json; ``settings`` identifies it for reuse on resume."""
+        key = lambda g: f"{g:g}"  # noqa: E731 - JSON object keys are strings
+        return {"chosen_gamma": self.chosen, "criterion": "max mean success on held-out models; "
+                "ties -> largest gamma", "gammas": list(self.gammas), "held_out": list(self.held_out),
+                "calibration_data": self.data, "calibration_ids": list(self.ids),
+                "split_rule": self.rule, "n": len(self.ids),
+                "mean": {key(g): v for g, v in self.mean_curve().items()},
+                "scores": {t: {key(g): v for g, v in c.items()} for t, c in self.scores.items()},
+                "settings": settings}
+
+
+def calibration_split(data: str, limit: int | None, n: int, calibrate_data: str | None = None,
+                      channels: int | None = None) -> CalibrationSplit:
+    """The N calibration images for attacked data ``data`` (first ``limit`` images); see the module
+    docstring for the rules."""
+    if n < 1:
+        raise UserError(f"--calibrate-images must be a positive integer, got {n}")
+    source = calibrate_data or ("fmnist:train" if data == "fmnist:test" else data)
+    if source != data:
+        chosen = open_dataset(source, limit=n, channels=channels)
+        return CalibrationSplit(chosen, tuple(chosen.samples), f"first {n} images of {source} "
+                                f"(the attacked images come from {data})")
+    if limit is None:
+        raise UserError(f"--sgm auto calibrates on images after the attacked range of {data}, so "
+                        f"it needs --limit (or give --calibrate-data)")
+    chosen = open_dataset(data, limit=limit + n, channels=channels)
+    after = tuple(s for s in chosen.samples if s.id >= limit)
+    if len(after) < n:
+        raise UserError(f"{data} has only {len(after)} images after the first {limit}; --sgm auto "
+                        f"needs {n} (lower --calibrate-images or --limit)")
+    return CalibrationSplit(chosen, after, f"images {limit}..{limit + n - 1} of {data}, after "
+                                           f"the attacked range 0..{limit - 1}")
+
+
+def default_held_out(sources: Sequence[str], data: str) -> list[str]:
+    """The bundled zoo models other than the sources (Fashion-MNIST data only)."""
+    from skipgrad.demo import zoo_targets
+
+    if not data.startswith("fmnist:"):
+        raise UserError(f"--sgm auto needs --calibrate-on SPEC (held-out models) for data {data}; "
+                        f"only Fashion-MNIST has a bundled default (the zoo)")
+    held = [spec for spec in zoo_targets() if spec not in sources]
+    if not held:
+        raise UserError("--sgm auto found no zoo model other than the source; give --calibrate-on")
+    return held
+
+
+def attack_at(job: AttackJob, models: Sequence[torch.nn.Module], split: CalibrationSplit,
+              gamma: float, device: torch.device) -> torch.Tensor:
+    """Adversarial images of the split at ``gamma`` (1.0 = no SGM), rounded to 8-bit levels like
+    the saved PNGs, attacked in the runner's fixed groups so batch size never changes a pixel."""
+    import skipgrad
+
+    out = []
+    for group in image_groups(split.samples):
+        clean = split.data.load(group).to(device)
+        labels = _labels(group, job.targeted, device)
+        adv = skipgrad.attack(
+            list(models) if len(models) > 1 else models[0], clean, labels, job.attack,
+            sgm=None if gamma == 1.0 else gamma, sgm_official=job.sgm_official,
+            eps=job.eps / 255, step_size=job.step_size / 255, steps=job.steps, norm=job.norm,
+            loss=job.loss, targeted=job.targeted, seed=job.seed, ids=[s.id for s in group],
+            decay=job.decay, di_prob=job.di_prob, di_scale=job.di_scale, ti_kernel=job.ti_kernel)
+        out.append(adv.detach().clamp(0, 1).mul(255).round().div(255))
+    return torch.cat(out)
+
+
+def _labels(samples: Sequence[Sample], targeted: bool, device: torch.device) -> torch.Tensor:
+    return torch.tensor([s.target if targeted else s.label for s in samples], device=device)
+
+
+def transfer_outcomes(job: AttackJob, sources: Sequence[torch.nn.Module],
+                      targets: dict[str, torch.nn.Module], split: CalibrationSplit,
+                      gammas: Sequence[float], device: torch.device,
+                      log: Callable[[str], None] = lambda _m: None) -> dict[str, dict[float, torch.Tensor]]:
+    """Per-image success (bool) of the attack at each gamma on each target: target -> gamma ->
+    vector in split order (untargeted: label left; targeted: target reached; all images count)."""
+    labels = _labels(split.samples, job.targeted, torch.device("cpu"))
+    outcomes: dict[str, dict[float, torch.Tensor]] = {t: {} for t in targets}
+    for gamma in gammas:
+        adv = attack_at(job, sources, split, gamma, device)
+        for spec, model in targets.items():
+            preds = torch.cat([predict([model], chunk) for chunk in adv.split(256)])
+            outcomes[spec][gamma] = preds == labels if job.targeted else preds != labels
+        log(f"    gamma {gamma:g}: " + ", ".join(
+            f"{spec} {100 * outcomes[spec][gamma].double().mean().item():.1f}%" for spec in targets))
+    return outcomes
+
+
+def calibrate_gamma(job: AttackJob, held_out: Sequence[tuple[str, str | None]],
+                    split: CalibrationSplit, gammas: Sequence[float], device: torch.device,
+                    log: Callable[[str], None] = lambda _m: None) -> GammaCalibration:
+    """Measure the held-out transfer curve on the split and pick its best gamma."""
+    from skipgrad.evaluate import load_targets
+
+    grid = tuple(sorted(set(float(g) for g in gammas)))
+    if not grid or not all(0 < g <= 1 for g in grid):
+        raise UserError("--sgm auto needs a gamma grid inside (0, 1]")
+    sources = load_sources(job, device)
+    _require_blocks(sources)
+    targets = load_targets([s for s, _ in held_out], [w for _, w in held_out], device)
+    outcomes = transfer_outcomes(job, sources, targets, split, grid, device, log)
+    scores = {t: {g: float(v.double().mean()) for g, v in c.items()} for t, c in outcomes.items()}
+    mean = {g: sum(s[g] for s in scores.values()) / len(scores) for g in grid}
+    return GammaCalibration(grid, tuple(targets), split.data.spec, tuple(split.ids()), split.rule,
+                            scores, best_gamma(mean))
+
+
+def _require_blocks(models: Sequence[torch.nn.Module]) -> None:
+    import skipgrad
+
+    for model in models:
+        if not skipgrad.find_blocks(model):
+            raise UserError(f"--sgm auto needs residual or dense blocks and {model.config.spec} "
+                            f"has none; drop --sgm for this source")
+
+
+@dataclass(frozen=True)
+class AutoGammaRequest:
+    """What ``--sgm auto`` was asked to do (beyond the attack job itself)."""
+
+    held_out: tuple[tuple[str, str | None], ...] = ()   # (spec, weights); empty -> zoo default
+    images: int = DEFAULT_CALIBRATION_IMAGES
+    gammas: tuple[float, ...] = tuple(round(0.1 * k, 1) for k in range(1, 11))
+    calibrate_data: str | None = None
+
+
+def resolve_auto_gamma(job: AttackJob, out: Path, request: AutoGammaRequest, limit: int | None,
+                       device: torch.device,
+                       log: Callable[[str], None] = lambda _m: None) -> tuple[float, dict]:
+    """(chosen gamma, run.json record). A record already in ``out/run.json`` with the same settings
+    is reused, so resuming a run does not calibrate again (the result would be identical)."""
+    held = request.held_out or tuple((s, None) for s in default_held_out(job.sources, job.data))
+    split = calibration_split(job.data, limit, request.images, request.calibrate_data,
+                              job.channels)
+    settings = _settings(job, held, request, split)
+    previous = (read_run(out) or {}).get("sgm_auto") if out.is_dir() else None
+    if previous and previous.get("settings") == settings:
+        log(f"--sgm auto: reusing gamma {previous['chosen_gamma']:g} recorded in {out}/run.json")
+        return float(previous["chosen_gamma"]), previous
+    log(f"--sgm auto: calibrating on {len(split.samples)} images ({split.rule}), held-out "
+        f"models: {', '.join(s for s, _ in held)}")
+    calibration = calibrate_gamma(job, held, split, request.gammas, device, log)
+    return calibration.chosen, calibration.to_json(settings)
+
+
+def _settings(job: AttackJob, held: Sequence[tuple[str, str | None]], request: AutoGammaRequest,
+              split: CalibrationSplit) -> dict:
+    # Plain JSON types only, so the comparison with a record read back from run.json is exact.
+    attack = {k: v for k, v in dataclasses.asdict(job).items() if k != "sgm"}
+    return json.loads(json.dumps({
+        "attack": attack, "held_out": [list(h) for h in held], "gammas": list(request.gammas),
+        "calibration_data": split.data.spec, "calibration_ids": split.ids()}))
+
+
+def record_calibration(out: Path, record: dict) -> None:
+    """Add the ``sgm_auto`` record to ``out/run.json`` (written by the runner), atomically."""
+    run = read_run(out)
+    if run is None:
+        raise UserError(f"{out} has no run.json to record the --sgm auto calibration in")
+    run["sgm_auto"] = record
+    atomic_write_text(out / "run.json", json.dumps(run, indent=2) + "\n")
+
+
+def format_calibration(record: dict) -> str:
+    """One line per gamma of the calibration curve, the chosen one marked."""
+    lines = [f"--sgm auto: mean transfer to {', '.join(record['held_out'])} on {record['n']} "
+             f"calibration images"]
+    for key, value in record["mean"].items():
+        mark = "  <- chosen" if float(key) == record["chosen_gamma"] else ""
+        lines.append(f"    gamma {key:>4}: {100 * value:5.1f}%{mark}")
+    return "\n".join(lines)
