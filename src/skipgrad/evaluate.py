@@ -4,6 +4,10 @@ Success rate follows Wu et al. (2020): 1 - top-1 accuracy of the target on the a
 *all* images counted (for targeted runs: the fraction classified as the target label). We also report
 the target's clean accuracy and the success rate restricted to images it classified correctly when
 clean, which separates "fooled" from "was wrong anyway".
+
+Under torchrun the prediction batches (fixed by ``--batch-size`` before sharding, so each is
+computed as a single process computes it) are shared across ranks and their predictions gathered,
+so every rank scores the same full result; only rank 0 writes files.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from skipgrad import distributed
 from skipgrad.data.datasets import ImageDataset, Sample, open_dataset
 from skipgrad.data.images import atomic_write_text, read_image
 from skipgrad.errors import UserError
@@ -115,10 +120,13 @@ def clean_predictions(model: WrappedModel, output: AttackOutput, batch_size: int
                       quiet: bool = True) -> torch.Tensor:
     """Target predictions on the clean originals of an attack output."""
     device = next(model.parameters()).device
-    preds, bar = [], progress_bar(len(output.samples), f"clean {model.config.spec}", quiet)
-    for batch in _batches(output.samples, batch_size):
-        preds.append(predict([model], output.data.load(batch).to(device)))
-        bar.update(len(batch))
+    bar = _bar(len(output.samples), f"clean {model.config.spec}", quiet)
+
+    def run(batch: Sequence[Sample]) -> torch.Tensor:
+        bar.update(len(batch) * distributed.world().size)
+        return predict([model], output.data.load(batch).to(device))
+
+    preds = distributed.map_units(_batches(output.samples, batch_size), run)
     bar.close()
     return torch.cat(preds)
 
@@ -127,13 +135,21 @@ def adversarial_predictions(model: WrappedModel, output: AttackOutput, batch_siz
                             quiet: bool = True) -> torch.Tensor:
     """Target predictions on the saved adversarial PNGs."""
     device = next(model.parameters()).device
-    preds, bar = [], progress_bar(len(output.files), f"adv {model.config.spec}", quiet)
-    for batch in _batches(output.files, batch_size):
-        images = torch.stack([read_image(p, output.data.channels) for p in batch]).to(device)
-        preds.append(predict([model], images))
-        bar.update(len(batch))
+    bar = _bar(len(output.files), f"adv {model.config.spec}", quiet)
+
+    def run(batch: Sequence[Path]) -> torch.Tensor:
+        bar.update(len(batch) * distributed.world().size)
+        return predict([model], torch.stack([read_image(p, output.data.channels)
+                                             for p in batch]).to(device))
+
+    preds = distributed.map_units(_batches(output.files, batch_size), run)
     bar.close()
     return torch.cat(preds)
+
+
+def _bar(total: int, desc: str, quiet: bool):
+    # One bar for a sharded run: rank 0's, counting for all ranks (their shares are equal).
+    return progress_bar(total, desc, quiet or not distributed.world().is_main)
 
 
 def score(target: str, output: AttackOutput, clean: torch.Tensor, adv: torch.Tensor) -> TargetResult:
@@ -155,7 +171,7 @@ def evaluate_folder(folder: Path, targets: Sequence[str], *,
     """Evaluate every target spec on one attack folder (``data`` overrides where the clean images
     are, should they have moved since the attack)."""
     output = open_attack_output(folder, data)
-    models = load_targets(targets, weights, resolve_device(device))
+    models = load_targets(targets, weights, distributed.device_for(resolve_device(device)))
     return evaluate_output(output, models, batch_size=batch_size, quiet=quiet)
 
 
@@ -192,7 +208,10 @@ def results_json(results: dict[str, TargetResult]) -> dict:
 
 
 def write_results_json(results: dict[str, TargetResult], path: Path) -> None:
-    """Write the ``--json`` file atomically."""
+    """Write the ``--json`` file atomically (rank 0 only under torchrun: every rank holds the
+    same gathered results)."""
+    if not distributed.world().is_main:
+        return
     atomic_write_text(path, json.dumps(results_json(results), indent=2) + "\n")
 
 

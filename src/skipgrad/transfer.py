@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from skipgrad import distributed
 from skipgrad.errors import UserError
 from skipgrad.evaluate import evaluate_output, load_targets, open_attack_output
 from skipgrad.report import TransferRow, write_transfer_report
@@ -86,6 +87,8 @@ def run_transfer(plan: TransferPlan, out: Path, opts: RunOptions = RunOptions(),
     """Run (or resume) every attack folder, evaluate every target, write the matrix files."""
     if not plan.sources or not plan.targets or not plan.attacks:
         raise UserError("transfer needs at least one source, one attack and one target")
+    if not distributed.world().is_main:  # under torchrun rank 0 speaks and writes the matrix
+        log = lambda _msg: None  # noqa: E731
     folders = []
     for i, (source, attack, gamma) in enumerate(plan.cells(), start=1):
         job = dataclasses.replace(plan.template, sources=(source.spec,), attack=attack, sgm=gamma,
@@ -97,7 +100,8 @@ def run_transfer(plan: TransferPlan, out: Path, opts: RunOptions = RunOptions(),
             f"source success {100 * summary.source_success:.1f}%")
         folders.append((source, attack, gamma, folder))
     rows, outcomes = evaluate_cells(plan, folders, opts, log)
-    return TransferResult(rows, write_transfer_report(rows, out, plan.title), outcomes)
+    files = distributed.on_main(lambda: write_transfer_report(rows, out, plan.title))
+    return TransferResult(rows, files, outcomes)
 
 
 def evaluate_cells(plan: TransferPlan, folders: list, opts: RunOptions,
@@ -105,7 +109,7 @@ def evaluate_cells(plan: TransferPlan, folders: list, opts: RunOptions,
     """Score every target on every folder; targets load once, clean predictions are shared.
     Returns the matrix rows and each cell's per-image success vector."""
     models = load_targets([t.spec for t in plan.targets], [t.weights for t in plan.targets],
-                          resolve_device(opts.device))
+                          distributed.device_for(resolve_device(opts.device)))
     cache: dict = {}
     rows, outcomes = [], {}
     for source, attack, gamma, folder in folders:

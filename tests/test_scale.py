@@ -1,0 +1,164 @@
+"""Scale contracts of the ``attack`` command (DESIGN 5b): the files do not depend on --batch-size,
+on the number of torchrun processes, or on a ``kill -9`` part-way followed by a re-run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from skipgrad.cli import main
+from skipgrad.runner import GROUP_SIZE, manifest_part
+
+PYTHON = Path(sys.executable)
+TORCHRUN = PYTHON.with_name("torchrun")
+# A tiny job: two fixed groups (16 + 8), so a batch of 7 or 32 would cut them differently.
+SMALL = ("--source", "zoo:fmnist-cnn", "--attack", "mi", "--data", "fmnist:test", "--limit", "24",
+         "--steps", "2", "--quiet")
+# A job long enough to be killed part-way (~0.5 s per group), with random draws (DI) and SGM.
+LONG = ("--source", "zoo:fmnist-resnet20", "--attack", "mi+di", "--sgm", "0.5", "--data",
+        "fmnist:test", "--limit", "64", "--steps", "5", "--quiet")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (hidden ones included) -> its bytes; run.json without the
+    environment block (timings, world size and batch size are recorded, not compared)."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        if path.name == "run.json":
+            record = json.loads(data)
+            record.pop("environment")
+            data = json.dumps(record, sort_keys=True).encode()
+        files[str(path.relative_to(folder))] = data
+    return files
+
+
+def _assert_same(a: Path, b: Path) -> None:
+    left, right = _tree(a), _tree(b)
+    assert sorted(left) == sorted(right)
+    different = [name for name in left if left[name] != right[name]]
+    assert not different, f"files differ: {different}"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(PYTHON), "-m", "skipgrad", *args], env=ENV, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    # --standalone picks a free rendezvous port: tests running side by side do not collide.
+    return subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "skipgrad",
+                           *args], env=ENV, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The small job run once in this process with the default batch size."""
+    out = tmp_path_factory.mktemp("scale") / "reference"
+    assert main(["attack", *SMALL, "--out", str(out)]) == 0
+    return out
+
+
+def test_groups_are_fixed_and_recorded(reference: Path) -> None:
+    run = json.loads((reference / "run.json").read_text())
+    assert run["config"]["group_size"] == GROUP_SIZE
+    assert "world_size" not in run["config"]  # how the run was sharded is not its identity
+    assert len(list((reference / "images").glob("*.png"))) == 24
+
+
+@pytest.mark.parametrize("batch_size", ["7", "32"])
+def test_batch_size_does_not_change_files(reference: Path, tmp_path: Path, batch_size: str) -> None:
+    out = tmp_path / f"bs{batch_size}"
+    assert main(["attack", *SMALL, "--batch-size", batch_size, "--out", str(out)]) == 0
+    _assert_same(reference, out)
+
+
+def test_resume_after_partial_group_stale_temp_and_parts(reference: Path, tmp_path: Path) -> None:
+    """What a kill leaves (a group half written, a temporary file, a sharded run's manifest part)
+    is tidied and finished to the same bytes."""
+    out = tmp_path / "resumed"
+    assert main(["attack", *SMALL, "--out", str(out)]) == 0
+    (out / "images" / "test_00020.png").unlink()  # group 1 is now partial
+    rows = (out / "manifest.csv").read_text().splitlines()
+    (out / "manifest.csv").write_text("\n".join(rows[:1] + rows[1:5]) + "\n")
+    manifest_part(out, 1).write_text("\n".join(rows[:1] + rows[5:12]) + "\n")
+    (out / "images" / ".test_00003.png.abc123_x.tmp").write_bytes(b"half a png")
+    assert main(["attack", *SMALL, "--out", str(out)]) == 0
+    _assert_same(reference, out)
+
+
+def test_torchrun_two_processes_write_the_same_files(reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "torchrun"
+    done = _torchrun("attack", *SMALL, "--batch-size", "7", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("24 images in") == 1  # only rank 0 reports
+    _assert_same(reference, out)
+    assert json.loads((out / "run.json").read_text())["environment"]["world_size"] == 2
+
+
+def test_torchrun_evaluate_gathers_the_same_counts(reference: Path, tmp_path: Path) -> None:
+    targets = ("--target", "zoo:fmnist-resnet20", "--target", "zoo:fmnist-vgg", "--batch-size", "5",
+               "--quiet")
+    single, sharded = tmp_path / "single.json", tmp_path / "sharded.json"
+    assert main(["evaluate", str(reference), *targets, "--json", str(single)]) == 0
+    done = _torchrun("evaluate", str(reference), *targets, "--json", str(sharded))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(sharded.read_text()) == json.loads(single.read_text())
+    assert done.stdout.count("transfer success of") == 1
+
+
+def _kill_part_way(out: Path) -> None:
+    """Start the long job and SIGKILL it once a group's images exist but before it finishes."""
+    proc = subprocess.Popen([str(PYTHON), "-m", "skipgrad", "attack", *LONG, "--out", str(out)],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(list((out / "images").glob("*.png"))) >= GROUP_SIZE:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the attack finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_sigkill_then_rerun_equals_uninterrupted_run(tmp_path: Path) -> None:
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    _kill_part_way(killed)
+    assert len(list((killed / "images").glob("*.png"))) < 64
+    for path in killed.rglob("*"):  # whatever is visible under a final name is whole
+        if path.suffix == ".png" and not path.name.startswith("."):
+            assert path.read_bytes().endswith(b"IEND\xaeB`\x82")
+    rerun = _cli("attack", *LONG, "--out", str(killed))
+    assert rerun.returncode == 0, rerun.stderr
+    assert main(["attack", *LONG, "--out", str(clean)]) == 0
+    _assert_same(clean, killed)
+    assert not [p for p in killed.rglob(".*") if p.is_file()]  # no temp files, no manifest parts
+
+
+@pytest.mark.slow
+def test_torchrun_killed_and_resumed_on_one_process(tmp_path: Path) -> None:
+    """A sharded run killed part-way (parts on disk) is finished by a single process."""
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    proc = subprocess.Popen([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m",
+                             "skipgrad", "attack", *LONG, "--out", str(killed)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        while proc.poll() is None and len(list(killed.glob(".manifest-rank*.csv"))) < 1:
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert main(["attack", *LONG, "--out", str(killed)]) == 0
+    assert main(["attack", *LONG, "--out", str(clean)]) == 0
+    _assert_same(clean, killed)
