@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from skipgrad import distributed
+from skipgrad import distributed, outdir
 from skipgrad.data.datasets import ImageDataset, Sample, open_dataset
 from skipgrad.data.images import atomic_write_text, to_uint8, write_png
 from skipgrad.errors import UserError
@@ -115,7 +115,8 @@ def check_job(job: AttackJob) -> None:
 
     if not job.sources:
         raise UserError("at least one --source is needed")
-    skipgrad.parse_attack_name(job.attack)
+    skipgrad.AttackSpec(**skipgrad.parse_attack_name(job.attack), decay=job.decay,  # fail early
+                        di_prob=job.di_prob, di_scale=job.di_scale, ti_kernel=job.ti_kernel)
     _positive("eps", job.eps)
     _positive("step size", job.step_size)
     if job.norm == "linf" and job.eps > 255:
@@ -308,11 +309,12 @@ def run_attack_job(job: AttackJob, out: Path, opts: RunOptions = RunOptions(),
     _check_labels(data, models, job.targeted)
     _check_sgm(job, models)
     identity, env = run_identity(job, models, data), environment(models, data, opts, device)
-    distributed.on_main(lambda: prepare_folder(out, identity, env))
-    if distributed.world().is_main:
-        log(f"data: {data.spec}: {len(data)} images, {data.channels} channel(s), "
-            f"{data.size[1]}x{data.size[0]}; {data.convention}")
-    return _attack_missing(job, out, opts, data, models, device)
+    with outdir.exclusive(out):  # one live run per folder; SIGINT/SIGTERM stop after a group
+        distributed.on_main(lambda: prepare_folder(out, identity, env))
+        if distributed.world().is_main:
+            log(f"data: {data.spec}: {len(data)} images, {data.channels} channel(s), "
+                f"{data.size[1]}x{data.size[0]}; {data.convention}")
+        return _attack_missing(job, out, opts, data, models, device)
 
 
 def _check_labels(data: ImageDataset, models: Sequence[WrappedModel], targeted: bool) -> None:
@@ -354,6 +356,7 @@ def _attack_missing(job: AttackJob, out: Path, opts: RunOptions, data: ImageData
                                                                   device))
             _save_progress(out, done, new_rows)
             bar.update(len(group) * world.size)  # rank 0 speaks for all: shares are equal
+            outdir.check_stop()
     finally:
         bar.close()
     attacked = distributed.total(sum(map(len, mine)))  # also waits for every rank's last part
@@ -385,17 +388,18 @@ def _attack_group(job: AttackJob, out: Path, data: ImageDataset, models: Sequenc
 
     clean = data.load(batch).to(device)
     labels = torch.tensor([s.target if job.targeted else s.label for s in batch], device=device)
-    adv = skipgrad.attack(
-        list(models) if len(models) > 1 else models[0], clean, labels, job.attack, sgm=job.sgm,
-        sgm_official=job.sgm_official, eps=job.eps / 255, step_size=job.step_size / 255,
-        steps=job.steps, norm=job.norm, loss=job.loss, targeted=job.targeted, seed=job.seed,
-        ids=[s.id for s in batch], decay=job.decay, di_prob=job.di_prob, di_scale=job.di_scale,
-        ti_kernel=job.ti_kernel)
+    with outdir.naming_images([str(s.path or s.name) for s in batch]):
+        adv = skipgrad.attack(
+            list(models) if len(models) > 1 else models[0], clean, labels, job.attack,
+            sgm=job.sgm, sgm_official=job.sgm_official, eps=job.eps / 255,
+            step_size=job.step_size / 255, steps=job.steps, norm=job.norm, loss=job.loss,
+            targeted=job.targeted, seed=job.seed, ids=[s.id for s in batch], decay=job.decay,
+            di_prob=job.di_prob, di_scale=job.di_scale, ti_kernel=job.ti_kernel)
     levels = [to_uint8(a) for a in adv]
     for sample, adv_levels, image in zip(batch, levels, clean):
         check_bound(adv_levels, to_uint8(image), job, sample.name)
     for sample, adv_levels in zip(batch, levels):
-        write_png(adv_levels, out / image_file(sample))
+        write_png(adv_levels, outdir.inside(out, image_file(sample)))
     preds = predict(models, _from_levels(levels, adv.shape, device))
     return [{"id": s.id, "file": image_file(s), "label": s.label,
              "target_label": "" if s.target is None else s.target, "source_pred": int(p)}

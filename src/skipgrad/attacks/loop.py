@@ -23,7 +23,10 @@ from skipgrad.sgm import check_gamma, skip_gradient
 
 
 class NonFiniteGradientError(FloatingPointError):
-    """A source model produced NaN or inf logits or gradients for some images."""
+    """A source model produced NaN or inf logits or gradients for some images; the attribute
+    ``positions`` lists their indices in the batch."""
+
+    positions: list[int] = []
 
 
 def attack(
@@ -218,8 +221,10 @@ def _check_finite(x: torch.Tensor, what: str,
         return
     bad = ~torch.isfinite(x.detach()).flatten(1).all(dim=1)
     if bad.any():
-        raise error(f"non-finite {what} (NaN or inf) for images at batch positions "
-                    f"{bad.nonzero().flatten().tolist()[:20]}")
+        positions = bad.nonzero().flatten().tolist()
+        exc = error(f"non-finite {what} (NaN or inf) for images at batch positions {positions[:20]}")
+        exc.positions = positions  # so that callers can name the files (runner, CLI)
+        raise exc
 
 
 def _check_seed(seed: object) -> int:

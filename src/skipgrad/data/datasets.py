@@ -7,6 +7,7 @@ ids and per-image randomness unchanged) and a ``name``: the relative output path
 """
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,13 +119,21 @@ def _output_name(relpath: str) -> str:
     return path.with_suffix("").as_posix()
 
 
+def name_key(name: str) -> str:
+    """The form in which two output names collide on some file system: Unicode NFC (macOS
+    normalises names) and case-folded (macOS and Windows ignore case by default)."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
 def _check_unique_names(samples: list[Sample]) -> None:
-    seen: dict[str, Path] = {}
+    seen: dict[str, Sample] = {}
     for sample in samples:
-        if sample.name in seen:
-            raise UserError(f"{seen[sample.name]} and {sample.path} would both be written as "
-                            f"{sample.name}.png; rename one of them")
-        seen[sample.name] = sample.path
+        other = seen.get(name_key(sample.name))
+        if other is not None:
+            raise UserError(f"{other.path} and {sample.path} would both be written as "
+                            f"{sample.name}.png (names equal up to case, Unicode normalisation "
+                            f"or suffix); rename one of them")
+        seen[name_key(sample.name)] = sample
 
 
 def _inspect(samples: list[Sample], channels: int | None) -> tuple[int, tuple[int, int]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,10 +71,12 @@ def read_labels_csv(folder: Path) -> Layout:
     rows = _open_csv(path)
     _require_columns(path, rows[0], ("filename", "label"))
     has_target = "targeted_label" in rows[0]
-    entries = [Entry(row["filename"].strip(), _as_int(row["label"], path, i + 2, "label"),
+    root = _image_root(folder)
+    entries = [Entry(safe_relpath(root, row["filename"] or "", f"{path} line {i + 2}"),
+                     _as_int(row["label"], path, i + 2, "label"),
                      _as_int(row["targeted_label"], path, i + 2, "targeted_label")
                      if has_target else None) for i, row in enumerate(rows)]
-    return Layout(_image_root(folder), _sorted(entries),
+    return Layout(root, _sorted(entries),
                   "NIPS 2017 labels.csv (filename,label[,targeted_label]; 0-based labels used as is)")
 
 
@@ -91,16 +94,58 @@ def read_images_csv(folder: Path) -> Layout:
         if label < 0 or (target is not None and target < 0):
             raise UserError(f"{path} line {i + 2}: label 0 is the TF-slim background class; "
                             f"images.csv labels are 1-based")
-        entries.append(Entry(_find_image(root, row["ImageId"].strip()), label, target))
+        where = f"{path} line {i + 2}"
+        entries.append(Entry(_find_image(root, row["ImageId"] or "", where), label, target))
     return Layout(root, _sorted(entries),
                   "NIPS 2017 images.csv (TrueLabel/TargetClass are 1-based: subtracted 1)")
 
 
-def _find_image(root: Path, image_id: str) -> str:
+def _find_image(root: Path, image_id: str, where: str) -> str:
+    image_id = safe_relpath(root, image_id, where)
     for suffix in (".png", ".jpg", ".jpeg", ""):
         if (root / f"{image_id}{suffix}").is_file():
-            return f"{image_id}{suffix}"
+            return safe_relpath(root, f"{image_id}{suffix}", where)
     raise UserError(f"image {image_id} listed in images.csv is not in {root}")
+
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def safe_relpath(root: Path, entry: str, where: str) -> str:
+    """``entry`` as a clean relative POSIX path that stays inside ``root``, or a UserError.
+
+    Label tables and folder trees come from strangers: an entry that is absolute, climbs with
+    ``..``, uses backslashes (a Windows path means something else here) or resolves through a
+    symlink to a file outside ``root`` is refused, naming the entry and where it was found.
+    ``.`` and empty components (``a/./b``, ``a//b``) are dropped, so that equal files get equal
+    names; name collisions after normalisation are checked by the dataset.
+    """
+    text = entry.strip()
+    reason = _unsafe_reason(text)
+    if reason:
+        raise UserError(f"{where}: refusing entry {entry!r}: {reason}")
+    clean = "/".join(part for part in text.split("/") if part not in ("", "."))
+    if not clean:
+        raise UserError(f"{where}: refusing entry {entry!r}: it names no file")
+    resolved, base = (root / clean).resolve(), root.resolve()
+    if not resolved.is_relative_to(base):
+        raise UserError(f"{where}: refusing entry {entry!r}: it resolves to {resolved}, outside "
+                        f"the data folder {base} (symlink?)")
+    return clean
+
+
+def _unsafe_reason(text: str) -> str | None:
+    if not text:
+        return "empty file name"
+    if any(ord(c) < 32 for c in text):
+        return "control characters in the file name"
+    if "\\" in text:
+        return "backslashes are not path separators here; use '/'"
+    if text.startswith(("/", "~")) or _DRIVE.match(text):
+        return "absolute paths are not allowed; give paths relative to the data folder"
+    if ".." in text.split("/"):
+        return "'..' would leave the data folder"
+    return None
 
 
 def _require_columns(path: Path, row: dict[str, str], columns: tuple[str, ...]) -> None:
@@ -119,7 +164,8 @@ def read_class_folders(folder: Path, class_map: Path | None = None) -> Layout:
     if not classes:
         raise UserError(f"data folder {folder} has no class subfolders and no labels.csv/images.csv")
     mapping, how = class_indices(classes, class_map)
-    entries = [Entry(p.relative_to(folder).as_posix(), mapping[name])
+    entries = [Entry(safe_relpath(folder, p.relative_to(folder).as_posix(), str(folder)),
+                     mapping[name])
                for name in classes for p in sorted((folder / name).rglob("*")) if is_image_file(p)]
     if not entries:
         raise UserError(f"data folder {folder} has class subfolders but no images in them")

@@ -1,13 +1,29 @@
 """Reading images into [0, 1] tensors and writing lossless 8-bit PNGs atomically.
 
 Every write goes to a temporary name in the destination folder and is renamed into place with
-``os.replace`` (atomic on POSIX and Windows), so an interrupted run never leaves a half-written file.
+``os.replace`` (atomic on POSIX and Windows), so an interrupted run never leaves a half-written file;
+a failed write (full disk, read-only folder) removes its temporary file and raises a UserError.
+
+Conversions on reading (anything else is refused with the file named):
+
+- 8-bit gray, RGB, palette and YCbCr images: converted to gray or RGB as ``--channels`` asks.
+- 16-bit gray (PNG ``I;16``): rounded to the nearest 8-bit level, ``round(v / 257)``, never clipped.
+  16-bit RGB PNGs are reduced to their high byte by Pillow when opened.
+- Alpha (RGBA, LA, PA, palette transparency): accepted only when every pixel is opaque, then
+  dropped; a transparent pixel has no defined colour, so such images are refused.
+- CMYK, LAB, HSV, 32-bit integer and float images: refused (no safe conversion without colour
+  management or a known range).
+- Images above ``MAX_PIXELS`` (Pillow's decompression-bomb limit) are refused from the header,
+  before any decoding.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +35,16 @@ from skipgrad.errors import UserError
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm",
                             ".pgm", ".gif"})
 _GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
+_SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+_REFUSED_MODES = {"CMYK": "CMYK needs colour management to become RGB; convert it to RGB first",
+                  "LAB": "Lab colour needs colour management; convert it to RGB first",
+                  "HSV": "convert HSV images to RGB first",
+                  "I": "32-bit integer pixels have no known range; save as 8- or 16-bit",
+                  "F": "floating-point pixels have no known range; save as 8- or 16-bit"}
+# Pillow's decompression-bomb limit; a module attribute so that tests and admins can lower it.
+MAX_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485
+_READ_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, EOFError,
+                Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
 def is_image_file(path: Path) -> bool:
@@ -28,11 +54,32 @@ def is_image_file(path: Path) -> bool:
 
 def peek(path: Path) -> tuple[str, tuple[int, int]]:
     """(PIL mode, (height, width)) from the file header only; raises UserError naming the file."""
+    with _opened(path) as img:
+        _check_mode(path, img)
+        return img.mode, (img.height, img.width)
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """Open an image with the pixel limit checked from its header and every failure (including
+    Pillow's bomb warning, turned into an error) reported as a UserError naming the file."""
     try:
-        with Image.open(path) as img:
-            return img.mode, (img.height, img.width)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise UserError(f"refusing image {path}: {img.width}x{img.height} pixels is "
+                                    f"above the limit of {MAX_PIXELS} (decompression bomb?)")
+                yield img
+    except UserError:
+        raise
+    except _READ_ERRORS as exc:
         raise UserError(f"cannot read image {path}: {_reason(exc)}") from exc
+
+
+def _check_mode(path: Path, img: Image.Image) -> None:
+    if img.mode in _REFUSED_MODES:
+        raise UserError(f"refusing image {path}: mode {img.mode}: {_REFUSED_MODES[img.mode]}")
 
 
 def is_gray_mode(mode: str) -> bool:
@@ -41,16 +88,36 @@ def is_gray_mode(mode: str) -> bool:
 
 
 def read_image(path: Path, channels: int) -> torch.Tensor:
-    """Decode an image fully into a float tensor (channels, H, W) in [0, 1] on 8-bit levels."""
-    try:
-        with Image.open(path) as img:
-            img.load()  # decode now, so truncated files fail here with their name
-            array = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-        raise UserError(f"cannot read image {path}: {_reason(exc)}") from exc
+    """Decode an image fully into a float tensor (channels, H, W) in [0, 1] on 8-bit levels,
+    with the conversions listed in the module docstring."""
+    with _opened(path) as img:
+        _check_mode(path, img)
+        img.load()  # decode now, so truncated files fail here with their name
+        array = _to_levels(path, img, channels)
     tensor = torch.from_numpy(array.copy())
     tensor = tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1)
     return tensor.float().div_(255.0)
+
+
+def _to_levels(path: Path, img: Image.Image, channels: int) -> np.ndarray:
+    """8-bit (H, W) or (H, W, 3) levels of a decoded image."""
+    if img.mode in _SIXTEEN_BIT:  # Pillow's convert("L") would clip at 255: scale instead
+        wide = np.asarray(img).astype(np.float64)
+        gray = Image.fromarray(np.rint(wide / 257.0).astype(np.uint8), mode="L")
+        return np.asarray(gray if channels == 1 else gray.convert("RGB"), dtype=np.uint8)
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        img = _opaque(path, img)
+    return np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+
+
+def _opaque(path: Path, img: Image.Image) -> Image.Image:
+    """The image without its alpha channel, refused if any pixel is not fully opaque."""
+    rgba = img.convert("RGBA")
+    alpha = np.asarray(rgba.getchannel("A"))
+    if alpha.min() < 255:
+        raise UserError(f"refusing image {path}: {int((alpha < 255).sum())} pixel(s) are "
+                        f"transparent and have no defined colour; flatten it onto a background")
+    return rgba.convert("RGB") if img.mode not in ("LA", "La") else img.convert("L")
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -76,17 +143,29 @@ def write_png(levels: np.ndarray, path: Path) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never half."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:  # includes KeyboardInterrupt: never leave the temporary file behind
+    except BaseException as exc:  # includes KeyboardInterrupt: never leave the temporary file
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _write_error(path, exc) from exc
         raise
+
+
+def _write_error(path: Path, exc: OSError) -> UserError:
+    # A full disk or read-only folder is the user's to fix, not a bug: one line, no traceback.
+    reason = exc.strerror or _reason(exc)
+    return UserError(f"cannot write {path}: {reason}; files written before are complete "
+                     f"(writes are atomic) and re-running the same command resumes")
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -1,11 +1,19 @@
 """Reading local weight files safely: safetensors, or ``torch.load(weights_only=True)``; nothing else.
 
-Pickled checkpoints can run code when loaded, so arbitrary pickles are never unpickled.
+Pickled checkpoints can run code when loaded, so arbitrary pickles are never unpickled: PyTorch's
+``weights_only`` unpickler accepts tensors, containers and numbers and refuses every other global
+before calling it. A file that needs more is refused with instructions to convert it. For a legacy
+file you trust, setting the environment variable named by ``TRUST_PICKLE_ENV`` to ``1`` loads it
+with full pickle (which runs whatever code it contains), with a warning on stderr.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import pickle
+import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,6 +25,11 @@ from skipgrad.errors import UserError
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 # Keys that may name the architecture inside a checkpoint (safetensors metadata or a dict).
 ARCH_KEYS = ("skipgrad.spec", "spec", "arch", "architecture")
+# The opt-in for full pickle is an environment variable with a name nobody sets by accident.
+TRUST_PICKLE_ENV = "SKIPGRAD_TRUST_PICKLE_I_KNOW_THIS_RUNS_CODE"
+_CONVERT_HINT = ("load it yourself in a trusted environment and save its state dict with "
+                 "safetensors (safetensors.torch.save_file(model.state_dict(), 'w.safetensors')) "
+                 "or torch.save(model.state_dict(), ...)")
 
 
 def sha256_file(path: str | Path) -> str:
@@ -54,7 +67,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    obj = _unpickle(path)
     if not isinstance(obj, dict):
         raise UserError(f"weights file {path} holds a {type(obj).__name__}, not a state dict")
     meta = {k: str(v) for k, v in obj.items() if k in ARCH_KEYS and isinstance(v, str)}
@@ -66,6 +79,30 @@ def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not state:
         raise UserError(f"weights file {path} contains no tensors")
     return state, meta
+
+
+def _unpickle(path: Path) -> object:
+    """torch.load with the weights-only unpickler; arbitrary objects are refused, not built."""
+    if os.environ.get(TRUST_PICKLE_ENV) == "1":
+        print(f"skipgrad: WARNING: {TRUST_PICKLE_ENV}=1: loading {path} with full pickle, which "
+              f"runs any code the file contains", file=sys.stderr)
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    try:
+        with warnings.catch_warnings():  # torch's note on the pickle protocol is noise here
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UserError(f"cannot read weights file {path}: refused: it is a pickle that needs "
+                        f"arbitrary objects ({_blocked(exc)}), and unpickling those can run "
+                        f"any code; {_CONVERT_HINT}") from exc
+
+
+def _blocked(exc: BaseException) -> str:
+    # torch's message names the refused global on a line mentioning "GLOBAL posix.system ...".
+    for line in str(exc).splitlines():
+        if "GLOBAL" in line:
+            return line.strip().rstrip(".")[:160]
+    return "not only tensors and containers"
 
 
 def arch_from_metadata(meta: dict[str, str]) -> str | None:
@@ -82,13 +119,15 @@ def arch_from_metadata(meta: dict[str, str]) -> str | None:
 
 
 def load_into(net: nn.Module, state: dict[str, torch.Tensor], path: str | Path, spec: str) -> None:
-    """Load ``state`` into ``net`` strictly, forgiving the usual wrapper prefixes."""
+    """Load ``state`` into ``net`` strictly, forgiving the usual wrapper prefixes.
+
+    Refusals are one line naming the first mismatched tensor (in the model's own key order):
+    missing, unexpected, of another shape, not floating point where weights are, or holding NaN.
+    """
     state = _strip_prefixes(state, set(net.state_dict()))
-    missing, unexpected = _key_diff(net, state)
-    if missing or unexpected:
-        raise UserError(f"weights {path} do not fit {spec}: "
-                        f"{len(missing)} missing keys (e.g. {_few(missing)}), "
-                        f"{len(unexpected)} unexpected (e.g. {_few(unexpected)})")
+    problem = first_mismatch(net.state_dict(), state)
+    if problem:
+        raise UserError(f"weights {path} do not fit {spec}: {problem}")
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -104,10 +143,22 @@ def _strip_prefixes(state: dict[str, torch.Tensor], wanted: set[str]) -> dict[st
     return state
 
 
-def _key_diff(net: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-    expected = set(net.state_dict())
-    return sorted(expected - set(state)), sorted(set(state) - expected)
-
-
-def _few(keys: list[str]) -> str:
-    return ", ".join(keys[:3]) or "-"
+def first_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str | None:
+    """A description of the first tensor of ``state`` that does not fit ``expected``, or None."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing:
+        return (f"tensor {missing[0]!r} is missing ({len(missing)} missing, "
+                f"{len(unexpected)} unexpected in all)")
+    if unexpected:
+        return f"tensor {unexpected[0]!r} is not in the model ({len(unexpected)} unexpected in all)"
+    for key, want in expected.items():
+        have = state[key]
+        if tuple(have.shape) != tuple(want.shape):
+            return (f"tensor {key!r} has shape {tuple(have.shape)} in the file but the model "
+                    f"expects {tuple(want.shape)}")
+        if want.is_floating_point() and not have.is_floating_point():
+            return f"tensor {key!r} is {have.dtype} in the file but the model expects {want.dtype}"
+        if have.is_floating_point() and torch.isnan(have).any():
+            return f"tensor {key!r} contains NaN values (a broken or diverged checkpoint)"
+    return None
