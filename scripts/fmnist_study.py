@@ -22,7 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from skipgrad.demo import SGMEffect, effects_markdown, sgm_effects, zoo_targets  # noqa: E402
 from skipgrad.report import markdown_table, short_name  # noqa: E402
 from skipgrad.runner import AttackJob, RunOptions  # noqa: E402
-from skipgrad.transfer import ModelRef, TransferPlan, run_transfer  # noqa: E402
+from skipgrad.transfer import (ModelRef, TransferPlan, cell_folder, evaluate_cells,  # noqa: E402
+                               run_transfer)
 
 ROOT = Path(__file__).resolve().parents[1]
 # (source, attacks, gammas): the grid is densest where it is cheapest (I-FGSM) and for the sources
@@ -30,30 +31,36 @@ ROOT = Path(__file__).resolve().parents[1]
 GRID = [
     ("resnet20", ("ifgsm",), (0.2, 0.5, 0.8)),
     ("resnet20", ("mi", "di"), (0.5,)),
-    ("resnet56", ("ifgsm",), (0.2, 0.5, 0.8)),
-    ("resnet56", ("mi",), (0.5,)),
-    ("preact-resnet20", ("ifgsm",), (0.2, 0.5)),
+    ("resnet56", ("ifgsm", "mi"), (0.5,)),
+    ("preact-resnet20", ("ifgsm",), (0.5,)),
     ("densenet", ("ifgsm",), (0.5,)),
     ("mobilenetv2", ("ifgsm",), (0.5,)),
 ]
 
 
-def run_grid(out: Path, limit: int, quick: bool) -> tuple[list, dict]:
+def run_grid(out: Path, limit: int, quick: bool, evaluate_only: bool) -> tuple[list, dict]:
+    """Attack (or, with ``evaluate_only``, just re-score the finished folders) and evaluate every
+    grid row on every zoo model that has weights."""
     targets = zoo_targets()
+    opts = RunOptions(limit=limit, batch_size=250, quiet=True)
     rows, outcomes = [], {}
     for name, attacks, gammas in GRID:
         source = f"zoo:fmnist-{name}"
-        if source not in targets:
-            print(f"skipping {source}: no weights")
-            continue
         plan = TransferPlan(sources=(ModelRef(source),), attacks=attacks,
                             gammas=(None,) + (gammas[:1] if quick else gammas),
                             targets=tuple(ModelRef(t) for t in targets),
                             template=AttackJob(sources=(), data="fmnist:test"))
-        result = run_transfer(plan, out / "matrix" / name, RunOptions(limit=limit, batch_size=250,
-                                                                     quiet=True))
-        rows += result.rows
-        outcomes.update(result.outcomes)
+        folders = [(s, a, g, cell_folder(out / "matrix" / name, s, a, g)) for s, a, g in plan.cells()]
+        if source not in targets or (evaluate_only and not all(f.exists() for *_, f in folders)):
+            print(f"skipping {source}: no weights or no finished attack folders")
+            continue
+        if evaluate_only:
+            new_rows, new_outcomes = evaluate_cells(plan, folders, opts, print)
+        else:
+            result = run_transfer(plan, out / "matrix" / name, opts)
+            new_rows, new_outcomes = result.rows, result.outcomes
+        rows += new_rows
+        outcomes.update(new_outcomes)
     return rows, outcomes
 
 
@@ -99,8 +106,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/study"))
     parser.add_argument("--limit", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="first gamma of each grid row only")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="re-score finished attack folders on every zoo model with weights")
     args = parser.parse_args()
-    rows, outcomes = run_grid(args.out, args.limit, args.quick)
+    rows, outcomes = run_grid(args.out, args.limit, args.quick, args.evaluate_only)
     effects = sgm_effects(outcomes)
     (args.out / "study.json").write_text(json.dumps(
         {"rows": [r.to_json() for r in rows], "effects": [e.to_json() for e in effects]}, indent=1))
