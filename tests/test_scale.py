@@ -2,6 +2,7 @@
 on the number of torchrun processes, or on a ``kill -9`` part-way followed by a re-run."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -151,14 +152,38 @@ def test_torchrun_killed_and_resumed_on_one_process(tmp_path: Path) -> None:
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     proc = subprocess.Popen([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m",
                              "skipgrad", "attack", *LONG, "--out", str(killed)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while proc.poll() is None and len(list(killed.glob(".manifest-rank*.csv"))) < 1:
             time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGKILL)
+        # torchrun starts its workers in sessions of their own: kill each process of the tree.
+        tree = [*_descendants(proc.pid), proc.pid]
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     finally:
+        proc.kill()
         proc.wait()
+    # Orphaned workers are reaped by init a moment later; until then their pid (a zombie) still
+    # looks alive to the folder lock.
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in tree) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert main(["attack", *LONG, "--out", str(killed)]) == 0
     assert main(["attack", *LONG, "--out", str(clean)]) == 0
     _assert_same(clean, killed)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo += children.get(child, [])
+    return found
