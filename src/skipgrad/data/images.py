@@ -43,8 +43,7 @@ _REFUSED_MODES = {"CMYK": "CMYK needs colour management to become RGB; convert i
                   "F": "floating-point pixels have no known range; save as 8- or 16-bit"}
 # Pillow's decompression-bomb limit; a module attribute so that tests and admins can lower it.
 MAX_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485
-_READ_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, EOFError,
-                Image.DecompressionBombError, Image.DecompressionBombWarning)
+_READ_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, EOFError)
 
 
 def is_image_file(path: Path) -> bool:
@@ -73,6 +72,9 @@ def _opened(path: Path) -> Iterator[Image.Image]:
                 yield img
     except UserError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UserError(f"refusing image {path}: {_reason(exc)} (above the limit of {MAX_PIXELS} "
+                        f"pixels; decompression bomb?)") from exc
     except _READ_ERRORS as exc:
         raise UserError(f"cannot read image {path}: {_reason(exc)}") from exc
 
