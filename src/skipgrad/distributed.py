@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -165,3 +166,11 @@ def map_units(units: Sequence[T], compute: Callable[[T], R]) -> list[R]:
     for part in gather(mine):
         merged.update(part)
     return [merged[i] for i in range(len(units))]
+
+
+def silence_other_ranks() -> None:
+    """Under torchrun, send the standard output of ranks other than 0 to the null device, so a
+    command prints its tables and summaries once (errors still reach stderr from every rank)."""
+    if launched_rank() != 0:
+        # Not closed: it stays sys.stdout until the process exits.
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
