@@ -10,12 +10,13 @@ Every file is written atomically; the manifest is rewritten after each image gro
 interrupted run (even by ``kill -9``) keeps all finished images and re-running the same command does
 only the missing ones.
 
-Images are attacked in fixed groups by index (``GROUP_SIZE`` images per :func:`skipgrad.attack` call,
-recorded in run.json): a convolution's float result on CPU depends on how many images share the
-batch, so fixing the groups makes the files byte-identical whatever ``--batch-size``, the number of
-torchrun processes, or where an interrupted run stopped. A group with any image missing is redone
-whole. Under torchrun the groups are shared round-robin across ranks; each rank writes its own PNGs
-and its own manifest part (``.manifest-rank<R>.csv``), which rank 0 merges into manifest.csv.
+Images are attacked in fixed groups by index (``GROUP_SIZE`` images per :func:`skipgrad.attack`
+call, recorded in run.json): a convolution's float result on CPU depends on how many images share
+the batch, so fixing the groups makes the files byte-identical whatever ``--batch-size``, the
+number of torchrun processes, or where an interrupted run stopped. A group with any image missing
+is redone whole. Under torchrun the groups are shared round-robin across ranks; each rank writes
+its own PNGs and its own manifest part (``.manifest-rank<R>.csv``), which rank 0 merges into
+manifest.csv.
 """
 from __future__ import annotations
 
@@ -258,7 +259,8 @@ def remove_stale_temp_files(out: Path) -> int:
 
 
 def prepare_folder(out: Path, identity: dict, env: dict) -> None:
-    """Make ``out`` ready for this run (rank 0 only): tidy what a killed run left, claim run.json."""
+    """Make ``out`` ready for this run (rank 0 only): tidy what a killed run left, claim
+    run.json."""
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out)
     merge_manifest_parts(out)
