@@ -451,6 +451,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``skipgrad inspect SPEC``: SGM's blocks and gradient split on a few images of the data."""
+    import dataclasses
+
     import skipgrad
     from skipgrad.data.images import atomic_write_text
     from skipgrad.runner import resolve_device
@@ -464,7 +466,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"skipgrad: note: {missing}; analysing the architecture with random weights "
               f"(gradient shares then describe an untrained network)", file=sys.stderr)
     images, labels = _inspect_batch(args, model)
-    report = inspect_model(model, args.gamma, images, labels)
+    # Name the spec in the report rather than the wrapper class every loaded model shares.
+    report = dataclasses.replace(inspect_model(model, args.gamma, images, labels),
+                                 model=model.config.spec)
     print(format_report(report))
     if args.json:
         record = {"spec": model.config.spec, "random_weights": missing is not None,
