@@ -26,42 +26,52 @@ from skipgrad.transfer import (ModelRef, TransferPlan, cell_folder, evaluate_cel
                                run_transfer)
 
 ROOT = Path(__file__).resolve().parents[1]
-# (source, attacks, gammas): the grid is densest where it is cheapest (I-FGSM) and for the sources
-# whose depth differs most; the no-SGM baseline is always included.
+# (source, attacks, gammas, folder): the grid is densest where it is cheapest (I-FGSM); the no-SGM
+# baseline is always included. Rows added after the runner began grouping images by index have
+# their own folder, so that every folder holds one consistent run.
 GRID = [
-    ("resnet20", ("ifgsm",), (0.2, 0.5, 0.8)),
-    ("resnet20", ("mi", "di"), (0.5,)),
-    ("resnet56", ("ifgsm", "mi"), (0.5,)),
-    ("preact-resnet20", ("ifgsm",), (0.5,)),
-    ("densenet", ("ifgsm",), (0.5,)),
-    ("mobilenetv2", ("ifgsm",), (0.5,)),
+    ("resnet20", ("ifgsm",), (0.2, 0.5, 0.8), "resnet20"),
+    ("resnet20", ("mi", "di"), (0.5,), "resnet20"),
+    ("resnet56", ("ifgsm", "mi"), (0.5,), "resnet56"),
+    ("preact-resnet20", ("ifgsm",), (0.5,), "preact-resnet20"),
+    ("preact-resnet20", ("mi", "di"), (0.5,), "preact-resnet20-b"),
+    ("preact-resnet20", ("ifgsm",), (0.2, 0.8), "preact-resnet20-b"),
+    ("densenet", ("ifgsm",), (0.5,), "densenet"),
+    ("mobilenetv2", ("ifgsm",), (0.5,), "mobilenetv2"),
 ]
 
 
-def run_grid(out: Path, limit: int, quick: bool, evaluate_only: bool) -> tuple[list, dict]:
+def run_grid(out: Path, limit: int, quick: bool, evaluate_only: bool,
+             only: set[str] | None = None) -> tuple[list, list[SGMEffect]]:
     """Attack (or, with ``evaluate_only``, just re-score the finished folders) and evaluate every
     grid row on every zoo model that has weights."""
     targets = zoo_targets()
     opts = RunOptions(limit=limit, batch_size=250, quiet=True)
-    rows, outcomes = [], {}
-    for name, attacks, gammas in GRID:
+    rows, effects = [], []
+    for name, attacks, gammas, folder in GRID:
         source = f"zoo:fmnist-{name}"
+        if only and folder not in only:
+            continue
         plan = TransferPlan(sources=(ModelRef(source),), attacks=attacks,
                             gammas=(None,) + (gammas[:1] if quick else gammas),
                             targets=tuple(ModelRef(t) for t in targets),
                             template=AttackJob(sources=(), data="fmnist:test"))
-        folders = [(s, a, g, cell_folder(out / "matrix" / name, s, a, g)) for s, a, g in plan.cells()]
+        folders = [(s, a, g, cell_folder(out / "matrix" / folder, s, a, g))
+                   for s, a, g in plan.cells()]
         if source not in targets or (evaluate_only and not all(f.exists() for *_, f in folders)):
             print(f"skipping {source}: no weights or no finished attack folders")
             continue
         if evaluate_only:
             new_rows, new_outcomes = evaluate_cells(plan, folders, opts, print)
         else:
-            result = run_transfer(plan, out / "matrix" / name, opts)
+            result = run_transfer(plan, out / "matrix" / folder, opts)
             new_rows, new_outcomes = result.rows, result.outcomes
-        rows += new_rows
-        outcomes.update(new_outcomes)
-    return rows, outcomes
+        # A baseline already reported by an earlier row is not repeated in the tables; SGM cells are
+        # always paired with the baseline of their own folder (same run, same grouping).
+        seen = {(r.source, r.attack, r.sgm, r.target) for r in rows}
+        rows += [r for r in new_rows if (r.source, r.attack, r.sgm, r.target) not in seen]
+        effects += sgm_effects(new_outcomes)
+    return rows, effects
 
 
 def gamma_plot(effects: list[SGMEffect], rows: list, path: Path) -> None:
@@ -108,9 +118,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="first gamma of each grid row only")
     parser.add_argument("--evaluate-only", action="store_true",
                         help="re-score finished attack folders on every zoo model with weights")
+    parser.add_argument("--sources", default=None,
+                        help="comma-separated grid folders: run only these grid rows")
     args = parser.parse_args()
-    rows, outcomes = run_grid(args.out, args.limit, args.quick, args.evaluate_only)
-    effects = sgm_effects(outcomes)
+    only = set(args.sources.split(",")) if args.sources else None
+    rows, effects = run_grid(args.out, args.limit, args.quick, args.evaluate_only, only)
     (args.out / "study.json").write_text(json.dumps(
         {"rows": [r.to_json() for r in rows], "effects": [e.to_json() for e in effects]}, indent=1))
     gamma_plot(effects, rows, ROOT / "docs" / "study_gamma.png")

@@ -22,7 +22,7 @@ from skipgrad.stats import PairedComparison, paired_comparison
 
 # Chosen from the study in docs/study.md: the source and gamma where SGM's effect on this data is
 # clearest. See that page for the evidence, including the sources where SGM does not help.
-DEMO_SOURCE = "zoo:fmnist-resnet20"
+DEMO_SOURCE = "zoo:fmnist-preact-resnet20"
 DEMO_GAMMA = 0.5
 DEMO_ATTACKS = ("ifgsm", "mi", "di")
 DEMO_IMAGES = 1000
