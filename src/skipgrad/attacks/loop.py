@@ -222,7 +222,8 @@ def _check_finite(x: torch.Tensor, what: str,
     bad = ~torch.isfinite(x.detach()).flatten(1).all(dim=1)
     if bad.any():
         positions = bad.nonzero().flatten().tolist()
-        exc = error(f"non-finite {what} (NaN or inf) for images at batch positions {positions[:20]}")
+        exc = error(f"non-finite {what} (NaN or inf) for images at batch positions "
+                    f"{positions[:20]}")
         exc.positions = positions  # so that callers can name the files (runner, CLI)
         raise exc
 
