@@ -123,6 +123,7 @@ def test_interrupted_run_keeps_whole_batches_and_resumes(work: Path, monkeypatch
         return real(*args, **kwargs)
 
     monkeypatch.setattr(skipgrad, "attack", interrupted)
+    monkeypatch.setattr("skipgrad.runner.GROUP_SIZE", 3)  # 8 images: groups of 3, 3 and 2
     assert _attack(work, "ctrlc") == 130
     out = work / "ctrlc"
     assert len(list(out.rglob("*.png"))) == 3 and not list(out.rglob(".*.tmp"))

@@ -14,7 +14,7 @@ Images are attacked in fixed groups by index (``GROUP_SIZE`` images per :func:`s
 call, recorded in run.json): a convolution's float result on CPU depends on how many images share
 the batch, so fixing the groups makes the files byte-identical whatever ``--batch-size``, the
 number of torchrun processes, or where an interrupted run stopped. A group with any image missing
-is redone whole. Under torchrun the groups are shared round-robin across ranks; each rank writes
+is attacked whole and only its missing images are written: a finished file is never rewritten. Under torchrun the groups are shared round-robin across ranks; each rank writes
 its own PNGs and its own manifest part (``.manifest-rank<R>.csv``), which rank 0 merges into
 manifest.csv.
 """
@@ -267,8 +267,10 @@ def prepare_folder(out: Path, identity: dict, env: dict) -> None:
     claim_folder(out, identity, env)
 
 
-def image_groups(samples: Sequence[Sample], size: int = GROUP_SIZE) -> list[list[Sample]]:
-    """Samples grouped by ``id // size``, in id order: the fixed units every attack call gets."""
+def image_groups(samples: Sequence[Sample], size: int | None = None) -> list[list[Sample]]:
+    """Samples grouped by ``id // size`` (default ``GROUP_SIZE``), in id order: the fixed units
+    every attack call gets."""
+    size = size or GROUP_SIZE
     groups: dict[int, list[Sample]] = {}
     for sample in sorted(samples, key=lambda s: s.id):
         groups.setdefault(sample.id // size, []).append(sample)
@@ -354,8 +356,9 @@ def _attack_missing(job: AttackJob, out: Path, opts: RunOptions, data: ImageData
     new_rows: dict[str, dict[str, object]] = {}
     try:
         for group in mine:
+            missing = [s for s in group if image_file(s) not in done]
             new_rows.update((r["file"], r) for r in _attack_group(job, out, data, models, group,
-                                                                  device))
+                                                                  missing, device))
             _save_progress(out, done, new_rows)
             bar.update(len(group) * world.size)  # rank 0 speaks for all: shares are equal
             outdir.check_stop()
@@ -383,9 +386,12 @@ def _finish_manifest(out: Path, wanted: set[str], targeted: bool) -> float:
 
 
 def _attack_group(job: AttackJob, out: Path, data: ImageDataset, models: Sequence[WrappedModel],
-                  batch: list[Sample], device: torch.device) -> list[dict[str, object]]:
-    """Attack one fixed group, check the bound on the 8-bit levels, write its PNGs (atomically,
-    overwriting any left by an interrupted run with the same bytes) and return its manifest rows."""
+                  batch: list[Sample], missing: list[Sample],
+                  device: torch.device) -> list[dict[str, object]]:
+    """Attack one fixed group whole (its members set the float results), check the bound on the
+    8-bit levels, write the PNGs of its ``missing`` images and return their manifest rows.
+    Finished images keep their files and rows: after a crash they hold these same bytes; after
+    a ``--limit`` change they were made in a smaller group and are kept rather than redone."""
     import skipgrad
 
     clean = data.load(batch).to(device)
@@ -400,12 +406,14 @@ def _attack_group(job: AttackJob, out: Path, data: ImageDataset, models: Sequenc
     levels = [to_uint8(a) for a in adv]
     for sample, adv_levels, image in zip(batch, levels, clean):
         check_bound(adv_levels, to_uint8(image), job, sample.name)
+    wanted = {s.id for s in missing}
     for sample, adv_levels in zip(batch, levels):
-        write_png(adv_levels, outdir.inside(out, image_file(sample)))
+        if sample.id in wanted:
+            write_png(adv_levels, outdir.inside(out, image_file(sample)))
     preds = predict(models, _from_levels(levels, adv.shape, device))
     return [{"id": s.id, "file": image_file(s), "label": s.label,
              "target_label": "" if s.target is None else s.target, "source_pred": int(p)}
-            for s, p in zip(batch, preds.tolist())]
+            for s, p in zip(batch, preds.tolist()) if s.id in wanted]
 
 
 def _from_levels(levels: list[np.ndarray], shape: torch.Size, device: torch.device) -> torch.Tensor:
