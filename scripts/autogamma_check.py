@@ -27,7 +27,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--source", default="zoo:fmnist-resnet20")
     p.add_argument("--attack", default="ifgsm")
-    p.add_argument("--calibrate-on", nargs="+", default=["zoo:fmnist-cnn", "zoo:fmnist-mobilenetv2"])
+    p.add_argument("--calibrate-on", nargs="+",
+                   default=["zoo:fmnist-cnn", "zoo:fmnist-mobilenetv2"])
     p.add_argument("--calibration-images", type=int, default=200)
     p.add_argument("--eval-images", type=int, default=300)
     p.add_argument("--steps", type=int, default=10)

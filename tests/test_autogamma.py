@@ -89,7 +89,8 @@ def test_resume_reuses_the_recorded_calibration(auto_run: dict, tmp_path: Path, 
     assert main(["attack", *[a for a in AUTO if a != "--quiet"], "--data", "fmnist:test",
                  "--out", str(tmp_path)]) == 0
     assert "reusing gamma" in capsys.readouterr().err
-    assert json.loads((tmp_path / "run.json").read_text())["sgm_auto"] == first == auto_run["sgm_auto"]
+    again = json.loads((tmp_path / "run.json").read_text())["sgm_auto"]
+    assert again == first == auto_run["sgm_auto"]
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -8,7 +8,7 @@ highest mean success is chosen (ties to the largest gamma, :func:`skipgrad.sweep
 
 Calibration split, never overlapping the attacked images:
 
-- ``fmnist:test`` -> the first N images of ``fmnist:train`` (another split: disjoint by construction);
+- ``fmnist:test`` -> the first N images of ``fmnist:train`` (another split, so disjoint);
 - ``fmnist:train`` or a folder -> the N images right *after* the attacked range, i.e. ids
   ``limit .. limit+N-1``, which needs ``--limit`` (without it every image is attacked);
 - ``--calibrate-data SPEC`` -> its first N images; if it is the attacked data, the rule above.
@@ -37,7 +37,7 @@ DEFAULT_CALIBRATION_IMAGES = 200
 
 @dataclass(frozen=True)
 class CalibrationSplit:
-    """Images gamma is calibrated on, and the rule that made them disjoint from the attacked ones."""
+    """Images gamma is calibrated on, and the rule that keeps them apart from the attacked ones."""
 
     data: ImageDataset
     samples: tuple[Sample, ...]
@@ -66,8 +66,9 @@ class GammaCalibration:
     def to_json(self, settings: dict) -> dict:
         """The ``sgm_auto`` record of run.json; ``settings`` identifies it for reuse on resume."""
         key = lambda g: f"{g:g}"  # noqa: E731 - JSON object keys are strings
-        return {"chosen_gamma": self.chosen, "criterion": "max mean success on held-out models; "
-                "ties -> largest gamma", "gammas": list(self.gammas), "held_out": list(self.held_out),
+        return {"chosen_gamma": self.chosen,
+                "criterion": "max mean success on held-out models; ties -> largest gamma",
+                "gammas": list(self.gammas), "held_out": list(self.held_out),
                 "calibration_data": self.data, "calibration_ids": list(self.ids),
                 "split_rule": self.rule, "n": len(self.ids),
                 "mean": {key(g): v for g, v in self.mean_curve().items()},
@@ -138,7 +139,8 @@ def _labels(samples: Sequence[Sample], targeted: bool, device: torch.device) -> 
 def transfer_outcomes(job: AttackJob, sources: Sequence[torch.nn.Module],
                       targets: dict[str, torch.nn.Module], split: CalibrationSplit,
                       gammas: Sequence[float], device: torch.device,
-                      log: Callable[[str], None] = lambda _m: None) -> dict[str, dict[float, torch.Tensor]]:
+                      log: Callable[[str], None] = lambda _m: None,
+                      ) -> dict[str, dict[float, torch.Tensor]]:
     """Per-image success (bool) of the attack at each gamma on each target: target -> gamma ->
     vector in split order (untargeted: label left; targeted: target reached; all images count)."""
     labels = _labels(split.samples, job.targeted, torch.device("cpu"))
@@ -148,8 +150,8 @@ def transfer_outcomes(job: AttackJob, sources: Sequence[torch.nn.Module],
         for spec, model in targets.items():
             preds = torch.cat([predict([model], chunk) for chunk in adv.split(256)])
             outcomes[spec][gamma] = preds == labels if job.targeted else preds != labels
-        log(f"    gamma {gamma:g}: " + ", ".join(
-            f"{spec} {100 * outcomes[spec][gamma].double().mean().item():.1f}%" for spec in targets))
+        rates = {spec: 100 * v[gamma].double().mean().item() for spec, v in outcomes.items()}
+        log(f"    gamma {gamma:g}: " + ", ".join(f"{s} {r:.1f}%" for s, r in rates.items()))
     return outcomes
 
 

@@ -74,12 +74,12 @@ def channels(text: str) -> int | None:
     return None if text == "auto" else int(text)
 
 
-# The sweep and --sgm auto grid: 0.1, 0.2, ..., 1.0 (1.0 is the plain gradient, the no-SGM baseline).
+# The sweep and --sgm auto grid 0.1, ..., 1.0 (1.0 is the plain gradient: the no-SGM baseline).
 DEFAULT_GAMMAS = tuple(round(0.1 * k, 1) for k in range(1, 11))
 
 
 def gamma_list(text: str) -> tuple[float, ...]:
-    """Comma-separated gammas in (0, 1], e.g. ``0.1,0.2,0.5,1``; kept in the order given, no repeats."""
+    """Comma-separated gammas in (0, 1], e.g. ``0.1,0.2,0.5,1``; in the order given, no repeats."""
     values: list[float] = []
     for part in text.split(","):
         value = gamma(part.strip()) if part.strip() else None
