@@ -164,6 +164,9 @@ def calibrate_gamma(job: AttackJob, held_out: Sequence[tuple[str, str | None]],
     grid = tuple(sorted(set(float(g) for g in gammas)))
     if not grid or not all(0 < g <= 1 for g in grid):
         raise UserError("--sgm auto needs a gamma grid inside (0, 1]")
+    if job.targeted and any(s.target is None for s in split.samples):
+        raise UserError(f"--targeted --sgm auto needs target labels on the calibration images "
+                        f"too, and {split.data.spec} has none (give --calibrate-data)")
     sources = load_sources(job, device)
     _require_blocks(sources)
     targets = load_targets([s for s, _ in held_out], [w for _, w in held_out], device)
