@@ -76,6 +76,11 @@ def _markdown(models: dict) -> str:
                      f"| {row['epochs']} | {row['optimizer']} | {row['train_seconds'] / 60:.1f} min | "
                      f"`{row['sha256'][:16]}` |")
     total = sum(row["bytes"] for row in models.values())
+    short = [f"`{n}` ({100 * r['test_accuracy']:.1f}%)" for n, r in models.items()
+             if r["test_accuracy"] < (0.88 if n == "vit" else 0.90)]
+    if short:  # the zoo's target: >= 90% test accuracy (ViT >= 88%)
+        lines += ["", f"Below the zoo's accuracy target (90%, ViT 88%): {', '.join(short)}; "
+                  "more epochs are needed (`skipgrad zoo train NAME --epochs 3`)."]
     lines += ["", f"Weights: {len(models)} files, {total / 2**20:.2f} MB in total (fp32 safetensors). "
               "Full hashes are in `src/skipgrad/models/zoo/zoo.json`.", "", _RECIPE]
     return "\n".join(lines) + "\n"
