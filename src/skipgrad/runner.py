@@ -351,7 +351,8 @@ def _attack_missing(job: AttackJob, out: Path, opts: RunOptions, data: ImageData
     done = {row["file"]: row for row in read_manifest(out)}
     todo = [g for g in image_groups(data.samples) if any(image_file(s) not in done for s in g)]
     mine = distributed.shard(todo)
-    started, skipped = time.perf_counter(), len(data) - sum(map(len, todo))
+    skipped = len(data) - sum(image_file(s) not in done for g in todo for s in g)
+    started = time.perf_counter()
     bar = progress_bar(len(data), "attack", opts.quiet or not world.is_main, initial=skipped)
     new_rows: dict[str, dict[str, object]] = {}
     try:
@@ -360,11 +361,11 @@ def _attack_missing(job: AttackJob, out: Path, opts: RunOptions, data: ImageData
             new_rows.update((r["file"], r) for r in _attack_group(job, out, data, models, group,
                                                                   missing, device))
             _save_progress(out, done, new_rows)
-            bar.update(len(group) * world.size)  # rank 0 speaks for all: shares are equal
+            bar.update(len(missing) * world.size)  # rank 0 speaks for all: shares are equal
             outdir.check_stop()
     finally:
         bar.close()
-    attacked = distributed.total(sum(map(len, mine)))  # also waits for every rank's last part
+    attacked = distributed.total(len(new_rows))  # also waits for every rank's last part
     wanted = {image_file(s) for s in data.samples}
     success = distributed.on_main(lambda: _finish_manifest(out, wanted, job.targeted))
     return RunSummary(out, len(data), skipped, attacked, time.perf_counter() - started, success)
