@@ -1,7 +1,7 @@
 """The ``skipgrad`` command line: thin argument handling over the library.
 
 User errors print one line (``skipgrad: error: ...``) and exit with code 2; Ctrl-C exits with 130
-and leaves only whole files behind. Perturbation sizes are pixel levels out of 255 (``--eps 16``).
+(SIGTERM 143) and leaves only whole files behind. Perturbation sizes are pixel levels out of 255 (``--eps 16``).
 """
 from __future__ import annotations
 
@@ -545,7 +545,8 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- entry point
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0 ok, 2 user error, 130 interrupted)."""
+    """Run the command line; returns the exit code (0 ok, 2 user error, 130 interrupted,
+    143 stopped by SIGTERM)."""
     try:
         args = build_parser().parse_args(argv)
         from skipgrad.distributed import silence_other_ranks
@@ -554,10 +555,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except SystemExit as exc:  # argparse: --help, --version and usage errors
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("skipgrad: interrupted; finished files are kept, re-run the same command to resume",
               file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return getattr(exc, "exit_code", EXIT_INTERRUPTED)  # 143 after SIGTERM
     except (UserError, ValueError, FileNotFoundError, FloatingPointError) as exc:
         print(f"skipgrad: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE

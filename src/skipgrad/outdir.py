@@ -39,14 +39,20 @@ def inside(out: Path, relfile: str) -> Path:
 
 # ---------------------------------------------------------------- the lock
 
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (field 22 of /proc/PID/stat), to tell a reused pid
-    from the original owner; None where /proc is not available."""
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first); None without /proc."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[-1].split()[19]
+    return stat.rsplit(")", 1)[-1].split()
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (field 22 of /proc/PID/stat), to tell a reused pid
+    from the original owner; None where /proc is not available."""
+    fields = _proc_stat(pid)
+    return None if fields is None else fields[19]
 
 
 def _alive(pid: int, started: str | None) -> bool:
@@ -56,7 +62,10 @@ def _alive(pid: int, started: str | None) -> bool:
         return False
     except PermissionError:  # exists, owned by someone else
         return True
-    now = _start_time(pid)
+    fields = _proc_stat(pid)
+    if fields is not None and fields[0] in ("Z", "X"):  # a killed owner not yet reaped: dead
+        return False
+    now = None if fields is None else fields[19]
     return started is None or now is None or now == started
 
 
@@ -167,6 +176,15 @@ def naming_images(files: list[str]) -> Iterator[None]:
 
 # ---------------------------------------------------------------- stopping on signals
 
+class StopRequested(KeyboardInterrupt):
+    """A run stopped cleanly after a batch on SIGINT/SIGTERM; ``exit_code`` follows the shell's
+    128 + signal number convention (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"{signal.Signals(signum).name} received; stopped after the current batch")
+        self.exit_code = 128 + signum
+
+
 class _StopFlag:
     """Set by the first SIGINT/SIGTERM; the run loop checks it between batches."""
 
@@ -201,5 +219,4 @@ def stop_after_batch() -> Iterator[None]:
 def check_stop() -> None:
     """Raise KeyboardInterrupt if a stop was requested (called between batches)."""
     if _FLAG.signal is not None:
-        name = signal.Signals(_FLAG.signal).name
-        raise KeyboardInterrupt(f"{name} received; stopped after the current batch")
+        raise StopRequested(_FLAG.signal)
