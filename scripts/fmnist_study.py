@@ -32,12 +32,22 @@ ROOT = Path(__file__).resolve().parents[1]
 GRID = [
     ("resnet20", ("ifgsm",), (0.2, 0.5, 0.8), "resnet20"),
     ("resnet20", ("mi", "di"), (0.5,), "resnet20"),
-    ("resnet56", ("ifgsm", "mi"), (0.5,), "resnet56"),
     ("preact-resnet20", ("ifgsm",), (0.5,), "preact-resnet20"),
     ("preact-resnet20", ("mi", "di"), (0.5,), "preact-resnet20-b"),
     ("preact-resnet20", ("ifgsm",), (0.2, 0.8), "preact-resnet20-b"),
     ("densenet", ("ifgsm",), (0.5,), "densenet"),
     ("mobilenetv2", ("ifgsm",), (0.5,), "mobilenetv2"),
+    # The gamma grid widened to 0.1-0.8 for every residual source, MI/DI for every source.
+    ("resnet20", ("ifgsm",), (0.1, 0.3), "resnet20-c"),
+    ("preact-resnet20", ("ifgsm",), (0.1, 0.3), "preact-resnet20-c"),
+    ("resnet56", ("ifgsm",), (0.1, 0.2, 0.3, 0.5, 0.8), "resnet56"),
+    ("resnet56", ("mi", "di"), (0.5,), "resnet56"),
+    ("densenet", ("ifgsm",), (0.1, 0.2, 0.3, 0.8), "densenet-b"),
+    ("densenet", ("mi", "di"), (0.5,), "densenet-b"),
+    ("mobilenetv2", ("ifgsm",), (0.1, 0.2, 0.3, 0.8), "mobilenetv2-b"),
+    ("mobilenetv2", ("mi", "di"), (0.5,), "mobilenetv2-b"),
+    ("vit", ("ifgsm",), (0.1, 0.2, 0.3, 0.5, 0.8), "vit"),
+    ("vit", ("mi", "di"), (0.5,), "vit"),
 ]
 
 
@@ -77,8 +87,12 @@ def run_grid(out: Path, limit: int, quick: bool, evaluate_only: bool,
 def gamma_plot(effects: list[SGMEffect], rows: list, path: Path) -> None:
     """I-FGSM transfer success vs gamma (gamma 1 = no SGM), one panel per source."""
     sources = list(dict.fromkeys(r.source for r in rows if r.attack == "ifgsm"))
-    fig, axes = plt.subplots(1, len(sources), figsize=(4 * len(sources), 3.4), squeeze=False)
-    for ax, source in zip(axes[0], sources):
+    columns = min(3, len(sources))
+    rows_n = -(-len(sources) // columns)
+    fig, axes = plt.subplots(rows_n, columns, figsize=(4.2 * columns, 3.4 * rows_n), squeeze=False)
+    for ax in axes.flat[len(sources):]:
+        ax.axis("off")
+    for ax, source in zip(axes.flat, sources):
         cells = [r for r in rows if r.source == source and r.attack == "ifgsm"]
         for target in dict.fromkeys(r.target for r in cells):
             points = sorted((1.0 if r.sgm is None else r.sgm, 100 * r.success_rate)
@@ -89,7 +103,7 @@ def gamma_plot(effects: list[SGMEffect], rows: list, path: Path) -> None:
         ax.set_xlabel("γ (1 = no SGM)")
         ax.set_ylabel("I-FGSM success (%)")
         ax.grid(alpha=0.3)
-    axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+    axes[0, columns - 1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
