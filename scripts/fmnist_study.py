@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from skipgrad.demo import SGMEffect, effects_markdown, sgm_effects, zoo_targets  # noqa: E402
 from skipgrad.report import markdown_table, short_name  # noqa: E402
 from skipgrad.runner import AttackJob, RunOptions  # noqa: E402
+from skipgrad.stats import benjamini_hochberg  # noqa: E402
 from skipgrad.transfer import (ModelRef, TransferPlan, cell_folder, evaluate_cells,  # noqa: E402
                                run_transfer)
 
@@ -51,37 +52,89 @@ GRID = [
 ]
 
 
-def run_grid(out: Path, limit: int, quick: bool, evaluate_only: bool,
-             only: set[str] | None = None) -> tuple[list, list[SGMEffect]]:
-    """Attack (or, with ``evaluate_only``, just re-score the finished folders) and evaluate every
-    grid row on every zoo model that has weights."""
-    targets = zoo_targets()
-    opts = RunOptions(limit=limit, batch_size=250, quiet=True)
-    rows, effects = [], []
+def grid_cells(out: Path, targets: list[str], quick: bool = False, only: set[str] | None = None):
+    """Per grid row: its source, transfer plan (on ``targets``), output folder and the attack folder
+    of each cell."""
     for name, attacks, gammas, folder in GRID:
-        source = f"zoo:fmnist-{name}"
         if only and folder not in only:
             continue
+        source = f"zoo:fmnist-{name}"
         plan = TransferPlan(sources=(ModelRef(source),), attacks=attacks,
                             gammas=(None,) + (gammas[:1] if quick else gammas),
                             targets=tuple(ModelRef(t) for t in targets),
                             template=AttackJob(sources=(), data="fmnist:test"))
-        folders = [(s, a, g, cell_folder(out / "matrix" / folder, s, a, g))
-                   for s, a, g in plan.cells()]
-        if source not in targets or (evaluate_only and not all(f.exists() for *_, f in folders)):
+        root = out / "matrix" / folder
+        yield source, plan, root, [(s, a, g, cell_folder(root, s, a, g)) for s, a, g in plan.cells()]
+
+
+def run_grid(out: Path, limit: int, quick: bool, evaluate_only: bool, targets: list[str],
+             only: set[str] | None = None) -> tuple[list, list[SGMEffect]]:
+    """Attack (or, with ``evaluate_only``, just re-score the finished folders) and evaluate every
+    grid row on ``targets``."""
+    opts = RunOptions(limit=limit, batch_size=250, quiet=True)
+    rows, effects = [], []
+    for source, plan, root, folders in grid_cells(out, targets, quick, only):
+        finished = all((f / "run.json").exists() for *_, f in folders)
+        if not zoo_weights_exist(source) or (evaluate_only and not finished):
             print(f"skipping {source}: no weights or no finished attack folders")
             continue
         if evaluate_only:
             new_rows, new_outcomes = evaluate_cells(plan, folders, opts, print)
         else:
-            result = run_transfer(plan, out / "matrix" / folder, opts)
+            result = run_transfer(plan, root, opts)
             new_rows, new_outcomes = result.rows, result.outcomes
         # A baseline already reported by an earlier row is not repeated in the tables; SGM cells are
         # always paired with the baseline of their own folder (same run, same grouping).
         seen = {(r.source, r.attack, r.sgm, r.target) for r in rows}
         rows += [r for r in new_rows if (r.source, r.attack, r.sgm, r.target) not in seen]
         effects += sgm_effects(new_outcomes)
-    return rows, effects
+    return sorted(rows, key=_order(rows, lambda r: (r.source, r.attack, r.sgm))), \
+        sorted(effects, key=_order(effects, lambda e: (e.source, e.attack, e.gamma)))
+
+
+def _order(items: list, key):
+    """Sort key: source in first-seen order, then I-FGSM, MI, DI, then gamma (no SGM first)."""
+    sources = list(dict.fromkeys(key(i)[0] for i in items))
+    attacks = {"ifgsm": 0, "mi": 1, "di": 2}
+
+    def rank(item) -> tuple:
+        source, attack, gamma = key(item)
+        return (sources.index(source), attacks.get(attack, 3), -1.0 if gamma is None else gamma)
+    return rank
+
+
+def zoo_weights_exist(spec: str) -> bool:
+    return spec in zoo_targets()
+
+
+def effects_matrix(effects: list[SGMEffect], alpha: float = 0.05) -> str:
+    """SGM minus no-SGM in points, one row per (source, attack, gamma), one column per target.
+
+    ``*``: significant after Benjamini-Hochberg correction over every cell of the table (q < alpha);
+    ``(white-box)`` cells are the source attacking itself and are left out of the correction.
+    """
+    transfer = [e for e in effects if e.target != e.source]
+    q = dict(zip(map(id, transfer), benjamini_hochberg([e.comparison.p_value for e in transfer])))
+    targets = list(dict.fromkeys(e.target for e in effects))
+    keys = list(dict.fromkeys((e.source, e.attack, e.gamma) for e in effects))
+    cell = {(e.source, e.attack, e.gamma, e.target): e for e in effects}
+    lines = ["| source | attack | γ | " + " | ".join(f"`{short_name(t)}`" for t in targets) + " |",
+             "|---|---|---:|" + "---:|" * len(targets)]
+    for source, attack, gamma in keys:
+        values = []
+        for target in targets:
+            e = cell.get((source, attack, gamma, target))
+            if e is None:
+                values.append("")
+                continue
+            text = f"{100 * e.comparison.difference:+.1f}"
+            if target == source:
+                text = f"({text})"
+            elif q[id(e)] < alpha:
+                text = f"**{text}\\***"
+            values.append(text)
+        lines.append(f"| {short_name(source)} | {attack} | {gamma:g} | " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def gamma_plot(effects: list[SGMEffect], rows: list, path: Path) -> None:
@@ -109,20 +162,31 @@ def gamma_plot(effects: list[SGMEffect], rows: list, path: Path) -> None:
     plt.close(fig)
 
 
-def write_docs(rows: list, effects: list[SGMEffect], limit: int) -> None:
+def replace_section(marker: str, body: str) -> None:
+    """Put ``body`` between ``<!-- MARKER: begin -->`` and ``<!-- MARKER: end -->`` in docs/study.md."""
     page = ROOT / "docs" / "study.md"
-    begin, end = "<!-- generated tables: begin -->", "<!-- generated tables: end -->"
-    generated = "\n".join([
-        begin, "",
-        f"Generated by `python scripts/fmnist_study.py --out runs/study --limit {limit}`.", "",
-        "### Transfer success (%), Wilson 95% intervals", "",
-        markdown_table(rows, "Fashion-MNIST transfer success"), "",
-        "### Paired effect of SGM against the same attack without SGM", "",
-        effects_markdown(effects), "", "![I-FGSM transfer vs gamma](study_gamma.png)", "", end])
-    text = page.read_text() if page.exists() else f"# SGM on Fashion-MNIST\n\n{begin}\n{end}\n"
+    begin, end = f"<!-- {marker}: begin -->", f"<!-- {marker}: end -->"
+    text = page.read_text()
+    if begin not in text or end not in text:
+        raise SystemExit(f"{page} has no {begin} ... {end} markers")
     head, _, rest = text.partition(begin)
     _, _, tail = rest.partition(end)
-    page.write_text(head + generated + tail)
+    page.write_text(f"{head}{begin}\n\n{body.strip()}\n\n{end}{tail}")
+
+
+def effects_section(rows: list, effects: list[SGMEffect], command: str) -> str:
+    """Success matrix, the compact SGM-effect matrix and (folded) the full paired-effect table."""
+    return "\n".join([
+        f"Generated by `{command}`.", "",
+        "#### Transfer success (%), Wilson 95% intervals", "",
+        markdown_table(rows, "Fashion-MNIST transfer success"), "",
+        "#### SGM effect: success with SGM minus without (points), same attack, same images", "",
+        "Bold with `*`: significant after Benjamini-Hochberg correction over all transfer cells of "
+        "this table (McNemar exact test, q < 0.05). In parentheses: white-box (source = target).", "",
+        effects_matrix(effects), "",
+        "<details><summary>Every paired comparison (rates, 95% interval of the difference, "
+        "discordant images, uncorrected McNemar p)</summary>", "",
+        effects_markdown(effects), "</details>"])
 
 
 def main() -> None:
@@ -136,12 +200,16 @@ def main() -> None:
                         help="comma-separated grid folders: run only these grid rows")
     args = parser.parse_args()
     only = set(args.sources.split(",")) if args.sources else None
-    rows, effects = run_grid(args.out, args.limit, args.quick, args.evaluate_only, only)
+    rows, effects = run_grid(args.out, args.limit, args.quick, args.evaluate_only, zoo_targets(),
+                             only)
     (args.out / "study.json").write_text(json.dumps(
         {"rows": [r.to_json() for r in rows], "effects": [e.to_json() for e in effects]}, indent=1))
+    print(effects_matrix(effects))
+    if only or args.quick:  # a partial grid: the published page keeps the full study
+        return
     gamma_plot(effects, rows, ROOT / "docs" / "study_gamma.png")
-    write_docs(rows, effects, args.limit)
-    print(effects_markdown(effects))
+    command = f"python scripts/fmnist_study.py --out runs/study --limit {args.limit}"
+    replace_section("generated tables", effects_section(rows, effects, command))
 
 
 if __name__ == "__main__":

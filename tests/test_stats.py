@@ -31,3 +31,15 @@ def test_paired_comparison_counts_discordant_images():
     assert cmp.ci95[0] < cmp.difference < cmp.ci95[1]
     with pytest.raises(ValueError):
         paired_comparison(a, b[:3])
+
+
+def test_benjamini_hochberg_matches_the_step_up_definition():
+    from skipgrad.stats import benjamini_hochberg
+
+    p = [0.01, 0.04, 0.03, 0.20, 0.001]
+    q = benjamini_hochberg(p)
+    # Sorted p: 0.001, 0.01, 0.03, 0.04, 0.20 -> p*m/rank: 0.005, 0.025, 0.05, 0.05, 0.20, then the
+    # running minimum from the top keeps them monotone; results map back to the input order.
+    assert q == pytest.approx([0.025, 0.05, 0.05, 0.20, 0.005])
+    assert benjamini_hochberg([]) == []
+    assert benjamini_hochberg([0.9, 0.9]) == [0.9, 0.9]

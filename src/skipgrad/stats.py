@@ -67,3 +67,21 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     k = min(only_a, only_b)
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
     return min(1.0, 2 * tail)
+
+
+def benjamini_hochberg(p_values: list[float]) -> list[float]:
+    """Benjamini-Hochberg adjusted p-values (q-values), in the input order.
+
+    A study compares hundreds of (source, attack, gamma, target) cells; at p < 0.05 one in twenty
+    true nulls would look significant. Calling a cell significant when its q-value is below alpha
+    controls the expected share of false discoveries among those called at alpha.
+    """
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted = [1.0] * m
+    running = 1.0
+    for rank in range(m, 0, -1):  # from the largest p down, keeping the adjusted values monotone
+        i = order[rank - 1]
+        running = min(running, p_values[i] * m / rank)
+        adjusted[i] = min(1.0, running)
+    return adjusted
