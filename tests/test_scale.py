@@ -74,10 +74,12 @@ def test_groups_are_fixed_and_recorded(reference: Path) -> None:
     assert len(list((reference / "images").glob("*.png"))) == 24
 
 
-@pytest.mark.parametrize("batch_size", ["7", "32"])
-def test_batch_size_does_not_change_files(reference: Path, tmp_path: Path, batch_size: str) -> None:
-    out = tmp_path / f"bs{batch_size}"
-    assert main(["attack", *SMALL, "--batch-size", batch_size, "--out", str(out)]) == 0
+@pytest.mark.parametrize("flags", [("--batch-size", "7"), ("--batch-size", "32"),
+                                   ("--prefetch", "0"), ("--prefetch", "5")])
+def test_batch_size_and_prefetch_do_not_change_files(reference: Path, tmp_path: Path,
+                                                     flags: tuple[str, str]) -> None:
+    out = tmp_path / "run"
+    assert main(["attack", *SMALL, *flags, "--out", str(out)]) == 0
     _assert_same(reference, out)
 
 

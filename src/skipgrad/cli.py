@@ -56,6 +56,17 @@ def gamma(text: str) -> float | None:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or a positive integer")
+    return value
+
+
 def positive_int(text: str) -> int:
     """A strictly positive integer."""
     try:
@@ -117,6 +128,8 @@ def _add_run_options(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32 if defaults else None)
     p.add_argument("--device", default="auto" if defaults else None, help="auto, cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--prefetch", type=non_negative_int, default=2 if defaults else None,
+                   help="image groups loaded ahead in a background thread (default 2; 0 = off)")
 
 
 def _add_data_options(p: argparse.ArgumentParser, required: bool) -> None:
@@ -145,6 +158,10 @@ def _add_attack_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ti-kernel", type=positive_int, help="TI kernel size, odd (default 7)")
     p.add_argument("--sgm-official", action="store_true", default=None,
                    help="use the authors' hook placement (torchvision ResNet/DenseNet)")
+    p.add_argument("--amp", choices=("off", "bf16"),
+                   help="autocast the source models to bfloat16 (mainly for GPUs; default off)")
+    p.add_argument("--channels-last", action="store_true", default=None,
+                   help="channels-last memory format for the source models and images")
 
 
 def _add_demo(sub) -> None:
@@ -284,7 +301,8 @@ def _log(quiet: bool):
 def _settings(args: argparse.Namespace) -> dict:
     """Attack settings given on the command line (unset flags are left out)."""
     names = ("eps", "step_size", "steps", "norm", "loss", "targeted", "seed", "decay", "di_prob",
-             "di_scale", "ti_kernel", "sgm_official", "channels", "class_map")
+             "di_scale", "ti_kernel", "sgm_official", "amp", "channels_last", "channels",
+             "class_map")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
@@ -295,7 +313,8 @@ def _options(args: argparse.Namespace, base: dict | None = None):
     pick = lambda name, default: (getattr(args, name, None) if getattr(args, name, None)  # noqa: E731
                                   is not None else base.get(name, default))
     return RunOptions(limit=pick("limit", None), batch_size=pick("batch_size", 32),
-                      device=pick("device", "auto"), quiet=bool(args.quiet or base.get("quiet")))
+                      device=pick("device", "auto"), quiet=bool(args.quiet or base.get("quiet")),
+                      prefetch=pick("prefetch", 2))
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
@@ -345,7 +364,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from skipgrad.evaluate import evaluate_folder, format_table, write_results_json
 
     results = evaluate_folder(args.folder, args.target, weights=args.weights, device=args.device,
-                              batch_size=args.batch_size, quiet=args.quiet, data=args.data)
+                              batch_size=args.batch_size, quiet=args.quiet, data=args.data,
+                              prefetch=args.prefetch)
     print(format_table(results, title=f"transfer success of {args.folder}"))
     if args.json:
         write_results_json(results, args.json)

@@ -157,11 +157,25 @@ def _broadcast(outcome: tuple[bool, object]) -> tuple[bool, object]:
     return box[0]
 
 
-def map_units(units: Sequence[T], compute: Callable[[T], R]) -> list[R]:
+def map_units(units: Sequence[T], compute: Callable[[T], R], load: Callable[[T], object] | None = None,
+              prefetch: int = 0) -> list[R]:
     """``[compute(u) for u in units]``, the units shared round-robin across ranks; every rank gets
-    the full list in order. Units are fixed before sharding, so results equal a single process's."""
+    the full list in order. Units are fixed before sharding, so results equal a single process's.
+
+    With ``load``, ``compute`` receives ``load(u)`` instead, loaded up to ``prefetch`` units ahead
+    in a background thread (see :mod:`skipgrad.data.prefetch`)."""
+    from skipgrad.data.prefetch import prefetched
+
     w = world()
-    mine = {i: compute(units[i]) for i in range(w.rank, len(units), w.size)}
+    indices = range(w.rank, len(units), w.size)
+    if load is None:
+        mine = {i: compute(units[i]) for i in indices}
+    else:
+        loaded = prefetched(indices, lambda i: load(units[i]), prefetch)
+        try:
+            mine = {i: compute(value) for i, value in loaded}
+        finally:
+            loaded.close()
     merged: dict[int, R] = {}
     for part in gather(mine):
         merged.update(part)

@@ -117,32 +117,37 @@ def _batches(items: Sequence, size: int) -> list[Sequence]:
 
 
 def clean_predictions(model: WrappedModel, output: AttackOutput, batch_size: int,
-                      quiet: bool = True) -> torch.Tensor:
-    """Target predictions on the clean originals of an attack output."""
+                      quiet: bool = True, prefetch: int = 2) -> torch.Tensor:
+    """Target predictions on the clean originals of an attack output (``prefetch`` batches are
+    read ahead of the model in a background thread)."""
     device = next(model.parameters()).device
     bar = _bar(len(output.samples), f"clean {model.config.spec}", quiet)
 
-    def run(batch: Sequence[Sample]) -> torch.Tensor:
-        bar.update(len(batch) * distributed.world().size)
-        return predict([model], output.data.load(batch).to(device))
+    def run(images: torch.Tensor) -> torch.Tensor:
+        bar.update(len(images) * distributed.world().size)
+        return predict([model], images.to(device))
 
-    preds = distributed.map_units(_batches(output.samples, batch_size), run)
+    preds = distributed.map_units(_batches(output.samples, batch_size), run,
+                                  load=output.data.load, prefetch=prefetch)
     bar.close()
     return torch.cat(preds)
 
 
 def adversarial_predictions(model: WrappedModel, output: AttackOutput, batch_size: int,
-                            quiet: bool = True) -> torch.Tensor:
-    """Target predictions on the saved adversarial PNGs."""
+                            quiet: bool = True, prefetch: int = 2) -> torch.Tensor:
+    """Target predictions on the saved adversarial PNGs (decoded ``prefetch`` batches ahead)."""
     device = next(model.parameters()).device
     bar = _bar(len(output.files), f"adv {model.config.spec}", quiet)
 
-    def run(batch: Sequence[Path]) -> torch.Tensor:
-        bar.update(len(batch) * distributed.world().size)
-        return predict([model], torch.stack([read_image(p, output.data.channels)
-                                             for p in batch]).to(device))
+    def load(batch: Sequence[Path]) -> torch.Tensor:
+        return torch.stack([read_image(p, output.data.channels) for p in batch])
 
-    preds = distributed.map_units(_batches(output.files, batch_size), run)
+    def run(images: torch.Tensor) -> torch.Tensor:
+        bar.update(len(images) * distributed.world().size)
+        return predict([model], images.to(device))
+
+    preds = distributed.map_units(_batches(output.files, batch_size), run, load=load,
+                                  prefetch=prefetch)
     bar.close()
     return torch.cat(preds)
 
@@ -167,12 +172,12 @@ def score(target: str, output: AttackOutput, clean: torch.Tensor, adv: torch.Ten
 def evaluate_folder(folder: Path, targets: Sequence[str], *,
                     weights: Sequence[str | None] | None = None, device: str = "auto",
                     batch_size: int = 64, quiet: bool = False,
-                    data: str | None = None) -> dict[str, TargetResult]:
+                    data: str | None = None, prefetch: int = 2) -> dict[str, TargetResult]:
     """Evaluate every target spec on one attack folder (``data`` overrides where the clean images
     are, should they have moved since the attack)."""
     output = open_attack_output(folder, data)
     models = load_targets(targets, weights, distributed.device_for(resolve_device(device)))
-    return evaluate_output(output, models, batch_size=batch_size, quiet=quiet)
+    return evaluate_output(output, models, batch_size=batch_size, quiet=quiet, prefetch=prefetch)
 
 
 def load_targets(targets: Sequence[str], weights: Sequence[str | None] | None,
@@ -187,7 +192,8 @@ def load_targets(targets: Sequence[str], weights: Sequence[str | None] | None,
 
 
 def evaluate_output(output: AttackOutput, models: dict[str, WrappedModel], *, batch_size: int = 64,
-                    quiet: bool = False, clean_cache: dict | None = None) -> dict[str, TargetResult]:
+                    quiet: bool = False, clean_cache: dict | None = None,
+                    prefetch: int = 2) -> dict[str, TargetResult]:
     """Score each target on an opened attack output; ``clean_cache`` reuses clean predictions
     across folders that share their clean images (as in a transfer matrix)."""
     cache = clean_cache if clean_cache is not None else {}
@@ -196,8 +202,8 @@ def evaluate_output(output: AttackOutput, models: dict[str, WrappedModel], *, ba
         key = (spec, model.config.weights_sha256, output.data.spec,
                tuple(s.id for s in output.samples))
         if key not in cache:
-            cache[key] = clean_predictions(model, output, batch_size, quiet)
-        adv = adversarial_predictions(model, output, batch_size, quiet)
+            cache[key] = clean_predictions(model, output, batch_size, quiet, prefetch)
+        adv = adversarial_predictions(model, output, batch_size, quiet, prefetch)
         results[spec] = score(spec, output, cache[key], adv)
     return results
 

@@ -20,10 +20,11 @@ manifest.csv.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
-import re
 import json
+import re
 import math
 import platform
 import sys
@@ -38,6 +39,7 @@ import torch
 from skipgrad import distributed, outdir
 from skipgrad.data.datasets import ImageDataset, Sample, open_dataset
 from skipgrad.data.images import atomic_write_text, to_uint8, write_png
+from skipgrad.data.prefetch import prefetched
 from skipgrad.errors import UserError
 from skipgrad.models import WrappedModel, load_model, resolve_config
 
@@ -75,6 +77,15 @@ class AttackJob:
     ti_kernel: int = 7
     channels: int | None = None
     class_map: str | None = None
+    # Numerics of the source's forward/backward. They change the float results, so they are part
+    # of the run's identity (recorded only when not the default, so older folders still resume).
+    amp: str = "off"  # "off" (float32) or "bf16" (autocast to bfloat16)
+    channels_last: bool = False
+
+
+# Attack settings that enter run.json only when they differ from these defaults.
+_OPTIONAL_IDENTITY = {"amp": "off", "channels_last": False}
+AMP_MODES = ("off", "bf16")
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,7 @@ class RunOptions:
     batch_size: int = 32
     device: str = "auto"
     quiet: bool = False
+    prefetch: int = 2  # image groups loaded ahead in a background thread (0: load in turn)
 
 
 @dataclass
@@ -124,6 +136,9 @@ def check_job(job: AttackJob) -> None:
         raise UserError(f"--eps is in pixel levels out of 255; {job.eps:g} is larger than 255")
     if isinstance(job.steps, bool) or not isinstance(job.steps, int) or job.steps < 1:
         raise UserError(f"--steps must be a positive integer, got {job.steps}")
+    if job.amp not in AMP_MODES:
+        raise UserError(f"--amp must be one of {', '.join(AMP_MODES)}, got {job.amp!r} (float16 "
+                        f"is not offered: input gradients underflow in it without loss scaling)")
     if job.sgm is not None and not (0 < job.sgm <= 1):
         raise UserError(f"--sgm gamma must be in (0, 1], got {job.sgm:g}")
     if job.weights and len(job.weights) != len(job.sources):
@@ -141,7 +156,20 @@ def _positive(what: str, value: float) -> None:
 def load_sources(job: AttackJob, device: torch.device) -> list[WrappedModel]:
     """The source models of a job, on ``device``."""
     weights = job.weights or (None,) * len(job.sources)
-    return [load_model(spec, weights=w, device=device) for spec, w in zip(job.sources, weights)]
+    models = [load_model(spec, weights=w, device=device) for spec, w in zip(job.sources, weights)]
+    if job.channels_last:
+        for model in models:
+            model.to(memory_format=torch.channels_last)
+    return models
+
+
+def numerics(job: AttackJob, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context of a job's forward and backward passes (a no-op for ``amp="off"``).
+    Losses, gradients and the projection stay in float32: autocast only lowers the matmuls and
+    convolutions inside the models."""
+    if job.amp == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def run_identity(job: AttackJob, models: Sequence[WrappedModel], data: ImageDataset) -> dict:
@@ -156,6 +184,9 @@ def run_identity(job: AttackJob, models: Sequence[WrappedModel], data: ImageData
     identity["data"] = data.spec
     identity["channels"] = data.channels
     identity["group_size"] = GROUP_SIZE
+    for key, default in _OPTIONAL_IDENTITY.items():
+        if identity[key] == default:
+            del identity[key]
     return identity
 
 
@@ -167,7 +198,7 @@ def environment(models: Sequence[WrappedModel], data: ImageDataset, opts: RunOpt
     return {"skipgrad": skipgrad.__version__, "torch": torch.__version__,
             "python": sys.version.split()[0], "platform": platform.platform(),
             "numpy": np.__version__, "device": str(device), "batch_size": opts.batch_size,
-            "world_size": distributed.world().size,
+            "world_size": distributed.world().size, "prefetch": opts.prefetch,
             "limit": opts.limit, "data_convention": data.convention,
             "models": [m.config.to_dict() for m in models],
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -304,6 +335,8 @@ def run_attack_job(job: AttackJob, out: Path, opts: RunOptions = RunOptions(),
     check_job(job)
     if opts.batch_size < 1:
         raise UserError(f"--batch-size must be a positive integer, got {opts.batch_size}")
+    if opts.prefetch < 0:
+        raise UserError(f"--prefetch must be 0 or more image groups, got {opts.prefetch}")
     device = distributed.device_for(resolve_device(opts.device))
     data = open_dataset(job.data, limit=opts.limit, channels=job.channels, class_map=job.class_map)
     if job.targeted and not data.has_targets():
@@ -355,15 +388,18 @@ def _attack_missing(job: AttackJob, out: Path, opts: RunOptions, data: ImageData
     started = time.perf_counter()
     bar = progress_bar(len(data), "attack", opts.quiet or not world.is_main, initial=skipped)
     new_rows: dict[str, dict[str, object]] = {}
+    # The next groups are read while this one is attacked; on a GPU they arrive page-locked.
+    loaded = prefetched(mine, data.load, opts.prefetch, pin_memory=device.type == "cuda")
     try:
-        for group in mine:
+        for group, clean in loaded:
             missing = [s for s in group if image_file(s) not in done]
-            new_rows.update((r["file"], r) for r in _attack_group(job, out, data, models, group,
+            new_rows.update((r["file"], r) for r in _attack_group(job, out, models, group, clean,
                                                                   missing, device))
             _save_progress(out, done, new_rows)
             bar.update(len(missing) * world.size)  # rank 0 speaks for all: shares are equal
             outdir.check_stop()
     finally:
+        loaded.close()
         bar.close()
     attacked = distributed.total(len(new_rows))  # also waits for every rank's last part
     wanted = {image_file(s) for s in data.samples}
@@ -386,8 +422,8 @@ def _finish_manifest(out: Path, wanted: set[str], targeted: bool) -> float:
     return _source_success({r["file"]: r for r in read_manifest(out)}, wanted, targeted)
 
 
-def _attack_group(job: AttackJob, out: Path, data: ImageDataset, models: Sequence[WrappedModel],
-                  batch: list[Sample], missing: list[Sample],
+def _attack_group(job: AttackJob, out: Path, models: Sequence[WrappedModel], batch: list[Sample],
+                  clean: torch.Tensor, missing: list[Sample],
                   device: torch.device) -> list[dict[str, object]]:
     """Attack one fixed group whole (its members set the float results), check the bound on the
     8-bit levels, write the PNGs of its ``missing`` images and return their manifest rows.
@@ -395,9 +431,11 @@ def _attack_group(job: AttackJob, out: Path, data: ImageDataset, models: Sequenc
     a ``--limit`` change they were made in a smaller group and are kept rather than redone."""
     import skipgrad
 
-    clean = data.load(batch).to(device)
+    clean = clean.to(device, non_blocking=True)
+    if job.channels_last:
+        clean = clean.contiguous(memory_format=torch.channels_last)
     labels = torch.tensor([s.target if job.targeted else s.label for s in batch], device=device)
-    with outdir.naming_images([str(s.path or s.name) for s in batch]):
+    with outdir.naming_images([str(s.path or s.name) for s in batch]), numerics(job, device):
         adv = skipgrad.attack(
             list(models) if len(models) > 1 else models[0], clean, labels, job.attack,
             sgm=job.sgm, sgm_official=job.sgm_official, eps=job.eps / 255,

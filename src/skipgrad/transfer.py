@@ -115,7 +115,7 @@ def evaluate_cells(plan: TransferPlan, folders: list, opts: RunOptions,
     for source, attack, gamma, folder in folders:
         output = open_attack_output(folder)
         results = evaluate_output(output, models, batch_size=opts.batch_size, quiet=opts.quiet,
-                                  clean_cache=cache)
+                                  prefetch=opts.prefetch, clean_cache=cache)
         rows += [TransferRow(source.spec, attack, gamma, spec, r.success_rate, r.n, r.ci95)
                  for spec, r in results.items()]
         outcomes.update({(source.spec, attack, gamma, spec): r.per_image
