@@ -37,7 +37,7 @@ case "$cmd" in
   demo)      setup; exec "$VENV/bin/skipgrad" demo "$@" ;;
   test)      setup; run_pytest -q "$@" ;;
   test-slow) setup; run_pytest -q -m slow "$@" ;;
-  bench)     setup; for b in benchmarks/*.py; do echo "== $b"; "$VENV/bin/python" "$b"; done ;;
+  bench)     setup; for b in benchmarks/[!_]*.py; do echo "== $b"; "$VENV/bin/python" "$b"; done ;;
   setup)     setup ;;
   *) echo "usage: bash run.sh {demo|test|test-slow|bench|setup} [args]" >&2; exit 2 ;;
 esac
