@@ -18,7 +18,7 @@ import torch
 
 from skipgrad.data.images import atomic_write_bytes, atomic_write_text, read_image
 from skipgrad.report import TransferRow, markdown_table, short_name
-from skipgrad.stats import PairedComparison, paired_comparison
+from skipgrad.stats import PairedComparison, benjamini_hochberg, paired_comparison
 
 # Chosen from the study in docs/study.md: the source and gamma where SGM's effect on this data is
 # clearest. See that page for the evidence, including the sources where SGM does not help.
@@ -80,19 +80,25 @@ def effects_markdown(effects: Sequence[SGMEffect]) -> str:
 
 
 def summarise_effects(effects: Sequence[SGMEffect], source: str) -> list[str]:
-    """Plain sentences: per attack, on how many transfer targets SGM helped or hurt significantly."""
+    """Plain sentences: per attack, on how many transfer targets SGM helped or hurt significantly,
+    by McNemar's test and after Benjamini-Hochberg correction over all the transfer comparisons."""
+    transfer = [e for e in effects if e.target != source]
+    q_values = dict(zip(map(id, transfer),
+                        benjamini_hochberg([e.comparison.p_value for e in transfer])))
     sentences = []
-    for attack in dict.fromkeys(e.attack for e in effects):
-        rows = [e for e in effects if e.attack == attack and e.target != source]
-        if not rows:
-            continue
+    for attack in dict.fromkeys(e.attack for e in transfer):
+        rows = [e for e in transfer if e.attack == attack]
         better = [e for e in rows if e.comparison.difference > 0 and e.comparison.p_value < 0.05]
         worse = [e for e in rows if e.comparison.difference < 0 and e.comparison.p_value < 0.05]
         mean = 100 * sum(e.comparison.difference for e in rows) / len(rows)
         sentences.append(
             f"- {attack} + SGM (γ={rows[0].gamma:g}) vs {attack}: mean change {mean:+.1f} points over "
-            f"{len(rows)} transfer targets; significantly better on {len(better)}, significantly "
-            f"worse on {len(worse)} (McNemar p < 0.05).")
+            f"{len(rows)} transfer targets; significantly better on {len(better)} "
+            f"({sum(q_values[id(e)] < 0.05 for e in better)} corrected), significantly worse on "
+            f"{len(worse)} ({sum(q_values[id(e)] < 0.05 for e in worse)} corrected).")
+    if sentences:
+        sentences.append(f"Significant: McNemar's exact test p < 0.05; corrected: Benjamini-Hochberg "
+                         f"q < 0.05 over all {len(transfer)} transfer comparisons above.")
     return sentences
 
 
