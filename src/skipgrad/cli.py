@@ -56,26 +56,24 @@ def gamma(text: str) -> float | None:
     return value
 
 
-def non_negative_int(text: str) -> int:
-    """An integer >= 0."""
+def _integer(text: str, minimum: int, meaning: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or a positive integer")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{text!r} must be {meaning}")
     return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    return _integer(text, 0, "0 or a positive integer")
 
 
 def positive_int(text: str) -> int:
     """A strictly positive integer."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
-    return value
+    return _integer(text, 1, "a positive integer")
 
 
 def channels(text: str) -> int | None:
