@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from skipgrad.data.fmnist import FMNIST_CLASSES
 from skipgrad.data.images import atomic_write_bytes, atomic_write_text, read_image
 from skipgrad.report import TransferRow, markdown_table, short_name
 from skipgrad.stats import PairedComparison, benjamini_hochberg, paired_comparison
@@ -151,6 +152,9 @@ def write_report(out: Path, plan, rows: Sequence[TransferRow], effects: Sequence
         "sources and gammas where SGM does not help.\n",
         f"![transfer heatmap]({files['heatmap'].name})\n",
         f"![clean, adversarial and amplified perturbation per attack]({examples.name})\n",
+        "Examples: the first test images, one row per attack; under each clean image its label, "
+        "under each adversarial image the source's prediction on the saved PNG (red: fooled); the "
+        "third image of each triple is the perturbation amplified 4x around mid-grey.\n",
         f"Adversarial images (8-bit PNGs) are under `attacks/`; the matrix is also in "
         f"{files['json'].name}, {files['csv'].name} and {files['markdown'].name}.\n"])
     path = out / "report.md"
@@ -166,16 +170,19 @@ def write_examples_png(out: Path, plan, count: int = 4) -> Path:
     import matplotlib.pyplot as plt
 
     from skipgrad.evaluate import open_attack_output
+    from skipgrad.runner import read_manifest
     from skipgrad.transfer import cell_folder
 
     cells = plan.cells()
     fig, axes = plt.subplots(len(cells), 3 * count, figsize=(1.2 * 3 * count, 1.35 * len(cells)),
                              squeeze=False)
     for row, (source, attack, gamma) in enumerate(cells):
-        output = open_attack_output(cell_folder(out, source, attack, gamma))
+        folder = cell_folder(out, source, attack, gamma)
+        output = open_attack_output(folder)
+        predicted = [int(r["source_pred"]) for r in read_manifest(folder)]
         label = attack if gamma is None else f"{attack}+SGM {gamma:g}"
         for i in range(min(count, len(output.files))):
-            _example_triplet(axes[row, 3 * i:3 * i + 3], output, i)
+            _example_triplet(axes[row, 3 * i:3 * i + 3], output, i, predicted[i])
         axes[row, 0].set_ylabel(label, fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([])
@@ -191,12 +198,22 @@ def write_examples_png(out: Path, plan, count: int = 4) -> Path:
     return path
 
 
-def _example_triplet(axes, output, index: int) -> None:
+def _example_triplet(axes, output, index: int, predicted: int) -> None:
+    """Clean image (its label), adversarial image (the source's prediction on the saved PNG, red
+    when fooled) and the perturbation amplified 4x around mid-grey."""
     adv = read_image(output.files[index], output.data.channels)
-    clean = output.data.load([output.samples[index]])[0]
+    sample = output.samples[index]
+    clean = output.data.load([sample])[0]
     perturbation = (0.5 + 4 * (adv - clean)).clamp(0, 1)
     for ax, image in zip(axes, (clean, adv, perturbation)):
         ax.imshow(image.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
+    axes[0].set_xlabel(_class_name(sample.label), fontsize=6)
+    axes[1].set_xlabel(f"→ {_class_name(predicted)}", fontsize=6,
+                       color="tab:red" if predicted != sample.label else "black")
+
+
+def _class_name(index: int) -> str:
+    return FMNIST_CLASSES[index] if 0 <= index < len(FMNIST_CLASSES) else str(index)
 
 
 def _write_json(path: Path, document: dict) -> None:
