@@ -59,3 +59,15 @@ def test_eps_bound_holds_on_the_saved_images(demo_out):
             index = int(path.stem.split("_")[1])
             adv = torch.from_numpy(np.array(Image.open(path))).float()
             assert (adv - clean[index, 0] * 255).abs().max() <= 16, path
+
+
+def test_demo_source_must_be_a_zoo_model_with_blocks(tmp_path, capsys) -> None:
+    from skipgrad.cli import main
+
+    assert main(["demo", "--source", "tv:resnet18", "--out", str(tmp_path / "a"), "--quiet"]) == 2
+    assert "bundled zoo model" in capsys.readouterr().err
+    assert main(["demo", "--source", "zoo:fmnist-vgg", "--limit", "2", "--out",
+                 str(tmp_path / "b"), "--quiet"]) == 2
+    assert "no residual or dense blocks" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()  # refused before any attack
+    assert main(["demo", "--sgm", "1.5", "--out", str(tmp_path / "c"), "--quiet"]) == 2
