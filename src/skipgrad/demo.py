@@ -21,8 +21,9 @@ from skipgrad.data.images import atomic_write_bytes, atomic_write_text, read_ima
 from skipgrad.report import TransferRow, markdown_table, short_name
 from skipgrad.stats import PairedComparison, benjamini_hochberg, paired_comparison
 
-# Chosen from the study in docs/study.md: the source and gamma where SGM's effect on this data is
-# clearest. See that page for the evidence, including the sources where SGM does not help.
+# Chosen from the study in docs/study.md: of the sources where SGM gains on this data, the one whose
+# six attacks fit the demo's five minutes on 2 CPU cores (ResNet-56 gains more but takes ~3x as
+# long; `--source zoo:fmnist-resnet56`). That page also has the sources where SGM does not help.
 DEMO_SOURCE = "zoo:fmnist-preact-resnet20"
 DEMO_GAMMA = 0.5
 DEMO_ATTACKS = ("ifgsm", "mi", "di")
