@@ -115,7 +115,7 @@ def _md_cell(row: TransferRow | None) -> str:
     if row is None:
         return "–"
     lo, hi = row.ci95
-    return f"**{100 * row.success_rate:.1f}** [{100 * lo:.1f}, {100 * hi:.1f}]"
+    return f"{100 * row.success_rate:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
 def heatmap_png(rows: Sequence[TransferRow], title: str = "Transfer success rate (%)") -> bytes:
