@@ -19,10 +19,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from skipgrad.demo import SGMEffect, effects_markdown, sgm_effects, zoo_targets  # noqa: E402
+from skipgrad.demo import (SGMEffect, effects_markdown, sgm_effects,  # noqa: E402
+                           transfer_q_values, zoo_targets)
 from skipgrad.report import markdown_table, short_name  # noqa: E402
 from skipgrad.runner import AttackJob, RunOptions  # noqa: E402
-from skipgrad.stats import benjamini_hochberg  # noqa: E402
 from skipgrad.transfer import (ModelRef, TransferPlan, cell_folder, evaluate_cells,  # noqa: E402
                                run_transfer)
 
@@ -113,8 +113,7 @@ def effects_matrix(effects: list[SGMEffect], alpha: float = 0.05) -> str:
     ``*``: significant after Benjamini-Hochberg correction over every cell of the table (q < alpha);
     ``(white-box)`` cells are the source attacking itself and are left out of the correction.
     """
-    transfer = [e for e in effects if e.target != e.source]
-    q = dict(zip(map(id, transfer), benjamini_hochberg([e.comparison.p_value for e in transfer])))
+    q = transfer_q_values(effects)
     targets = list(dict.fromkeys(e.target for e in effects))
     keys = list(dict.fromkeys((e.source, e.attack, e.gamma) for e in effects))
     cell = {(e.source, e.attack, e.gamma, e.target): e for e in effects}

@@ -81,12 +81,18 @@ def effects_markdown(effects: Sequence[SGMEffect]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def transfer_q_values(effects: Sequence[SGMEffect]) -> dict[int, float]:
+    """Benjamini-Hochberg q-values of the transfer effects (white-box cells, where the target is
+    the source, are left out of the family), keyed by ``id(effect)``."""
+    transfer = [e for e in effects if e.target != e.source]
+    return dict(zip(map(id, transfer), benjamini_hochberg([e.comparison.p_value for e in transfer])))
+
+
 def summarise_effects(effects: Sequence[SGMEffect], source: str) -> list[str]:
     """Plain sentences: per attack, on how many transfer targets SGM helped or hurt significantly,
     by McNemar's test and after Benjamini-Hochberg correction over all the transfer comparisons."""
     transfer = [e for e in effects if e.target != source]
-    q_values = dict(zip(map(id, transfer),
-                        benjamini_hochberg([e.comparison.p_value for e in transfer])))
+    q_values = transfer_q_values(transfer)
     sentences = []
     for attack in dict.fromkeys(e.attack for e in transfer):
         rows = [e for e in transfer if e.attack == attack]
