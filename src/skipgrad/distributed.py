@@ -167,15 +167,12 @@ def map_units(units: Sequence[T], compute: Callable[[T], R], load: Callable[[T],
     from skipgrad.data.prefetch import prefetched
 
     w = world()
-    indices = range(w.rank, len(units), w.size)
-    if load is None:
-        mine = {i: compute(units[i]) for i in indices}
-    else:
-        loaded = prefetched(indices, lambda i: load(units[i]), prefetch)
-        try:
-            mine = {i: compute(value) for i, value in loaded}
-        finally:
-            loaded.close()
+    fetch = (lambda i: units[i]) if load is None else (lambda i: load(units[i]))
+    loaded = prefetched(range(w.rank, len(units), w.size), fetch, prefetch if load else 0)
+    try:
+        mine = {i: compute(value) for i, value in loaded}
+    finally:
+        loaded.close()
     merged: dict[int, R] = {}
     for part in gather(mine):
         merged.update(part)

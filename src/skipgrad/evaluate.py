@@ -120,34 +120,31 @@ def clean_predictions(model: WrappedModel, output: AttackOutput, batch_size: int
                       quiet: bool = True, prefetch: int = 2) -> torch.Tensor:
     """Target predictions on the clean originals of an attack output (``prefetch`` batches are
     read ahead of the model in a background thread)."""
-    device = next(model.parameters()).device
-    bar = _bar(len(output.samples), f"clean {model.config.spec}", quiet)
-
-    def run(images: torch.Tensor) -> torch.Tensor:
-        bar.update(len(images) * distributed.world().size)
-        return predict([model], images.to(device))
-
-    preds = distributed.map_units(_batches(output.samples, batch_size), run,
-                                  load=output.data.load, prefetch=prefetch)
-    bar.close()
-    return torch.cat(preds)
+    return _predictions(model, _batches(output.samples, batch_size), output.data.load,
+                        f"clean {model.config.spec}", quiet, prefetch)
 
 
 def adversarial_predictions(model: WrappedModel, output: AttackOutput, batch_size: int,
                             quiet: bool = True, prefetch: int = 2) -> torch.Tensor:
     """Target predictions on the saved adversarial PNGs (decoded ``prefetch`` batches ahead)."""
-    device = next(model.parameters()).device
-    bar = _bar(len(output.files), f"adv {model.config.spec}", quiet)
-
     def load(batch: Sequence[Path]) -> torch.Tensor:
         return torch.stack([read_image(p, output.data.channels) for p in batch])
+
+    return _predictions(model, _batches(output.files, batch_size), load,
+                        f"adv {model.config.spec}", quiet, prefetch)
+
+
+def _predictions(model: WrappedModel, batches: Sequence[Sequence], load: Callable,
+                 desc: str, quiet: bool, prefetch: int) -> torch.Tensor:
+    """Top-1 predictions of ``model`` on ``load(batch)`` for each batch, shared across ranks."""
+    device = next(model.parameters()).device
+    bar = _bar(sum(len(b) for b in batches), desc, quiet)
 
     def run(images: torch.Tensor) -> torch.Tensor:
         bar.update(len(images) * distributed.world().size)
         return predict([model], images.to(device))
 
-    preds = distributed.map_units(_batches(output.files, batch_size), run, load=load,
-                                  prefetch=prefetch)
+    preds = distributed.map_units(batches, run, load=load, prefetch=prefetch)
     bar.close()
     return torch.cat(preds)
 
