@@ -164,7 +164,7 @@ def gamma_plot(effects: list[SGMEffect], rows: list, path: Path) -> None:
 def gradient_analysis(gammas: tuple[float, ...] = (0.2, 0.5, 0.8), images: int = 256) -> str:
     """Per residual source: what SGM decays and how it moves the input gradient (the quantities of
     ``skipgrad inspect``), on the first ``images`` test images."""
-    from skipgrad.sgm.inspect import inspect_model
+    from skipgrad.backward.inspect import inspect_model
     from skipgrad.data.fmnist import load_fmnist
     from skipgrad.models import load_model
 

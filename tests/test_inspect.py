@@ -12,7 +12,7 @@ from torch import nn
 
 import skipgrad
 from skipgrad import NoResidualBlockError
-from skipgrad.sgm.inspect import SGMReport, format_report, inspect_model
+from skipgrad.backward.inspect import SGMReport, format_report, inspect_model
 from tests.conftest import randomise_batchnorm
 
 

@@ -478,7 +478,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import skipgrad
     from skipgrad.data.images import atomic_write_text
     from skipgrad.runner import resolve_device
-    from skipgrad.sgm.inspect import format_report, inspect_model, report_json
+    from skipgrad.backward.inspect import format_report, inspect_model, report_json
 
     model, missing = _inspect_model(args.spec, args.weights, resolve_device(args.device))
     if not skipgrad.find_blocks(model):  # before any note, so the error stays one line

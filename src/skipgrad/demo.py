@@ -121,7 +121,7 @@ def run_demo(out: Path, *, limit: int | None = None, device: str = "auto", quiet
     from skipgrad.errors import UserError
     from skipgrad.runner import AttackJob, RunOptions
     from skipgrad.models import load_model
-    from skipgrad.sgm import check_gamma, find_blocks
+    from skipgrad.backward import check_gamma, find_blocks
     from skipgrad.transfer import ModelRef, TransferPlan, run_transfer
 
     targets = zoo_targets()

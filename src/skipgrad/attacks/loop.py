@@ -19,7 +19,7 @@ from skipgrad.attacks.transforms import (apply_diversity, draw_diversity, gaussi
                                          smooth_gradient)
 from skipgrad.attacks.updates import (l1_normalise, per_sample_norm, project, quantise_in_ball,
                                       steepest_direction)
-from skipgrad.sgm import check_gamma, skip_gradient
+from skipgrad.backward import check_gamma, skip_gradient
 
 
 class NonFiniteGradientError(FloatingPointError):

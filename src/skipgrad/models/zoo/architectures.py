@@ -128,7 +128,7 @@ def _preact_branch_entries(block: PreActBasicBlock) -> list[nn.Module]:
 
 
 def _register_with_sgm() -> None:
-    from skipgrad.sgm import register_block
+    from skipgrad.backward import register_block
 
     register_block(PreActBasicBlock, _preact_branch_entries)
 

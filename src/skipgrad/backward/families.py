@@ -19,7 +19,7 @@ from typing import Sequence
 
 from torch import nn
 
-from skipgrad.sgm.blocks import BranchEntries, register_block
+from skipgrad.backward.blocks import BranchEntries, register_block
 
 
 def _attrs(*names: str) -> BranchEntries:

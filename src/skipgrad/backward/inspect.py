@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skipgrad.sgm.blocks import BLOCKS
-from skipgrad.sgm.context import find_blocks, skip_gradient
+from skipgrad.backward.blocks import BLOCKS
+from skipgrad.backward.sgm import find_blocks, skip_gradient
 
 
 @dataclass(frozen=True)

@@ -7,21 +7,17 @@ ResNets", ICLR 2020 (arXiv:2002.05990). For a block ``y = s(x) + f(x)`` the back
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
-from skipgrad.sgm.blocks import BLOCKS
+from skipgrad.backward.base import (Attacher, BackwardContext, Change, HandleGroup,
+                                    NothingToChangeError, Removable, model_label)
+from skipgrad.backward.blocks import BLOCKS
 
 
-class Removable(Protocol):
-    """Anything with ``remove()``: a hook handle or a group of them."""
-
-    def remove(self) -> None: ...
-
-
-class NoResidualBlockError(ValueError):
+class NoResidualBlockError(NothingToChangeError):
     """The model holds no block that skip_gradient knows how to decay."""
 
 
@@ -94,11 +90,7 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module, BlockInfo]]:
     return found
 
 
-def _model_label(model: nn.Module) -> str:
-    return type(model).__name__
-
-
-class skip_gradient:  # noqa: N801 - a context manager named like torch.no_grad
+class skip_gradient(BackwardContext):  # noqa: N801 - a context manager named like torch.no_grad
     """Decay the gradient through the residual branches of ``model`` by ``gamma`` (SGM).
 
     Use as a context around the forward *and* backward pass::
@@ -111,7 +103,7 @@ class skip_gradient:  # noqa: N801 - a context manager named like torch.no_grad
         model: any module containing registered residual or dense blocks, at any depth.
         gamma: decay factor in (0, 1]; 1 gives the plain gradient.
         official: reproduce the hook placement of the authors' release (torchvision ResNet and
-            DenseNet only), quirks included; see :mod:`skipgrad.sgm.official`.
+            DenseNet only), quirks included; see :mod:`skipgrad.backward.official`.
 
     Raises:
         ValueError: gamma outside (0, 1].
@@ -122,30 +114,35 @@ class skip_gradient:  # noqa: N801 - a context manager named like torch.no_grad
     also when the body raises. The context may be entered again after it exits.
     """
 
+    method = "sgm"
+
     def __init__(self, model: nn.Module, gamma: float, *, official: bool = False) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"skip_gradient needs an nn.Module, got {type(model).__name__}")
-        self.model = model
+        super().__init__(model)
         self.gamma = check_gamma(gamma)
         self.official = official
         self._found = find_blocks(model)
         self.blocks = [info for _, _, info in self._found]
-        self._attachers = self._plan()
-        self._handles: list[Removable] = []
+        self._set_plan(self._plan(), self._changes())
 
-    def _plan(self) -> list[Callable[[], Removable]]:
+    def _plan(self) -> list[Attacher]:
         if self.official:
-            from skipgrad.sgm.official import official_attachers
+            from skipgrad.backward.official import official_attachers
 
             return official_attachers(self.model, self.gamma)
         if not self.blocks:
             raise NoResidualBlockError(
-                f"skip_gradient found no residual or dense block in {_model_label(self.model)}; "
+                f"skip_gradient found no residual or dense block in {model_label(self.model)}; "
                 "SGM needs skip connections (register new block types with "
                 "skipgrad.register_block)")
         return [self._decay_branch_of(module) for _, module, info in self._found if info.decayed]
 
-    def _decay_branch_of(self, block: nn.Module) -> Callable[[], Removable]:
+    def _changes(self) -> list[Change]:
+        if self.official:
+            return [Change("", f"ReLU hooks of the authors' release, gamma {self.gamma:g}")]
+        return [Change(info.name, f"residual-branch gradient x {self.gamma:g}")
+                for info in self.blocks if info.decayed]
+
+    def _decay_branch_of(self, block: nn.Module) -> Attacher:
         entries = list(BLOCKS.lookup(block).branch_entries(block))
         gamma = self.gamma
 
@@ -153,48 +150,12 @@ class skip_gradient:  # noqa: N801 - a context manager named like torch.no_grad
             return scale_gradient(args, gamma), scale_gradient(kwargs, gamma)
 
         def attach() -> Removable:
-            handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in entries]
-            return _HandleGroup(handles)
+            return HandleGroup(m.register_forward_pre_hook(hook, with_kwargs=True) for m in entries)
 
         return attach
-
-    def __enter__(self) -> "skip_gradient":
-        if self._handles:
-            raise RuntimeError("this skip_gradient context is already active")
-        try:
-            for attach in self._attachers:
-                self._handles.append(attach())
-        except BaseException:
-            self._remove()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._remove()
-
-    def _remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    @property
-    def active(self) -> bool:
-        """Whether hooks are currently attached."""
-        return bool(self._handles)
 
     def __repr__(self) -> str:
         decayed = sum(info.decayed for info in self.blocks)
         mode = ", official=True" if self.official else ""
-        return (f"skip_gradient({_model_label(self.model)}, gamma={self.gamma}{mode}: "
+        return (f"skip_gradient({model_label(self.model)}, gamma={self.gamma}{mode}: "
                 f"{decayed}/{len(self.blocks)} blocks decayed)")
-
-
-class _HandleGroup:
-    """Several hook handles removed as one."""
-
-    def __init__(self, handles: list[Removable]) -> None:
-        self._handles = handles
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()

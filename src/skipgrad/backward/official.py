@@ -74,7 +74,7 @@ def _densenet_attachers(net: nn.Module, gamma: float) -> list[Callable[[], objec
 
 def official_attachers(model: nn.Module, gamma: float) -> list[Callable[[], object]]:
     """Hook attachers reproducing the release on the torchvision ResNet/DenseNet inside ``model``."""
-    from skipgrad.sgm.context import UnsupportedOfficialModelError
+    from skipgrad.backward.sgm import UnsupportedOfficialModelError
 
     try:
         from torchvision.models import DenseNet, ResNet

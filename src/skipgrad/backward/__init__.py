@@ -1,0 +1,27 @@
+"""Backward-pass methods: contexts that change only how gradients flow back through a source model.
+
+Each method lives in its own module and shares one mechanism: the context contract of
+:mod:`skipgrad.backward.base` (forward unchanged, found by structure, everything restored on exit,
+an error instead of a silent no-op) and the block registry of :mod:`skipgrad.backward.blocks`.
+
+* :mod:`~skipgrad.backward.sgm` -- ``skip_gradient``, the Skip Gradient Method (Wu et al., ICLR
+  2020), with the authors' hook placement in :mod:`~skipgrad.backward.official`.
+"""
+from skipgrad.backward.base import (BackwardConflictError, BackwardContext, Change,
+                                    NothingToChangeError)
+from skipgrad.backward.blocks import BLOCKS, BlockKind, register_block
+from skipgrad.backward.sgm import (
+    BlockInfo,
+    NoResidualBlockError,
+    UnsupportedOfficialModelError,
+    check_gamma,
+    find_blocks,
+    skip_gradient,
+)
+
+__all__ = [
+    "BLOCKS", "BackwardConflictError", "BackwardContext", "BlockInfo", "BlockKind", "Change",
+    "NoResidualBlockError", "NothingToChangeError", "UnsupportedOfficialModelError",
+    "check_gamma", "find_blocks", "register_block", "skip_gradient",
+]
+from skipgrad.backward import families  # noqa: E402,F401  (registers the timm/torchvision families)

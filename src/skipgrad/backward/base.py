@@ -1,0 +1,142 @@
+"""The contract every backward-pass method shares: a context around the gradient computation.
+
+A backward-pass method (SGM, LinBP, BPA, PNA, TGR, ...) changes only how gradients flow back
+through a source model; forward values stay identical. Each one is a :class:`BackwardContext`:
+
+* it decides *what* to change when it is built, by module type and structure (never by name), and
+  raises a :class:`NothingToChangeError` (a ``ValueError``) when the model has nothing it applies
+  to -- never a silent no-op;
+* entering it attaches hooks (or swaps forwards), exiting removes every one of them, also when the
+  body raises; it may be entered again after it exits, but not while it is active;
+* it lists what it changes (:attr:`BackwardContext.changes`) for ``skipgrad inspect`` and run.json;
+* it may *claim* modules whose backward it redefines outright (a ReLU made linear, a max-pool
+  made soft): two active contexts claiming the same module raise :class:`BackwardConflictError`
+  instead of silently composing into something neither paper describes. Methods that only scale a
+  gradient (SGM) claim nothing and compose with everything.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Iterable, Protocol
+
+from torch import nn
+
+
+class Removable(Protocol):
+    """Anything with ``remove()``: a hook handle or a group of them."""
+
+    def remove(self) -> None: ...
+
+
+Attacher = Callable[[], Removable]
+
+
+class NothingToChangeError(ValueError):
+    """The model holds nothing that a backward-pass method applies to."""
+
+
+class BackwardConflictError(ValueError):
+    """Two active backward-pass methods would redefine the backward of the same module."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """One module whose backward a method changes, and how (for inspect and run.json)."""
+
+    module: str
+    what: str
+
+
+class HandleGroup:
+    """Several hook handles (or other removables) removed as one."""
+
+    def __init__(self, handles: Iterable[Removable]) -> None:
+        self._handles = list(handles)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def model_label(model: nn.Module) -> str:
+    """How messages name a model: its class."""
+    return type(model).__name__
+
+
+def module_names(model: nn.Module) -> dict[int, str]:
+    """``id(module) -> qualified name`` for every submodule (the root is ``""``)."""
+    return {id(m): name for name, m in model.named_modules()}
+
+
+# Which active context has claimed a module's backward; weak so that models can be freed.
+_CLAIMS: "weakref.WeakKeyDictionary[nn.Module, BackwardContext]" = weakref.WeakKeyDictionary()
+
+
+class BackwardContext:
+    """Base class of the backward-pass methods; see the module docstring for the contract.
+
+    Subclasses set :attr:`method`, and in ``__init__`` call ``super().__init__(model)`` and then
+    :meth:`_set_plan` with their attachers, the changes they make and the modules they claim.
+    """
+
+    method: ClassVar[str] = "backward"
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{self.method} needs an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.changes: list[Change] = []
+        self._attachers: list[Attacher] = []
+        self._claimed: list[tuple[str, nn.Module]] = []
+        self._handles: list[Removable] = []
+
+    def _set_plan(self, attachers: list[Attacher], changes: list[Change],
+                  claims: Iterable[tuple[str, nn.Module]] = ()) -> None:
+        """Record what entering the context will do. ``claims`` are ``(name, module)`` pairs
+        whose backward this method redefines outright (see :class:`BackwardConflictError`)."""
+        self._attachers = attachers
+        self.changes = changes
+        self._claimed = list(claims)
+
+    def __enter__(self) -> "BackwardContext":
+        if self._handles:
+            raise RuntimeError(f"this {self.method} context is already active")
+        self._claim()
+        try:
+            for attach in self._attachers:
+                self._handles.append(attach())
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._remove()
+
+    def _claim(self) -> None:
+        for name, module in self._claimed:
+            owner = _CLAIMS.get(module)
+            if owner is not None and owner is not self:
+                self._release()
+                raise BackwardConflictError(
+                    f"{self.method} and {owner.method} would both redefine the backward pass of "
+                    f"{name or model_label(self.model)} ({type(module).__name__}); use one of "
+                    f"them for this module (e.g. a later start= for one of them)")
+            _CLAIMS[module] = self
+
+    def _release(self) -> None:
+        for _, module in self._claimed:
+            if _CLAIMS.get(module) is self:
+                del _CLAIMS[module]
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._release()
+
+    @property
+    def active(self) -> bool:
+        """Whether hooks are currently attached."""
+        return bool(self._handles)
