@@ -5,14 +5,16 @@ ResNets", ICLR 2020. ``skip_gradient`` decays the gradient through residual bran
 ``attack`` runs one composable iterative attack loop (I-FGSM, PGD, MI, NI, DI, TI, ensembles).
 """
 from skipgrad.attacks import AttackSpec, NonFiniteGradientError, attack, parse_attack_name
-from skipgrad.backward import (BackwardConflictError, BlockInfo, NoResidualBlockError,
-                               NothingToChangeError, UnsupportedOfficialModelError, find_blocks,
-                               register_block, skip_gradient)
+from skipgrad.backward import (BackwardConflictError, BackwardContext, BlockInfo, Change,
+                               NoResidualBlockError, NothingToChangeError,
+                               UnsupportedOfficialModelError, find_blocks, register_block,
+                               register_method, skip_gradient)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttackSpec", "BackwardConflictError", "BlockInfo", "NoResidualBlockError",
-    "NonFiniteGradientError", "NothingToChangeError", "UnsupportedOfficialModelError", "attack", "find_blocks", "parse_attack_name",
-    "register_block", "skip_gradient",
+    "AttackSpec", "BackwardConflictError", "BackwardContext", "BlockInfo", "Change",
+    "NoResidualBlockError", "NonFiniteGradientError", "NothingToChangeError",
+    "UnsupportedOfficialModelError", "attack", "find_blocks", "parse_attack_name",
+    "register_block", "register_method", "skip_gradient",
 ]

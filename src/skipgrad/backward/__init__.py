@@ -6,10 +6,14 @@ an error instead of a silent no-op) and the block registry of :mod:`skipgrad.bac
 
 * :mod:`~skipgrad.backward.sgm` -- ``skip_gradient``, the Skip Gradient Method (Wu et al., ICLR
   2020), with the authors' hook placement in :mod:`~skipgrad.backward.official`.
+* :mod:`~skipgrad.backward.registry` -- the methods by name (``--backward linbp:branch_scale=0.5``,
+  ``skipgrad.attack(..., backward=...)``) and :func:`register_method` for your own.
 """
 from skipgrad.backward.base import (BackwardConflictError, BackwardContext, Change,
                                     NothingToChangeError)
 from skipgrad.backward.blocks import BLOCKS, BlockKind, register_block
+from skipgrad.backward.registry import (BackwardPlan, BackwardSpecError, MethodChoice,
+                                        parse_backward, register_method)
 from skipgrad.backward.sgm import (
     BlockInfo,
     NoResidualBlockError,
@@ -20,8 +24,12 @@ from skipgrad.backward.sgm import (
 )
 
 __all__ = [
-    "BLOCKS", "BackwardConflictError", "BackwardContext", "BlockInfo", "BlockKind", "Change",
-    "NoResidualBlockError", "NothingToChangeError", "UnsupportedOfficialModelError",
-    "check_gamma", "find_blocks", "register_block", "skip_gradient",
+    "BLOCKS", "BackwardConflictError", "BackwardContext", "BackwardPlan", "BackwardSpecError",
+    "BlockInfo", "BlockKind", "Change", "MethodChoice", "NoResidualBlockError",
+    "NothingToChangeError", "UnsupportedOfficialModelError", "check_gamma", "find_blocks",
+    "parse_backward", "register_block", "register_method", "skip_gradient",
 ]
 from skipgrad.backward import families  # noqa: E402,F401  (registers the timm/torchvision families)
+from skipgrad.backward.registry import register_builtin_methods  # noqa: E402
+
+register_builtin_methods()  # after every method module above can be imported

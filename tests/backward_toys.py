@@ -1,0 +1,78 @@
+"""Toy backward-pass methods for testing the plumbing (registry, attack loop, command line)
+independently of the real methods: one that applies to every ReLU network, one that applies only
+to attention layers (and so refuses CNNs, as PNA does)."""
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from skipgrad.backward import registry
+from skipgrad.backward.base import (BackwardContext, Change, HandleGroup, NothingToChangeError,
+                                    model_label)
+
+
+class ScaleReLU(BackwardContext):
+    """Multiplies the gradient through every ReLU at or after module ``start`` by ``scale``
+    (claims those ReLUs); ``skip`` leaves out the first ``skip`` of them."""
+
+    method = "scalerelu"
+
+    def __init__(self, model: nn.Module, *, scale: float = 0.5, start: str | None = None,
+                 skip: int = 0) -> None:
+        super().__init__(model)
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        names = [n for n, _ in model.named_modules()]
+        if start is not None and start not in names:
+            raise ValueError(f"scalerelu: no module {start!r} in {model_label(model)}")
+        after = names[names.index(start):] if start is not None else names
+        modules = dict(model.named_modules())
+        relus = [(n, modules[n]) for n in after if isinstance(modules[n], nn.ReLU)][skip:]
+        if not relus:
+            raise NothingToChangeError(f"scalerelu found no ReLU in {model_label(model)}")
+
+        def hook(_m, grad_in, _grad_out):
+            return (grad_in[0] * scale,)
+
+        attachers = [lambda m=m: HandleGroup([m.register_full_backward_hook(hook)])
+                     for _, m in relus]
+        self._set_plan(attachers, [Change(n, f"ReLU gradient x {scale:g}") for n, _ in relus],
+                       relus)
+
+
+class AttentionOnly(BackwardContext):
+    """Halves the gradient out of every nn.MultiheadAttention; refuses models without one."""
+
+    method = "attnonly"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+        if not found:
+            raise NothingToChangeError(f"attnonly found no attention layer in "
+                                       f"{model_label(model)}; it applies to transformers")
+        self._set_plan([], [Change(n, "attention") for n, _ in found], found)
+
+
+def halve_by_hand(model: nn.Module, scale: float = 0.5) -> list:
+    """What ScaleReLU(model, scale=scale) does, written independently: hooks on every ReLU."""
+    handles = []
+    for module in model.modules():
+        if isinstance(module, nn.ReLU):
+            handles.append(module.register_full_backward_hook(
+                lambda _m, g_in, _g_out: (g_in[0] * scale,)))
+    return handles
+
+
+@pytest.fixture
+def toy_methods(monkeypatch):
+    """The registry with the two toys added, restored after the test."""
+    fresh = registry.MethodRegistry()
+    for info in registry.known_methods():
+        fresh.register(info)
+    monkeypatch.setattr(registry, "METHODS", fresh)
+    registry.register_method("scalerelu", ScaleReLU, summary="ReLU gradients x scale",
+                             settings={"scale": float, "start": (str, None), "skip": int})
+    registry.register_method("attnonly", AttentionOnly, summary="attention layers only")
+    return fresh
+

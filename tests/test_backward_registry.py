@@ -1,0 +1,101 @@
+"""The backward-method registry and the ``METHOD[:key=value,...]`` notation (toy methods stand in
+for the real ones, so the plumbing is tested on its own)."""
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+import skipgrad
+from skipgrad.backward import registry
+from skipgrad.backward.registry import (BackwardSpecError, combine, parse_backward, per_source)
+
+from tests.backward_toys import ScaleReLU, toy_methods  # noqa: F401 - fixture
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+
+
+def test_defaults_come_from_the_factory_and_values_are_typed(toy_methods):
+    plan = parse_backward("scalerelu")
+    assert plan.methods[0].settings == (("scale", 0.5), ("start", None), ("skip", 0))
+    plan = parse_backward("scalerelu:scale=2,start=3, skip=1")
+    assert dict(plan.methods[0].settings) == {"scale": 2.0, "start": "3", "skip": 1}
+    assert isinstance(dict(plan.methods[0].settings)["scale"], float)
+    assert parse_backward("scalerelu:start=none").methods[0].settings[1] == ("start", None)
+
+
+def test_label_keeps_only_changed_settings_and_parses_back(toy_methods):
+    plan = parse_backward("scalerelu:scale=0.5,skip=1+attnonly")
+    assert plan.label == "scalerelu:skip=1+attnonly"
+    assert plan.names == ["scalerelu:skip=1", "attnonly"]
+    assert parse_backward(plan.label) == plan
+    assert parse_backward("scalerelu:scale=1e+0").methods[0].settings[0] == ("scale", 1.0)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("nosuch", "unknown backward method 'nosuch' (known: attnonly, scalerelu)"),
+    ("scalerelu:gamma=1", "scalerelu has no setting 'gamma' (known: scale (float), "
+                          "start (str|none), skip (int))"),
+    ("attnonly:x=1", "attnonly has no setting 'x' (it takes no settings)"),
+    ("scalerelu:scale=big", "scalerelu:scale: 'big' is not float"),
+    ("scalerelu:skip=0.5", "scalerelu:skip: '0.5' is not int"),
+    ("scalerelu:scale=nan", "scalerelu:scale: 'nan' is not float"),
+    ("scalerelu:scale", "scalerelu: 'scale' is not key=value"),
+    ("scalerelu:skip=1,skip=2", "scalerelu: skip is given twice"),
+    ("scalerelu+scalerelu:skip=1", "backward method scalerelu is given twice for one source"),
+    ("none+scalerelu", "'none' cannot be combined with other methods"),
+    ("", "a backward method is written METHOD[:key=value,...]"),
+])
+def test_parser_errors_are_one_line_and_say_what_is_known(toy_methods, text, message):
+    with pytest.raises(BackwardSpecError) as info:
+        parse_backward(text)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_none_is_no_method_and_names_are_case_insensitive(toy_methods):
+    assert parse_backward("none") is None and parse_backward(" NONE ") is None
+    assert parse_backward("ScaleReLU").label == "scalerelu"
+
+
+def test_register_method_refuses_duplicates_and_bad_declarations(toy_methods):
+    with pytest.raises(ValueError, match="'scalerelu' is already registered"):
+        skipgrad.register_method("scalerelu", ScaleReLU, summary="again")
+    with pytest.raises(ValueError, match="lower-case identifiers"):
+        skipgrad.register_method("Bad-Name", ScaleReLU, summary="x")
+    with pytest.raises(TypeError, match="takes no keyword 'gamma'"):
+        skipgrad.register_method("other", ScaleReLU, summary="x", settings={"gamma": float})
+    with pytest.raises(TypeError, match="setting types must be float, int or str"):
+        skipgrad.register_method("other", ScaleReLU, summary="x", settings={"scale": list})
+    assert "other" not in registry.METHODS
+
+
+def test_a_setting_without_default_must_be_given(toy_methods):
+    def factory(model, *, depth: int):
+        return ScaleReLU(model)
+
+    skipgrad.register_method("needsdepth", factory, summary="x", settings={"depth": int})
+    with pytest.raises(BackwardSpecError, match="needsdepth needs depth=..."):
+        parse_backward("needsdepth")
+    assert parse_backward("needsdepth:depth=2").label == "needsdepth:depth=2"
+
+
+def test_per_source_and_combine(toy_methods):
+    one = parse_backward("scalerelu")
+    assert per_source("scalerelu", 3) == (one, one, one)
+    assert per_source(["scalerelu", None], 2) == (one, None)
+    with pytest.raises(BackwardSpecError, match="backward has 3 entries for 2 source models"):
+        per_source(["scalerelu", None, None], 2)
+    assert combine([one, None, parse_backward("attnonly")]).label == "scalerelu+attnonly"
+    assert combine([None, None]) is None
+    with pytest.raises(BackwardSpecError, match="is a string such as"):
+        per_source(3, 1)
+
+
+def test_build_gives_the_method_context_with_its_settings(toy_methods):
+    model = _net()
+    (context,) = parse_backward("scalerelu:skip=1").build(model)
+    assert isinstance(context, ScaleReLU) and [c.module for c in context.changes] == ["3"]
+    with pytest.raises(skipgrad.NothingToChangeError, match="applies to transformers"):
+        parse_backward("attnonly").build(model)
