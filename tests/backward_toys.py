@@ -7,12 +7,13 @@ import pytest
 from torch import nn
 
 from skipgrad.backward import registry
+from skipgrad.backward.sgm import scale_gradient
 from skipgrad.backward.base import (BackwardContext, Change, HandleGroup, NothingToChangeError,
                                     model_label)
 
 
 class ScaleReLU(BackwardContext):
-    """Multiplies the gradient through every ReLU at or after module ``start`` by ``scale``
+    """Multiplies the gradient into every ReLU at or after module ``start`` by ``scale``
     (claims those ReLUs); ``skip`` leaves out the first ``skip`` of them."""
 
     method = "scalerelu"
@@ -31,10 +32,10 @@ class ScaleReLU(BackwardContext):
         if not relus:
             raise NothingToChangeError(f"scalerelu found no ReLU in {model_label(model)}")
 
-        def hook(_m, grad_in, _grad_out):
-            return (grad_in[0] * scale,)
+        def hook(_m, args):
+            return scale_gradient(args, scale)
 
-        attachers = [lambda m=m: HandleGroup([m.register_full_backward_hook(hook)])
+        attachers = [lambda m=m: HandleGroup([m.register_forward_pre_hook(hook)])
                      for _, m in relus]
         self._set_plan(attachers, [Change(n, f"ReLU gradient x {scale:g}") for n, _ in relus],
                        relus)
@@ -55,13 +56,13 @@ class AttentionOnly(BackwardContext):
 
 
 def halve_by_hand(model: nn.Module, scale: float = 0.5) -> list:
-    """What ScaleReLU(model, scale=scale) does, written independently: hooks on every ReLU."""
-    handles = []
-    for module in model.modules():
-        if isinstance(module, nn.ReLU):
-            handles.append(module.register_full_backward_hook(
-                lambda _m, g_in, _g_out: (g_in[0] * scale,)))
-    return handles
+    """What ScaleReLU(model, scale=scale) does, written independently: every ReLU's input is
+    replaced by ``x0 + scale * (x - x0)`` with ``x0 = x.detach()`` (same value, gradient x scale)."""
+    def hook(_m, args):
+        x = args[0]
+        return (x.detach() + scale * (x - x.detach()),)
+
+    return [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, nn.ReLU)]
 
 
 @pytest.fixture

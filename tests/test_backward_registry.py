@@ -3,13 +3,15 @@ for the real ones, so the plumbing is tested on its own)."""
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
 
 import skipgrad
 from skipgrad.backward import registry
 from skipgrad.backward.registry import (BackwardSpecError, combine, parse_backward, per_source)
 
-from tests.backward_toys import ScaleReLU, toy_methods  # noqa: F401 - fixture
+from tests.backward_toys import ScaleReLU, halve_by_hand, toy_methods  # noqa: F401 - fixture
+from tests.conftest import TinyResNet, randomise_batchnorm
 
 
 def _net() -> nn.Module:
@@ -99,3 +101,51 @@ def test_build_gives_the_method_context_with_its_settings(toy_methods):
     assert isinstance(context, ScaleReLU) and [c.module for c in context.changes] == ["3"]
     with pytest.raises(skipgrad.NothingToChangeError, match="applies to transformers"):
         parse_backward("attnonly").build(model)
+
+
+# ---------------------------------------------------------------- skipgrad.attack(backward=...)
+
+def _relu_hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("method", ["ifgsm", "mi"])
+def test_attack_backward_equals_the_context_entered_by_hand(toy_methods, tiny_resnet, tiny_batch,
+                                                            method):
+    images, labels = tiny_batch
+    settings = dict(eps=8 / 255, step_size=2 / 255, steps=3, sgm=0.5)
+    named = skipgrad.attack(tiny_resnet, images, labels, method, backward="scalerelu:scale=0.25",
+                            **settings)
+    assert _relu_hooks(tiny_resnet) == 0  # everything removed after the attack
+    with ScaleReLU(tiny_resnet, scale=0.25):
+        by_hand = skipgrad.attack(tiny_resnet, images, labels, method, **settings)
+    handles = halve_by_hand(tiny_resnet, 0.25)  # an independent implementation of the toy
+    try:
+        independent = skipgrad.attack(tiny_resnet, images, labels, method, **settings)
+    finally:
+        for handle in handles:
+            handle.remove()
+    plain = skipgrad.attack(tiny_resnet, images, labels, method, **settings)
+    assert torch.equal(named, by_hand) and torch.equal(named, independent)
+    assert not torch.equal(named, plain)  # the toy changes the gradient direction here
+
+
+def test_attack_backward_per_source(toy_methods, tiny_resnet, tiny_batch):
+    images, labels = tiny_batch
+    torch.manual_seed(3)
+    other = randomise_batchnorm(TinyResNet(), seed=3)
+    settings = dict(eps=8 / 255, step_size=2 / 255, steps=2)
+    mixed = skipgrad.attack([tiny_resnet, other], images, labels, backward=["scalerelu:scale=0.25",
+                                                                            None], **settings)
+    with ScaleReLU(tiny_resnet, scale=0.25):
+        by_hand = skipgrad.attack([tiny_resnet, other], images, labels, **settings)
+    assert torch.equal(mixed, by_hand)
+    with pytest.raises(BackwardSpecError, match="backward has 1 entries for 2 source models"):
+        skipgrad.attack([tiny_resnet, other], images, labels, backward=["scalerelu"], **settings)
+
+
+def test_attack_refuses_a_method_with_nothing_to_change(toy_methods, tiny_resnet, tiny_batch):
+    images, labels = tiny_batch
+    with pytest.raises(skipgrad.NothingToChangeError, match="attnonly found no attention layer"):
+        skipgrad.attack(tiny_resnet, images, labels, backward="attnonly")
+    assert _relu_hooks(tiny_resnet) == 0

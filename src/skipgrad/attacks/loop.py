@@ -1,8 +1,9 @@
 """The one iterative attack loop; every attack is a composition of its parts.
 
 An attack = objective (``losses``) + optional input transform (DI) + optional gradient transform
-(TI, and SGM as a context around the source model) + update rule (sign, momentum, Nesterov) +
-projection. ``"mi+di+ti"`` with ``sgm=0.2`` is a configuration of this loop, not a class.
+(TI; SGM and the other backward-pass methods as contexts around the source models) + update rule
+(sign, momentum, Nesterov) + projection. ``"mi+di+ti"`` with ``sgm=0.2`` and
+``backward="linbp"`` is a configuration of this loop, not a class.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from skipgrad.attacks.transforms import (apply_diversity, draw_diversity, gaussi
                                          smooth_gradient)
 from skipgrad.attacks.updates import (l1_normalise, per_sample_norm, project, quantise_in_ball,
                                       steepest_direction)
-from skipgrad.backward import check_gamma, skip_gradient
+from skipgrad.backward import BackwardContext, check_gamma, skip_gradient
+from skipgrad.backward.registry import BackwardPlan, per_source
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -37,6 +39,7 @@ def attack(
     *,
     sgm: float | None | Sequence[float | None] = None,
     sgm_official: bool = False,
+    backward: str | BackwardPlan | None | Sequence[str | BackwardPlan | None] = None,
     eps: float = 16 / 255,
     step_size: float = 2 / 255,
     steps: int = 10,
@@ -61,6 +64,11 @@ def attack(
         sgm: SGM decay gamma in (0, 1] for every source, a list with one entry per source
             (``None`` = no SGM for that source), or ``None`` for no SGM at all.
         sgm_official: use the authors' hook placement (torchvision ResNet/DenseNet only).
+        backward: backward-pass methods (LinBP, BPA, PNA, TGR, ... see
+            :mod:`skipgrad.backward.registry`) for every source, written
+            ``"METHOD[:key=value,...]"`` and joined with ``+`` (``"linbp:branch_scale=0.5+bpa"``),
+            or a list with one entry per source (``None`` = none for that source). They are
+            entered after SGM, in the order given, around the whole loop.
         eps, step_size: ball radius and step in [0, 1] pixel units (16/255 and 2/255 in the paper).
         steps: iterations (10 in the paper). norm: ``"linf"`` or ``"l2"``.
         loss: ``"ce"`` or ``"margin"``. targeted: aim for ``labels`` instead of away from them.
@@ -79,7 +87,7 @@ def attack(
                       norm=norm, loss=loss, targeted=targeted, decay=decay, di_prob=di_prob,
                       di_scale=di_scale, ti_kernel=ti_kernel)
     sources = _as_sources(model)
-    contexts = _sgm_contexts(sources, sgm, sgm_official)
+    contexts = backward_contexts(sources, sgm, sgm_official, backward)
     _check_images(images)
     _check_labels(labels, images)
     rng = PerImageRandom(_check_seed(seed), _check_ids(ids, images.shape[0]))
@@ -93,7 +101,8 @@ def attack(
 
 def run_attack(sources: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor,
                spec: AttackSpec, rng: PerImageRandom) -> torch.Tensor:
-    """The loop itself, on validated inputs; SGM, if any, is already attached to the sources."""
+    """The loop itself, on validated inputs; SGM and the backward-pass methods, if any, are already
+    attached to the sources."""
     kernel = gaussian_kernel(spec.ti_kernel).to(images) if spec.translation_invariance else None
     x_adv = random_start(images, spec, rng) if spec.random_start else images.clone()
     momentum = torch.zeros_like(images)
@@ -173,12 +182,22 @@ def _as_sources(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
     return sources
 
 
-def _sgm_contexts(sources: list[nn.Module], sgm: object, official: bool) -> list[skip_gradient]:
+def backward_contexts(sources: Sequence[nn.Module], sgm: object, official: bool,
+                      backward: object) -> list[BackwardContext]:
+    """Every context that changes the sources' backward pass, in the order they are entered: per
+    source, SGM first, then the backward-pass methods in the order given. Built here, before any
+    gradient, so that a method with nothing to change in a source raises before the attack."""
     gammas = list(sgm) if isinstance(sgm, (list, tuple)) else [sgm] * len(sources)
     if len(gammas) != len(sources):
         raise ValueError(f"sgm has {len(gammas)} entries for {len(sources)} source models")
-    return [skip_gradient(m, check_gamma(g), official=official)
-            for m, g in zip(sources, gammas) if g is not None]
+    plans = per_source(backward, len(sources))
+    contexts: list[BackwardContext] = []
+    for model, gamma, plan in zip(sources, gammas, plans):
+        if gamma is not None:
+            contexts.append(skip_gradient(model, check_gamma(gamma), official=official))
+        if plan is not None:
+            contexts += plan.build(model)
+    return contexts
 
 
 def _check_images(images: object) -> None:
