@@ -125,6 +125,7 @@ def attack_at(job: AttackJob, models: Sequence[torch.nn.Module], split: Calibrat
         adv = skipgrad.attack(
             list(models) if len(models) > 1 else models[0], clean, labels, job.attack,
             sgm=None if gamma == 1.0 else gamma, sgm_official=job.sgm_official,
+            backward=job.backward,
             eps=job.eps / 255, step_size=job.step_size / 255, steps=job.steps, norm=job.norm,
             loss=job.loss, targeted=job.targeted, seed=job.seed, ids=[s.id for s in group],
             decay=job.decay, di_prob=job.di_prob, di_scale=job.di_scale, ti_kernel=job.ti_kernel)

@@ -83,6 +83,38 @@ def channels(text: str) -> int | None:
     return None if text == "auto" else int(text)
 
 
+def backward_method(text: str) -> str | None:
+    """``--backward METHOD[:key=value,...]`` (methods joined with ``+``), checked against the
+    registered methods and returned in canonical form; ``none`` -> None."""
+    from skipgrad.backward.registry import BackwardSpecError, parse_backward
+
+    try:
+        plan = parse_backward(text)
+    except BackwardSpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return None if plan is None else plan.label
+
+
+def per_source_backward(values: list[str | None] | None, n_sources: int
+                        ) -> str | None | tuple[str | None, ...]:
+    """Repeated ``--backward`` against the number of ``--source``: given once it applies to every
+    source; with one source, several compose (as if joined with ``+``); otherwise exactly one per
+    source, in order (``none`` for a source without). Other counts are refused in one line."""
+    from skipgrad.backward.registry import combine, parse_backward
+
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    if n_sources == 1:
+        plan = combine(parse_backward(v) if v else None for v in values)
+        return None if plan is None else plan.label
+    if len(values) != n_sources:
+        raise UserError(f"{len(values)} --backward for {n_sources} --source; give one for all "
+                        f"sources or one per --source, in order (none for a source without)")
+    return None if not any(values) else tuple(values)
+
+
 # The sweep and --sgm auto grid 0.1, ..., 1.0 (1.0 is the plain gradient: the no-SGM baseline).
 DEFAULT_GAMMAS = tuple(round(0.1 * k, 1) for k in range(1, 11))
 
@@ -156,10 +188,24 @@ def _add_attack_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ti-kernel", type=positive_int, help="TI kernel size, odd (default 7)")
     p.add_argument("--sgm-official", action="store_true", default=None,
                    help="use the authors' hook placement (torchvision ResNet/DenseNet)")
+    _add_backward_option(p)
     p.add_argument("--amp", choices=("off", "bf16"),
                    help="autocast the source models to bfloat16 (mainly for GPUs; default off)")
     p.add_argument("--channels-last", action="store_true", default=None,
                    help="channels-last memory format for the source models and images")
+
+
+def _add_backward_option(p: argparse.ArgumentParser, demo: bool = False) -> None:
+    from skipgrad.backward.registry import known_methods
+
+    names = ", ".join(info.name for info in known_methods()) or "none registered"
+    scope = ("added with and without SGM" if demo else
+             "once for every source, or once per --source in order (none = without)")
+    p.add_argument("--backward", action="append", type=backward_method,
+                   metavar="METHOD[:key=value,...]",
+                   help=f"backward-pass method ({names}), e.g. linbp:branch_scale=0.5; {scope}; "
+                        f"repeated with one source, they compose (skipgrad inspect lists what "
+                        f"each changes)")
 
 
 def _add_demo(sub) -> None:
@@ -326,6 +372,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     auto = args.sgm == "auto"
     job = AttackJob(sources=tuple(args.source), data=args.data, attack=args.attack,
                     sgm=None if auto else args.sgm, weights=tuple(args.weights or ()),
+                    backward=per_source_backward(args.backward, len(args.source)),
                     **_settings(args))
     record = None
     if auto:  # gamma is resolved before the runner sees the job: run.json holds a plain float

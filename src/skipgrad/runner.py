@@ -63,6 +63,9 @@ class AttackJob:
     attack: str = "ifgsm"
     sgm: float | None = None
     sgm_official: bool = False
+    # Backward-pass methods (skipgrad.backward.registry): one METHOD[:key=value,...][+...] text
+    # for every source, or a tuple with one per source (None: none for that source).
+    backward: str | None | tuple[str | None, ...] = None
     weights: tuple[str | None, ...] = ()
     eps: float = 16.0
     step_size: float = 2.0
@@ -84,7 +87,7 @@ class AttackJob:
 
 
 # Attack settings that enter run.json only when they differ from these defaults.
-_OPTIONAL_IDENTITY = {"amp": "off", "channels_last": False}
+_OPTIONAL_IDENTITY = {"amp": "off", "channels_last": False, "backward": None}
 AMP_MODES = ("off", "bf16")
 
 
@@ -141,6 +144,7 @@ def check_job(job: AttackJob) -> None:
                         f"is not offered: input gradients underflow in it without loss scaling)")
     if job.sgm is not None and not (0 < job.sgm <= 1):
         raise UserError(f"--sgm gamma must be in (0, 1], got {job.sgm:g}")
+    backward_plans(job)
     if job.weights and len(job.weights) != len(job.sources):
         raise UserError(f"{len(job.weights)} --weights for {len(job.sources)} --source; give one "
                         f"weights file per source, in the same order")
@@ -151,6 +155,48 @@ def check_job(job: AttackJob) -> None:
 def _positive(what: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
         raise UserError(f"{what} must be a finite number > 0, got {value}")
+
+
+def backward_plans(job: AttackJob) -> tuple:
+    """The job's backward-pass methods, one plan (or None) per source; bad text is a UserError."""
+    from skipgrad.backward.registry import BackwardSpecError, per_source
+
+    try:
+        return per_source(job.backward, len(job.sources))
+    except BackwardSpecError as exc:
+        raise UserError(f"--backward: {exc}") from None
+
+
+def backward_record(job: AttackJob, models: Sequence[WrappedModel]) -> list[list[dict]]:
+    """Per source: each method with its resolved settings and the modules it changes in that
+    source, as run.json records them (part of the run's identity). Building the contexts on the
+    loaded models is also the check that every method applies to its source, so that a method
+    with nothing to change (PNA on a CNN, LinBP on a ViT) or two methods that would redefine the
+    same module's backward fail here, before the folder is claimed."""
+    import contextlib
+
+    import skipgrad
+    from skipgrad.attacks.loop import backward_contexts
+
+    plans = backward_plans(job)
+    gammas = [job.sgm] * len(models)
+    try:
+        contexts = backward_contexts(models, gammas, job.sgm_official, plans)
+        with contextlib.ExitStack() as stack:  # entering them all finds conflicts, then leaves
+            for context in contexts:
+                stack.enter_context(context)
+    except (skipgrad.NothingToChangeError, skipgrad.BackwardConflictError, ValueError) as exc:
+        raise UserError(f"--backward {_plan_text(plans, models)}: {exc}") from None
+    by_method = iter(c for c in contexts if not isinstance(c, skipgrad.skip_gradient))
+    return [[] if plan is None else
+            [{**choice.to_json(), "modules": [change.module for change in next(by_method).changes]}
+             for choice in plan.methods] for plan in plans]
+
+
+def _plan_text(plans: Sequence, models: Sequence[WrappedModel]) -> str:
+    from skipgrad.backward.registry import describe
+
+    return f"{describe(plans)} on {', '.join(m.config.spec for m in models)}"
 
 
 def load_sources(job: AttackJob, device: torch.device) -> list[WrappedModel]:
@@ -184,6 +230,8 @@ def run_identity(job: AttackJob, models: Sequence[WrappedModel], data: ImageData
     identity["data"] = data.spec
     identity["channels"] = data.channels
     identity["group_size"] = GROUP_SIZE
+    record = backward_record(job, models) if job.backward is not None else None
+    identity["backward"] = record if record and any(record) else None
     for key, default in _OPTIONAL_IDENTITY.items():
         if identity[key] == default:
             del identity[key]
@@ -344,7 +392,7 @@ def run_attack_job(job: AttackJob, out: Path, opts: RunOptions = RunOptions(),
                         f"(labels.csv needs a targeted_label column)")
     models = load_sources(job, device)
     _check_labels(data, models, job.targeted)
-    _check_sgm(job, models)
+    _check_sgm(job, models)  # SGM's own message first; the backward methods are checked next
     identity, env = run_identity(job, models, data), environment(models, data, opts, device)
     with outdir.exclusive(out):  # one live run per folder; SIGINT/SIGTERM stop after a group
         distributed.on_main(lambda: prepare_folder(out, identity, env))
@@ -438,7 +486,7 @@ def _attack_group(job: AttackJob, out: Path, models: Sequence[WrappedModel], bat
     with outdir.naming_images([str(s.path or s.name) for s in batch]), numerics(job, device):
         adv = skipgrad.attack(
             list(models) if len(models) > 1 else models[0], clean, labels, job.attack,
-            sgm=job.sgm, sgm_official=job.sgm_official, eps=job.eps / 255,
+            sgm=job.sgm, sgm_official=job.sgm_official, backward=job.backward, eps=job.eps / 255,
             step_size=job.step_size / 255, steps=job.steps, norm=job.norm, loss=job.loss,
             targeted=job.targeted, seed=job.seed, ids=[s.id for s in batch], decay=job.decay,
             di_prob=job.di_prob, di_scale=job.di_scale, ti_kernel=job.ti_kernel)
