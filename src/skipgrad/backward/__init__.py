@@ -8,10 +8,15 @@ an error instead of a silent no-op) and the block registry of :mod:`skipgrad.bac
   2020), with the authors' hook placement in :mod:`~skipgrad.backward.official`.
 * :mod:`~skipgrad.backward.registry` -- the methods by name (``--backward linbp:branch_scale=0.5``,
   ``skipgrad.attack(..., backward=...)``) and :func:`register_method` for your own.
+* :mod:`~skipgrad.backward.linbp` -- ``linbp``, Linear Backpropagation (Guo, Li, Chen, NeurIPS
+  2020): ReLUs inside residual branches linear in backward, branch gradients norm-matched.
+
+:mod:`~skipgrad.backward.units` says where the methods that act "from a layer on" start.
 """
 from skipgrad.backward.base import (BackwardConflictError, BackwardContext, Change,
                                     NothingToChangeError)
 from skipgrad.backward.blocks import BLOCKS, BlockKind, register_block
+from skipgrad.backward.linbp import linbp
 from skipgrad.backward.registry import (BackwardPlan, BackwardSpecError, MethodChoice,
                                         parse_backward, register_method)
 from skipgrad.backward.sgm import (
@@ -27,7 +32,7 @@ __all__ = [
     "BLOCKS", "BackwardConflictError", "BackwardContext", "BackwardPlan", "BackwardSpecError",
     "BlockInfo", "BlockKind", "Change", "MethodChoice", "NoResidualBlockError",
     "NothingToChangeError", "UnsupportedOfficialModelError", "check_gamma", "find_blocks",
-    "parse_backward", "register_block", "register_method", "skip_gradient",
+    "linbp", "parse_backward", "register_block", "register_method", "skip_gradient",
 ]
 from skipgrad.backward import families  # noqa: E402,F401  (registers the timm/torchvision families)
 from skipgrad.backward.registry import register_builtin_methods  # noqa: E402

@@ -59,6 +59,26 @@ class HandleGroup:
             handle.remove()
 
 
+class ForwardSwap:
+    """Replaces one module's ``forward`` by an instance attribute until :meth:`remove`.
+
+    Used where a method redefines an operator's backward outright (a ReLU made linear, a soft
+    max-pool): a forward hook cannot, because in-place ReLUs have already overwritten their input
+    when the hook runs. Hooks other code registers on the module keep running around the swap.
+    """
+
+    def __init__(self, module: nn.Module, forward: Callable[..., object]) -> None:
+        self._module = module
+        self._previous = module.__dict__.get("forward")  # an earlier instance-level forward
+        module.forward = forward
+
+    def remove(self) -> None:
+        if self._previous is not None:
+            self._module.forward = self._previous
+        else:
+            self._module.__dict__.pop("forward", None)
+
+
 def model_label(model: nn.Module) -> str:
     """How messages name a model: its class."""
     return type(model).__name__

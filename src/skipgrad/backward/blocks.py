@@ -10,11 +10,12 @@ from __future__ import annotations
 import importlib
 import sys
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from torch import nn
 
 BranchEntries = Callable[[nn.Module], Sequence[nn.Module]]
+BranchExit = Callable[[nn.Module], Optional[nn.Module]]
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,15 @@ class BlockKind:
             instance; an empty sequence means "this instance has no identity-style skip".
         decay_first_in_stage: ``False`` leaves the first block of each stage undecayed, as the
             authors' release does for ResNets; dense layers set it to ``True``.
+        branch_exit: returns the module whose *output* is the residual branch's output (the
+            tensor added to the skip path), or ``None``; methods that need the gradient arriving
+            at the branch (LinBP's norm matching) support only kinds that give it.
     """
 
     name: str
     branch_entries: BranchEntries
     decay_first_in_stage: bool = False
+    branch_exit: BranchExit | None = None
 
 
 class BlockRegistry:
@@ -84,6 +89,7 @@ def register_block(
     *,
     decay_first_in_stage: bool = False,
     name: str | None = None,
+    branch_exit: BranchExit | None = None,
 ) -> None:
     """Teach :func:`skipgrad.skip_gradient` a new residual block type.
 
@@ -93,6 +99,9 @@ def register_block(
             Return ``[]`` for instances without a skip connection (they are then ignored).
         decay_first_in_stage: also decay the first block of each stage (its parent container).
         name: label used in reports; defaults to the class name.
+        branch_exit: ``block -> module`` whose *output* is the branch output added to the skip
+            (``None`` if the block has none). Needed by :func:`skipgrad.linbp`; the branch is
+            then the computation from the (single) entry's input to this module's output.
 
     Example::
 
@@ -100,15 +109,28 @@ def register_block(
             def forward(self, x):
                 return x + self.body(x)
 
-        skipgrad.register_block(MyBlock, lambda block: [block.body])
+        skipgrad.register_block(MyBlock, lambda block: [block.body],
+                                branch_exit=lambda block: block.body)
     """
     label = name or (block_type if isinstance(block_type, str) else block_type.__name__)
-    BLOCKS.register(block_type, BlockKind(label, branch_entries, decay_first_in_stage))
+    BLOCKS.register(block_type, BlockKind(label, branch_entries, decay_first_in_stage,
+                                          branch_exit))
 
 
 def _first_conv(block: nn.Module) -> Sequence[nn.Module]:
     # torchvision and timm ResNet blocks compute the branch as conv1(x) -> ...; x also feeds the skip.
     return [block.conv1]
+
+
+def last_present(*names: str) -> BranchExit:
+    """The exit is the last of ``names`` the block has (optional SE / drop-path modules follow
+    the last norm inside the branch, and are ``None`` when switched off)."""
+
+    def exit_module(block: nn.Module) -> nn.Module | None:
+        found = [getattr(block, n, None) for n in names]
+        return next((m for m in reversed(found) if isinstance(m, nn.Module)), None)
+
+    return exit_module
 
 
 def _whole_layer(block: nn.Module) -> Sequence[nn.Module]:
@@ -118,11 +140,15 @@ def _whole_layer(block: nn.Module) -> Sequence[nn.Module]:
 
 
 def _register_builtin_families() -> None:
-    resnet = dict(decay_first_in_stage=False)
-    for path in ("torchvision.models.resnet:BasicBlock", "torchvision.models.resnet:Bottleneck",
-                 "timm.models.resnet:BasicBlock", "timm.models.resnet:Bottleneck"):
+    # The branch ends at the last norm (torchvision), or after timm's optional SE and drop-path.
+    exits = {"torchvision.models.resnet:BasicBlock": last_present("bn2"),
+             "torchvision.models.resnet:Bottleneck": last_present("bn3"),
+             "timm.models.resnet:BasicBlock": last_present("bn2", "se", "drop_path"),
+             "timm.models.resnet:Bottleneck": last_present("bn3", "se", "drop_path")}
+    for path, branch_exit in exits.items():
         label = path.split(".")[0] + "." + path.split(":")[1]
-        register_block(path, _first_conv, name=label, **resnet)
+        register_block(path, _first_conv, name=label, decay_first_in_stage=False,
+                       branch_exit=branch_exit)
     for path in ("torchvision.models.densenet:_DenseLayer", "timm.models.densenet:DenseLayer"):
         label = path.split(".")[0] + ".DenseLayer"
         register_block(path, _whole_layer, decay_first_in_stage=True, name=label)

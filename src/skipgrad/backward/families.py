@@ -19,7 +19,7 @@ from typing import Sequence
 
 from torch import nn
 
-from skipgrad.backward.blocks import BranchEntries, register_block
+from skipgrad.backward.blocks import BranchEntries, BranchExit, last_present, register_block
 
 
 def _attrs(*names: str) -> BranchEntries:
@@ -119,6 +119,17 @@ _IDENTITY_SKIP: tuple[tuple[str, BranchEntries], ...] = (
 )
 
 
+# Where the residual branch ends (its output is added to the skip), for the ResNet-like kinds
+# whose branch LinBP can rescale; read off each block's forward().
+_EXITS: dict[str, BranchExit] = {
+    "timm.models.senet:Bottleneck": last_present("se_module"),
+    "timm.models.senet:SEResNetBlock": last_present("se_module"),
+    "timm.models.resnetv2:PreActBasic": last_present("drop_path"),
+    "timm.models.resnetv2:PreActBottleneck": last_present("drop_path"),
+    "timm.models.resnetv2:Bottleneck": last_present("drop_path"),
+}
+
+
 def _label(path: str) -> str:
     """``"timm.models.senet:Bottleneck"`` -> ``"timm.senet.Bottleneck"`` (unique across files)."""
     module, cls = path.split(":")
@@ -128,7 +139,8 @@ def _label(path: str) -> str:
 
 def _register_families() -> None:
     for path, entries in _RESNET_LIKE:
-        register_block(path, entries, decay_first_in_stage=False, name=_label(path))
+        register_block(path, entries, decay_first_in_stage=False, name=_label(path),
+                       branch_exit=_EXITS.get(path))
     for path, entries in _IDENTITY_SKIP:
         register_block(path, entries, decay_first_in_stage=True, name=_label(path))
 
