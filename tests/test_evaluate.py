@@ -90,3 +90,21 @@ def test_heatmap_is_a_real_image_sized_to_the_matrix(tmp_path: Path) -> None:
 def test_intervals_are_valid(n: int, k: int) -> None:
     lo, hi = TargetResult("t", n, k, n, k).ci95
     assert 0.0 <= lo <= hi <= 1.0
+
+
+def test_each_image_is_decoded_once_for_all_targets(tmp_path: Path, monkeypatch) -> None:
+    """Two targets, one pass over the files: every adversarial PNG is decoded once and every
+    clean batch loaded once, and the scores equal evaluating each target on its own."""
+    import skipgrad.evaluate as evaluate
+    from skipgrad.cli import main
+
+    out = tmp_path / "run"
+    assert main(["attack", "--source", "zoo:fmnist-cnn", "--data", "fmnist:test", "--limit", "10",
+                 "--steps", "2", "--quiet", "--out", str(out)]) == 0
+    targets = ["zoo:fmnist-cnn", "zoo:fmnist-vgg"]
+    alone = {t: evaluate.evaluate_folder(out, [t], quiet=True, batch_size=4)[t] for t in targets}
+    decoded, real_read = [], evaluate.read_image
+    monkeypatch.setattr(evaluate, "read_image", lambda p, c: decoded.append(p) or real_read(p, c))
+    together = evaluate.evaluate_folder(out, targets, quiet=True, batch_size=4)
+    assert sorted(decoded) == sorted((out / "images").glob("*.png"))  # 10 files, each once
+    assert together == alone and all(r.n == 10 for r in together.values())

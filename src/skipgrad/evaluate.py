@@ -116,37 +116,45 @@ def _batches(items: Sequence, size: int) -> list[Sequence]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def clean_predictions(model: WrappedModel, output: AttackOutput, batch_size: int,
-                      quiet: bool = True, prefetch: int = 2) -> torch.Tensor:
-    """Target predictions on the clean originals of an attack output (``prefetch`` batches are
-    read ahead of the model in a background thread)."""
-    return _predictions(model, _batches(output.samples, batch_size), output.data.load,
-                        f"clean {model.config.spec}", quiet, prefetch)
+def clean_predictions(models: dict[str, WrappedModel], output: AttackOutput, batch_size: int,
+                      quiet: bool = True, prefetch: int = 2) -> dict[str, torch.Tensor]:
+    """Each target's predictions on the clean originals of an attack output; every batch is
+    read once for all targets (``prefetch`` batches ahead of the models in a background thread)."""
+    return _predictions(models, _batches(output.samples, batch_size), output.data.load,
+                        "clean", quiet, prefetch)
 
 
-def adversarial_predictions(model: WrappedModel, output: AttackOutput, batch_size: int,
-                            quiet: bool = True, prefetch: int = 2) -> torch.Tensor:
-    """Target predictions on the saved adversarial PNGs (decoded ``prefetch`` batches ahead)."""
+def adversarial_predictions(models: dict[str, WrappedModel], output: AttackOutput,
+                            batch_size: int, quiet: bool = True,
+                            prefetch: int = 2) -> dict[str, torch.Tensor]:
+    """Each target's predictions on the saved adversarial PNGs, each PNG decoded once for all
+    targets."""
     def load(batch: Sequence[Path]) -> torch.Tensor:
         return torch.stack([read_image(p, output.data.channels) for p in batch])
 
-    return _predictions(model, _batches(output.files, batch_size), load,
-                        f"adv {model.config.spec}", quiet, prefetch)
+    return _predictions(models, _batches(output.files, batch_size), load, "adversarial", quiet,
+                        prefetch)
 
 
-def _predictions(model: WrappedModel, batches: Sequence[Sequence], load: Callable,
-                 desc: str, quiet: bool, prefetch: int) -> torch.Tensor:
-    """Top-1 predictions of ``model`` on ``load(batch)`` for each batch, shared across ranks."""
-    device = next(model.parameters()).device
-    bar = _bar(sum(len(b) for b in batches), desc, quiet)
+def _predictions(models: dict[str, WrappedModel], batches: Sequence[Sequence], load: Callable,
+                 desc: str, quiet: bool, prefetch: int) -> dict[str, torch.Tensor]:
+    """Top-1 predictions of every model on ``load(batch)`` for each batch, shared across ranks:
+    a batch is loaded (decoded) once and every model scores it before the next one."""
+    if not models:
+        return {}
+    device = next(next(iter(models.values())).parameters()).device
+    bar = _bar(sum(len(b) for b in batches) * len(models), f"{desc} x {len(models)} target(s)",
+               quiet)
 
     def run(images: torch.Tensor) -> torch.Tensor:
-        bar.update(len(images) * distributed.world().size)
-        return predict([model], images.to(device))
+        images = images.to(device, non_blocking=True)
+        preds = torch.stack([predict([model], images) for model in models.values()])
+        bar.update(len(images) * len(models) * distributed.world().size)
+        return preds
 
-    preds = distributed.map_units(batches, run, load=load, prefetch=prefetch)
+    preds = torch.cat(distributed.map_units(batches, run, load=load, prefetch=prefetch), dim=1)
     bar.close()
-    return torch.cat(preds)
+    return dict(zip(models, preds))
 
 
 def _bar(total: int, desc: str, quiet: bool):
@@ -194,15 +202,13 @@ def evaluate_output(output: AttackOutput, models: dict[str, WrappedModel], *, ba
     """Score each target on an opened attack output; ``clean_cache`` reuses clean predictions
     across folders that share their clean images (as in a transfer matrix)."""
     cache = clean_cache if clean_cache is not None else {}
-    results = {}
-    for spec, model in models.items():
-        key = (spec, model.config.weights_sha256, output.data.spec,
-               tuple(s.id for s in output.samples))
-        if key not in cache:
-            cache[key] = clean_predictions(model, output, batch_size, quiet, prefetch)
-        adv = adversarial_predictions(model, output, batch_size, quiet, prefetch)
-        results[spec] = score(spec, output, cache[key], adv)
-    return results
+    keys = {spec: (spec, model.config.weights_sha256, output.data.spec,
+                   tuple(s.id for s in output.samples)) for spec, model in models.items()}
+    uncached = {spec: model for spec, model in models.items() if keys[spec] not in cache}
+    for spec, preds in clean_predictions(uncached, output, batch_size, quiet, prefetch).items():
+        cache[keys[spec]] = preds
+    adversarial = adversarial_predictions(models, output, batch_size, quiet, prefetch)
+    return {spec: score(spec, output, cache[keys[spec]], adversarial[spec]) for spec in models}
 
 
 def results_json(results: dict[str, TargetResult]) -> dict:
