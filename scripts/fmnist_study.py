@@ -64,7 +64,8 @@ def grid_cells(out: Path, targets: list[str], quick: bool = False, only: set[str
                             targets=tuple(ModelRef(t) for t in targets),
                             template=AttackJob(sources=(), data="fmnist:test"))
         root = out / "matrix" / folder
-        yield source, plan, root, [(s, a, g, cell_folder(root, s, a, g)) for s, a, g in plan.cells()]
+        yield source, plan, root, [(s, a, g, b, cell_folder(root, s, a, g, b))
+                                   for s, a, g, b in plan.cells()]
 
 
 def run_grid(out: Path, limit: int, quick: bool, evaluate_only: bool, targets: list[str],

@@ -85,3 +85,80 @@ def test_per_source_backward_in_an_ensemble(toy_methods, tmp_path, capsys):
                  *FAST, "--backward", "scalerelu", "--backward", "none", "--backward",
                  "none"]) == 2
     assert "3 --backward for 2 --source" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- transfer, plans, sweep, demo
+
+def _transfer(out: Path, *extra: str) -> int:
+    return main(["transfer", "--attack", "ifgsm", "--target", "zoo:fmnist-vgg", "--out", str(out),
+                 *FAST, *extra])
+
+
+def test_transfer_runs_each_source_with_and_without_its_method(toy_methods, tmp_path):
+    out = tmp_path / "t"
+    assert _transfer(out, "--source", CNN, "--source", RESNET, "--backward", "none",
+                     "--backward", "scalerelu:skip=2") == 0
+    folders = sorted(p.name for p in (out / "attacks").iterdir())
+    assert folders == ["zoo-fmnist-cnn__ifgsm__nosgm", "zoo-fmnist-resnet20__ifgsm__nosgm",
+                       "zoo-fmnist-resnet20__ifgsm__nosgm__scalerelu-skip=2"]
+    rows = json.loads((out / "transfer.json").read_text())["rows"]
+    assert sorted((r["source"], tuple(r["backward"])) for r in rows) == [
+        (CNN, ()), (RESNET, ()), (RESNET, ("scalerelu:skip=2",))]
+    with_method = out / "attacks" / folders[2]
+    assert _run(with_method)["config"]["backward"][0][0]["settings"]["skip"] == 2
+    assert "ifgsm+scalerelu:skip=2" in (out / "transfer.md").read_text()
+    assert "scalerelu:skip=2" in (out / "transfer.csv").read_text().splitlines()[-1]
+
+
+def test_transfer_plan_file_takes_backward_and_no_baseline(toy_methods, tmp_path, capsys):
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f'sources = ["{RESNET}"]\nbackward = "scalerelu"\nbaseline = false\n')
+    out = tmp_path / "t"
+    assert _transfer(out, "--config", str(plan)) == 0
+    assert [p.name for p in (out / "attacks").iterdir()] == [
+        "zoo-fmnist-resnet20__ifgsm__nosgm__scalerelu"]
+    plan.write_text(f'sources = ["{RESNET}"]\nbackward = ["scalerelu", "none"]\n')
+    assert _transfer(tmp_path / "u", "--config", str(plan)) == 2
+    assert "backward in the plan has 2 entries for 1 sources" in capsys.readouterr().err
+    assert not (tmp_path / "u").exists()
+
+
+def test_transfer_refuses_a_method_that_cannot_apply_before_any_attack(toy_methods, tmp_path,
+                                                                       capsys):
+    out = tmp_path / "t"
+    assert _transfer(out, "--source", RESNET, "--source", CNN, "--backward", "scalerelu",
+                     "--backward", "attnonly") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--backward attnonly on zoo:fmnist-cnn: attnonly found no " in err[0]
+    assert not (out / "attacks").exists()
+
+
+def test_sweep_adds_the_method_to_every_gamma(toy_methods, tmp_path):
+    out = tmp_path / "s"
+    assert main(["sweep", "--source", RESNET, "--gammas", "0.5", "--target", "zoo:fmnist-vgg",
+                 "--out", str(out), "--backward", "scalerelu", *FAST]) == 0
+    assert sorted(p.name for p in (out / "attacks").iterdir()) == [
+        "zoo-fmnist-resnet20__ifgsm__nosgm__scalerelu",
+        "zoo-fmnist-resnet20__ifgsm__sgm0.5__scalerelu"]
+    assert json.loads((out / "sweep.json").read_text())["attack"] == "ifgsm+scalerelu"
+
+
+@pytest.mark.slow  # twelve attack folders scored on every zoo model: minutes on a shared CPU
+def test_demo_adds_the_method_with_and_without_sgm(toy_methods, tmp_path):
+    from skipgrad.demo import DEMO_ATTACKS, run_demo
+
+    out = tmp_path / "d"
+    run_demo(out, limit=8, quiet=True, backward="scalerelu", log=lambda _m: None)
+    rows = json.loads((out / "transfer.json").read_text())["rows"]
+    cells = {(r["attack"], r["sgm"], tuple(r["backward"])) for r in rows}
+    assert cells == {(a, g, b) for a in DEMO_ATTACKS for g in (None, 0.5)
+                     for b in ((), ("scalerelu",))}
+    effects = json.loads((out / "backward_effects.json").read_text())["effects"]
+    assert {(e["attack"], e["sgm"]) for e in effects} == {(a, g) for a in DEMO_ATTACKS
+                                                          for g in (None, 0.5)}
+    sgm = json.loads((out / "sgm_effects.json").read_text())["effects"]
+    assert {e["backward"] for e in sgm} == {None, "scalerelu"}  # SGM paired within each
+    report = (out / "report.md").read_text()
+    assert "## What scalerelu changed (paired, same images)" in report
+    assert "- mi+sgm 0.5 + scalerelu vs mi+sgm 0.5: mean change" in report
+    assert "| without method | with method |" in report

@@ -218,6 +218,7 @@ def _add_demo(sub) -> None:
                    help="residual zoo model to attack from (default zoo:fmnist-preact-resnet20; "
                         "zoo:fmnist-resnet56 gains more from SGM and takes ~3x as long)")
     p.add_argument("--sgm", type=gamma, metavar="GAMMA", help="SGM gamma (default 0.5)")
+    _add_backward_option(p, demo=True)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 
@@ -276,7 +277,8 @@ def _add_transfer(sub) -> None:
     p.add_argument("--target-weights", action="append", metavar="FILE")
     p.add_argument("--attack", action="append", help="repeat for several attacks")
     p.add_argument("--sgm", action="append", type=gamma, help="gamma; repeat for several")
-    p.add_argument("--no-baseline", action="store_true", help="skip the runs without SGM")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the runs without SGM (and, with --backward, those without the method)")
     p.add_argument("--preset", help="take sources/targets not given otherwise from a preset "
                                     "(wu2020, fmnist)")
     p.add_argument("--out", type=Path)
@@ -436,7 +438,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     return 0
 
 
-_PLAN_KEYS = ("sources", "targets", "preset", "attacks", "sgm", "baseline", "out", "data", "title")
+_PLAN_KEYS = ("sources", "targets", "preset", "attacks", "sgm", "baseline", "out", "data", "title",
+              "backward")
 _RUN_KEYS = ("limit", "batch_size", "device", "quiet")
 
 
@@ -457,10 +460,41 @@ def _transfer_plan(args: argparse.Namespace, config: dict):
     if out is None or data is None or not sources or not targets:
         raise UserError("transfer needs --source, --target, --data and --out "
                         "(as flags or in the --config file)")
+    backward = _transfer_backward(args.backward, plan_cfg.get("backward"), len(sources))
+    if backward and not gammas and not baseline:  # the methods alone: the attack without SGM
+        gammas, baseline = [None], True
     plan = TransferPlan(sources, attacks, gammas_with_baseline(list(gammas), baseline), targets,
                         template_from({**settings, **_settings(args)}, data),
-                        args.title or plan_cfg.get("title", "Transfer success rate"))
+                        args.title or plan_cfg.get("title", "Transfer success rate"),
+                        backward=backward, backward_baseline=not args.no_baseline
+                        and bool(plan_cfg.get("baseline", True)))
     return plan, out, _options(args, run_cfg)
+
+
+def _transfer_backward(flags: list | None, config: object, n_sources: int) -> tuple:
+    """Each source's backward-pass methods (a label or None) from the flags, else the plan's
+    ``backward`` key (a string for every source or a list with one per source)."""
+    if flags is None and config is not None:
+        values = config if isinstance(config, list) else [config]
+        if not all(isinstance(v, str) for v in values):
+            raise UserError(f"backward in the plan must be a method string or a list of them "
+                            f"(\"none\" for a source without), got {config!r}")
+        if len(values) not in (1, n_sources):  # in a plan a list is per source, never composed
+            raise UserError(f"backward in the plan has {len(values)} entries for {n_sources} "
+                            f"sources; give one for all or one per source (join methods with +)")
+        flags = [backward_method_or_error(v) for v in values]
+    chosen = per_source_backward(flags, n_sources)
+    if chosen is None:
+        return ()
+    return chosen if isinstance(chosen, tuple) else (chosen,) * n_sources
+
+
+def backward_method_or_error(text: str) -> str | None:
+    """:func:`backward_method` for values that do not come through argparse (plans)."""
+    try:
+        return backward_method(text)
+    except argparse.ArgumentTypeError as exc:
+        raise UserError(f"backward: {exc}") from None
 
 
 def _transfer_models(args: argparse.Namespace, plan_cfg: dict):
@@ -512,7 +546,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     targets = _refs(args.target, args.target_weights, "target")
     result = run_sweep(source, args.attack, args.gammas, targets,
                        template_from(_settings(args), args.data), args.out, _options(args),
-                       log=_log(args.quiet))
+                       log=_log(args.quiet), backward=per_source_backward(args.backward, 1))
     print(format_best(result))
     print("wrote " + ", ".join(str(p) for p in result.files.values()))
     return 0
@@ -590,7 +624,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """``skipgrad demo``: the embedded Fashion-MNIST benchmark."""
     from skipgrad.demo import run_demo
 
-    chosen = {k: v for k, v in (("source", args.source), ("gamma", args.sgm)) if v is not None}
+    chosen = {k: v for k, v in (("source", args.source), ("gamma", args.sgm),
+                                ("backward", per_source_backward(args.backward, 1)))
+              if v is not None}
     report = run_demo(args.out, limit=args.limit, device=args.device, quiet=args.quiet,
                       seed=args.seed, **chosen)
     print(f"wrote {report}")

@@ -1,5 +1,8 @@
 """``skipgrad demo``: the bundled Fashion-MNIST transfer benchmark, and its paired SGM statistics.
 
+With ``--backward METHOD`` every attack also runs with that backward-pass method, without and with
+SGM, and the report adds the method's paired effects.
+
 The demo is an ordinary transfer experiment (:func:`skipgrad.transfer.run_transfer`): one residual
 source of the bundled zoo, I-FGSM, MI and DI each without and with SGM, every zoo model as a target
 (the source itself gives the white-box row). On top of the matrix it reports, for every attack and
@@ -32,20 +35,64 @@ DEMO_IMAGES = 1000
 
 @dataclass(frozen=True)
 class SGMEffect:
-    """SGM at ``gamma`` vs the same attack without SGM, on one target, same images."""
+    """SGM at ``gamma`` vs the same attack without SGM, on one target, same images; both with the
+    same backward-pass methods ``backward`` (a label, or None)."""
 
     source: str
     attack: str
     gamma: float
     target: str
     comparison: PairedComparison
+    backward: str | None = None
 
     def to_json(self) -> dict:
         c = self.comparison
         return {"source": self.source, "attack": self.attack, "sgm": self.gamma,
-                "target": self.target, "n": c.n, "baseline": c.rate_a, "with_sgm": c.rate_b,
+                "backward": self.backward, "target": self.target, "n": c.n,
+                "baseline": c.rate_a, "with_sgm": c.rate_b,
                 "difference": c.difference, "ci95": list(c.ci95), "only_baseline": c.only_a,
                 "only_sgm": c.only_b, "mcnemar_p": c.p_value}
+
+    @property
+    def variant(self) -> str:
+        """The attack both cells share, e.g. ``mi`` or ``mi+linbp``."""
+        return self.attack if self.backward is None else f"{self.attack}+{self.backward}"
+
+    @property
+    def change(self) -> str:
+        """What the compared cell adds: ``SGM (γ=0.5)``."""
+        return f"SGM (γ={self.gamma:g})"
+
+
+@dataclass(frozen=True)
+class BackwardEffect:
+    """A backward-pass method vs the same attack without it (same SGM gamma or none), on one
+    target, same images."""
+
+    source: str
+    attack: str
+    gamma: float | None
+    method: str
+    target: str
+    comparison: PairedComparison
+
+    @property
+    def variant(self) -> str:
+        """The attack both cells share, e.g. ``mi`` or ``mi+sgm 0.5``."""
+        return self.attack if self.gamma is None else f"{self.attack}+sgm {self.gamma:g}"
+
+    @property
+    def change(self) -> str:
+        """What the compared cell adds: the method's label."""
+        return self.method
+
+    def to_json(self) -> dict:
+        c = self.comparison
+        return {"source": self.source, "attack": self.attack, "sgm": self.gamma,
+                "backward": self.method, "target": self.target, "n": c.n,
+                "without_method": c.rate_a, "with_method": c.rate_b,
+                "difference": c.difference, "ci95": list(c.ci95), "only_without": c.only_a,
+                "only_with": c.only_b, "mcnemar_p": c.p_value}
 
 
 def zoo_targets() -> list[str]:
@@ -56,25 +103,44 @@ def zoo_targets() -> list[str]:
 
 
 def sgm_effects(outcomes: dict[tuple, torch.Tensor]) -> list[SGMEffect]:
-    """Pair every SGM cell with the no-SGM cell of the same source, attack and target."""
+    """Pair every SGM cell with the no-SGM cell of the same source, attack, backward-pass
+    methods and target (outcome keys: ``(source, attack, gamma, backward, target)``)."""
     effects = []
-    for (source, attack, gamma, target), success in outcomes.items():
-        baseline = outcomes.get((source, attack, None, target))
+    for (source, attack, gamma, backward, target), success in outcomes.items():
+        baseline = outcomes.get((source, attack, None, backward, target))
         if gamma is None or baseline is None:
             continue
         effects.append(SGMEffect(source, attack, gamma, target,
-                                 paired_comparison(baseline, success)))
+                                 paired_comparison(baseline, success), backward))
     return effects
 
 
-def effects_markdown(effects: Sequence[SGMEffect]) -> str:
-    """A table of paired SGM effects: percentage points, 95% interval, McNemar p."""
-    lines = ["| source | attack | γ | target | without SGM | with SGM | Δ (points) | 95% CI | "
-             "only w/o / only with | McNemar p |", "|---|---|---:|---|---:|---:|---:|---|---:|---:|"]
+def backward_effects(outcomes: dict[tuple, torch.Tensor]) -> list[BackwardEffect]:
+    """Pair every cell with a backward-pass method with the cell without it (same source,
+    attack, gamma and target)."""
+    effects = []
+    for (source, attack, gamma, backward, target), success in outcomes.items():
+        baseline = outcomes.get((source, attack, gamma, None, target))
+        if backward is None or baseline is None:
+            continue
+        effects.append(BackwardEffect(source, attack, gamma, backward, target,
+                                      paired_comparison(baseline, success)))
+    return effects
+
+
+def effects_markdown(effects: Sequence[SGMEffect | BackwardEffect]) -> str:
+    """A table of paired effects (SGM, or a backward-pass method): percentage points, 95%
+    interval, McNemar p."""
+    sgm = all(isinstance(e, SGMEffect) for e in effects)
+    what = "SGM" if sgm else "method"
+    lines = [f"| source | attack | {'γ' if sgm else 'method'} | target | without {what} | "
+             f"with {what} | Δ (points) | 95% CI | only w/o / only with | McNemar p |",
+             "|---|---|---:|---|---:|---:|---:|---|---:|---:|"]
     for e in effects:
         c = e.comparison
         lo, hi = c.ci95
-        lines.append(f"| {short_name(e.source)} | {e.attack} | {e.gamma:g} | {short_name(e.target)} "
+        key = f"{e.gamma:g}" if isinstance(e, SGMEffect) else e.method
+        lines.append(f"| {short_name(e.source)} | {e.variant} | {key} | {short_name(e.target)} "
                      f"| {100 * c.rate_a:.1f} | {100 * c.rate_b:.1f} | {100 * c.difference:+.1f} "
                      f"| [{100 * lo:+.1f}, {100 * hi:+.1f}] | {c.only_a} / {c.only_b} "
                      f"| {c.p_value:.2g} |")
@@ -88,19 +154,20 @@ def transfer_q_values(effects: Sequence[SGMEffect]) -> dict[int, float]:
     return dict(zip(map(id, transfer), benjamini_hochberg([e.comparison.p_value for e in transfer])))
 
 
-def summarise_effects(effects: Sequence[SGMEffect], source: str) -> list[str]:
-    """Plain sentences: per attack, on how many transfer targets SGM helped or hurt significantly,
-    by McNemar's test and after Benjamini-Hochberg correction over all the transfer comparisons."""
+def summarise_effects(effects: Sequence[SGMEffect | BackwardEffect], source: str) -> list[str]:
+    """Plain sentences: per attack and change (SGM, or a backward-pass method), on how many
+    transfer targets it helped or hurt significantly, by McNemar's test and after
+    Benjamini-Hochberg correction over all the transfer comparisons given."""
     transfer = [e for e in effects if e.target != source]
     q_values = transfer_q_values(transfer)
     sentences = []
-    for attack in dict.fromkeys(e.attack for e in transfer):
-        rows = [e for e in transfer if e.attack == attack]
+    for variant, change in dict.fromkeys((e.variant, e.change) for e in transfer):
+        rows = [e for e in transfer if (e.variant, e.change) == (variant, change)]
         better = [e for e in rows if e.comparison.difference > 0 and e.comparison.p_value < 0.05]
         worse = [e for e in rows if e.comparison.difference < 0 and e.comparison.p_value < 0.05]
         mean = 100 * sum(e.comparison.difference for e in rows) / len(rows)
         sentences.append(
-            f"- {attack} + SGM (γ={rows[0].gamma:g}) vs {attack}: mean change {mean:+.1f} points over "
+            f"- {variant} + {change} vs {variant}: mean change {mean:+.1f} points over "
             f"{len(rows)} transfer targets; significantly better on {len(better)} "
             f"({sum(q_values[id(e)] < 0.05 for e in better)} corrected), significantly worse on "
             f"{len(worse)} ({sum(q_values[id(e)] < 0.05 for e in worse)} corrected).")
@@ -112,11 +179,14 @@ def summarise_effects(effects: Sequence[SGMEffect], source: str) -> list[str]:
 
 def run_demo(out: Path, *, limit: int | None = None, device: str = "auto", quiet: bool = False,
              seed: int = 0, batch_size: int = 250, source: str = DEMO_SOURCE,
-             gamma: float = DEMO_GAMMA, log: Callable[[str], None] = print) -> Path:
+             gamma: float = DEMO_GAMMA, backward: str | None = None,
+             log: Callable[[str], None] = print) -> Path:
     """Run the benchmark into ``out`` and return the path of ``report.md``.
 
     ``source`` (a residual zoo model) and ``gamma`` default to the study's choice for a run of a
     few minutes; e.g. ``zoo:fmnist-resnet56`` shows larger gains at about three times the cost.
+    ``backward`` (``METHOD[:key=value,...]``) adds every attack with that backward-pass method,
+    without and with SGM, and its paired effects (docs/backward.md).
     """
     from skipgrad.errors import UserError
     from skipgrad.runner import AttackJob, RunOptions
@@ -136,23 +206,42 @@ def run_demo(out: Path, *, limit: int | None = None, device: str = "auto", quiet
         sources=(ModelRef(source),), attacks=DEMO_ATTACKS, gammas=(None, gamma),
         targets=tuple(ModelRef(t) for t in targets),
         template=AttackJob(sources=(), data="fmnist:test", seed=seed),
-        title=f"Fashion-MNIST transfer success from {short_name(source)}")
+        title=f"Fashion-MNIST transfer success from {short_name(source)}",
+        backward=(backward,) if backward else ())
     opts = RunOptions(limit=limit or DEMO_IMAGES, batch_size=batch_size, device=device,
                       quiet=quiet)
     result = run_transfer(plan, Path(out), opts, log=log)
     effects = sgm_effects(result.outcomes)
+    method_effects = backward_effects(result.outcomes)
     _write_json(Path(out) / "sgm_effects.json", {"effects": [e.to_json() for e in effects]})
+    if method_effects:
+        _write_json(Path(out) / "backward_effects.json",
+                    {"effects": [e.to_json() for e in method_effects]})
     examples = write_examples_png(Path(out), plan)
-    report = write_report(Path(out), plan, result.rows, effects, result.files, examples)
+    report = write_report(Path(out), plan, result.rows, effects, result.files, examples,
+                          method_effects)
     log(markdown_table(result.rows, plan.title))
-    log("\n".join(summarise_effects(effects, source)))
+    log("\n".join(summarise_effects(effects, source) + summarise_effects(method_effects, source)))
     log(f"report: {report.resolve()}")
     return report
 
 
+def backward_section(effects: Sequence[BackwardEffect], source: str) -> list[str]:
+    """The report's paired-effects section of a backward-pass method (nothing without one)."""
+    if not effects:
+        return []
+    method = effects[0].method
+    return [f"## What {method} changed (paired, same images)\n",
+            *summarise_effects(effects, source), "", effects_markdown(effects),
+            f"Δ is success with {method} minus without, at the same SGM setting; "
+            f"docs/backward.md has the study over the zoo's sources.\n"]
+
+
 def write_report(out: Path, plan, rows: Sequence[TransferRow], effects: Sequence[SGMEffect],
-                 files: dict[str, Path], examples: Path) -> Path:
-    """``report.md``: the matrix, the paired SGM effects, a reading, links to the figures."""
+                 files: dict[str, Path], examples: Path,
+                 method_effects: Sequence[BackwardEffect] = ()) -> Path:
+    """``report.md``: the matrix, the paired SGM (and backward-method) effects, a reading, links
+    to the figures."""
     n = rows[0].n if rows else 0
     source, gamma = plan.sources[0].spec, plan.gammas[-1]
     text = "\n".join([
@@ -169,6 +258,7 @@ def write_report(out: Path, plan, rows: Sequence[TransferRow], effects: Sequence
         "the images fooled by one variant only, which is what McNemar's exact test compares. "
         "docs/study.md has the gamma sweep over every residual source of the zoo, including the "
         "sources and gammas where SGM does not help.\n",
+        *backward_section(method_effects, source),
         f"![transfer heatmap]({files['heatmap'].name})\n",
         f"![clean, adversarial and amplified perturbation per attack]({examples.name})\n",
         "Examples: the first test images, one row per attack; under each clean image its label, "
@@ -195,11 +285,12 @@ def write_examples_png(out: Path, plan, count: int = 4) -> Path:
     cells = plan.cells()
     fig, axes = plt.subplots(len(cells), 3 * count, figsize=(1.2 * 3 * count, 1.35 * len(cells)),
                              squeeze=False)
-    for row, (source, attack, gamma) in enumerate(cells):
-        folder = cell_folder(out, source, attack, gamma)
+    for row, (source, attack, gamma, backward) in enumerate(cells):
+        folder = cell_folder(out, source, attack, gamma, backward)
         output = open_attack_output(folder)
         predicted = [int(r["source_pred"]) for r in read_manifest(folder)]
-        label = attack if gamma is None else f"{attack}+SGM {gamma:g}"
+        label = attack if backward is None else f"{attack}+{backward}"
+        label = label if gamma is None else f"{label}+SGM {gamma:g}"
         for i in range(min(count, len(output.files))):
             _example_triplet(axes[row, 3 * i:3 * i + 3], output, i, predicted[i])
         axes[row, 0].set_ylabel(label, fontsize=8)

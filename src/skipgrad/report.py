@@ -3,7 +3,10 @@
 ``transfer.json`` follows DESIGN section 3::
 
     {"rows": [{"source": SPEC, "attack": "ifgsm", "sgm": null | gamma, "target": SPEC,
-               "success_rate": r, "n": n, "ci95": [lo, hi]}, ...]}
+               "success_rate": r, "n": n, "ci95": [lo, hi], "backward": [NAME, ...]}, ...]}
+
+``backward`` lists the backward-pass methods of the attack (``[]`` for none), each as its
+``METHOD[:key=value]`` label with the settings that differ from the defaults.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ import numpy as np
 
 from skipgrad.data.images import atomic_write_bytes, atomic_write_text
 
-CSV_COLUMNS = ("source", "attack", "sgm", "target", "success_rate", "n", "ci95_low", "ci95_high")
+CSV_COLUMNS = ("source", "attack", "sgm", "target", "success_rate", "n", "ci95_low", "ci95_high",
+               "backward")
 
 
 @dataclass(frozen=True)
@@ -32,21 +36,25 @@ class TransferRow:
     success_rate: float
     n: int
     ci95: tuple[float, float]
+    backward: tuple[str, ...] = ()
 
     @property
     def method(self) -> str:
-        """Row label of the matrix: the attack, with its SGM gamma if any."""
-        return self.attack if self.sgm is None else f"{self.attack}+sgm (γ={self.sgm:g})"
+        """Row label of the matrix: the attack, its backward-pass methods, its SGM gamma if any."""
+        label = "+".join((self.attack, *self.backward))
+        return label if self.sgm is None else f"{label}+sgm (γ={self.sgm:g})"
 
     def to_json(self) -> dict:
         record = asdict(self)
         record["ci95"] = list(self.ci95)
+        record["backward"] = list(self.backward)
         return record
 
     @classmethod
     def from_json(cls, record: dict) -> "TransferRow":
         return cls(record["source"], record["attack"], record["sgm"], record["target"],
-                   float(record["success_rate"]), int(record["n"]), tuple(record["ci95"]))
+                   float(record["success_rate"]), int(record["n"]), tuple(record["ci95"]),
+                   tuple(record.get("backward", ())))
 
 
 def short_name(spec: str) -> str:
@@ -93,7 +101,8 @@ def csv_text(rows: Sequence[TransferRow]) -> str:
     writer.writerow(CSV_COLUMNS)
     for r in rows:
         writer.writerow([r.source, r.attack, "" if r.sgm is None else r.sgm, r.target,
-                         f"{r.success_rate:.6f}", r.n, f"{r.ci95[0]:.6f}", f"{r.ci95[1]:.6f}"])
+                         f"{r.success_rate:.6f}", r.n, f"{r.ci95[0]:.6f}", f"{r.ci95[1]:.6f}",
+                         "+".join(r.backward)])
     return buffer.getvalue()
 
 

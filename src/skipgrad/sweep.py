@@ -7,7 +7,8 @@ is always run, as the no-SGM folder, and reported as the point ``gamma = 1``.
 
 ``OUT/sweep.json``::
 
-    {"source": SPEC, "attack": NAME, "data": DATA, "gammas": [0.1, ..., 1.0],
+    {"source": SPEC, "attack": NAME, "data": DATA, "gammas": [0.1, ..., 1.0],   # NAME+METHOD
+                                                                               # with --backward
      "targets": {SPEC: {"0.1": {"success_rate": r, "n": n, "ci95": [lo, hi]}, ...}, ...},
      "mean": {"0.1": r, ...},            # over the transfer targets (the source itself left out)
      "best": {"targets": {SPEC: gamma}, "mean": gamma}}
@@ -87,21 +88,27 @@ def sweep_gammas(gammas: Sequence[float]) -> tuple[float, ...]:
 
 
 def sweep_plan(source: ModelRef, attack: str, gammas: Sequence[float],
-               targets: Sequence[ModelRef], template: AttackJob) -> TransferPlan:
-    """The transfer plan of a sweep: gamma 1.0 is run as the no-SGM baseline (``None``)."""
+               targets: Sequence[ModelRef], template: AttackJob,
+               backward: str | None = None) -> TransferPlan:
+    """The transfer plan of a sweep: gamma 1.0 is run as the no-SGM baseline (``None``). With
+    ``backward`` (a ``METHOD[...]`` label) every gamma runs with that method, 1.0 included."""
     column = tuple(None if g == 1.0 else g for g in sweep_gammas(gammas))
+    label = attack if backward is None else f"{attack}+{backward}"
     return TransferPlan((source,), (attack,), column, tuple(targets), template,
-                        f"SGM gamma sweep: {short_name(source.spec)}, {attack}")
+                        f"SGM gamma sweep: {short_name(source.spec)}, {label}",
+                        backward=(backward,) if backward else (), backward_baseline=False)
 
 
 def run_sweep(source: ModelRef, attack: str, gammas: Sequence[float],
               targets: Sequence[ModelRef], template: AttackJob, out: Path,
               opts: RunOptions = RunOptions(),
-              log: Callable[[str], None] = print) -> SweepResult:
-    """Run (or resume) every gamma's attack folder, evaluate the targets, write sweep.json/.png."""
-    plan = sweep_plan(source, attack, gammas, targets, template)
+              log: Callable[[str], None] = print, backward: str | None = None) -> SweepResult:
+    """Run (or resume) every gamma's attack folder, evaluate the targets, write sweep.json/.png.
+    ``backward``: backward-pass methods added to every gamma (``METHOD[:key=value,...]``)."""
+    plan = sweep_plan(source, attack, gammas, targets, template, backward)
     transfer = run_transfer(plan, out, opts, log)
-    result = SweepResult(source.spec, attack, template.data, sweep_gammas(gammas),
+    label = attack if backward is None else f"{attack}+{backward}"
+    result = SweepResult(source.spec, label, template.data, sweep_gammas(gammas),
                          curves_from_rows(transfer.rows))
     result.files = write_sweep(result, out)
     return result

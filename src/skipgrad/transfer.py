@@ -1,6 +1,7 @@
-"""The whole transfer experiment: sources x attacks x SGM gammas -> attack folders -> targets -> matrix.
+"""The whole transfer experiment: sources x attacks x SGM gammas (x backward-pass methods) -> attack
+folders -> targets -> matrix.
 
-Each (source, attack, gamma) cell is an ordinary ``attack`` output folder under ``OUT/attacks/``, so a
+Each (source, attack, gamma, backward) cell is an ordinary ``attack`` output folder under ``OUT/attacks/``, so a
 re-run reuses finished folders (and finishes interrupted ones); the matrix is written by
 :func:`skipgrad.report.write_transfer_report`. Plans come from flags or a TOML file, e.g.::
 
@@ -9,6 +10,9 @@ re-run reuses finished folders (and finishes interrupted ones); the matrix is wr
     sources = ["zoo:fmnist-resnet20", {spec = "zoo:fmnist-resnet56", weights = "r56.safetensors"}]
     attacks = ["ifgsm", "mi"]
     sgm = [0.2, 0.5]          # gammas; the no-SGM baseline is included unless baseline = false
+    backward = "linbp"        # backward-pass method(s) for every source, or a list with one per
+                              # source ("none" for a source without); each cell then runs with
+                              # and without it (without: the baseline, unless baseline = false)
     targets = ["zoo:fmnist-vgg", "zoo:fmnist-densenet"]
     eps = 16                  # pixel levels out of 255, like step_size
 """
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from skipgrad import distributed
+from skipgrad.backward.registry import parse_backward
 from skipgrad.errors import UserError
 from skipgrad.evaluate import evaluate_output, load_targets, open_attack_output
 from skipgrad.report import TransferRow, write_transfer_report
@@ -35,9 +40,17 @@ class ModelRef:
     weights: str | None = None
 
 
+Cell = tuple[ModelRef, str, "float | None", "str | None"]
+
+
 @dataclass(frozen=True)
 class TransferPlan:
-    """Sources x attacks x gammas x targets, and the attack settings shared by every cell."""
+    """Sources x attacks x gammas x targets, and the attack settings shared by every cell.
+
+    ``backward`` gives each source's backward-pass methods (a ``METHOD[...]`` label, one per
+    source, None for a source without; empty: none at all). A source with a method runs every
+    (attack, gamma) cell with it, and also without it unless ``backward_baseline`` is off.
+    """
 
     sources: tuple[ModelRef, ...]
     attacks: tuple[str, ...]
@@ -45,10 +58,25 @@ class TransferPlan:
     targets: tuple[ModelRef, ...]
     template: AttackJob
     title: str = "Transfer success rate"
+    backward: tuple[str | None, ...] = ()
+    backward_baseline: bool = True
 
-    def cells(self) -> list[tuple[ModelRef, str, float | None]]:
-        """Every (source, attack, gamma) to run, in table order."""
-        return [(s, a, g) for s in self.sources for a in self.attacks for g in self.gammas]
+    def __post_init__(self) -> None:
+        if self.backward and len(self.backward) != len(self.sources):
+            raise UserError(f"{len(self.backward)} backward entries for {len(self.sources)} "
+                            f"sources; give one for all sources or one per source, in order")
+
+    def variants(self, index: int) -> tuple[str | None, ...]:
+        """The backward column of source ``index``: None (without), then its method if any."""
+        method = self.backward[index] if self.backward else None
+        if method is None:
+            return (None,)
+        return (None, method) if self.backward_baseline else (method,)
+
+    def cells(self) -> list[Cell]:
+        """Every (source, attack, gamma, backward) to run, in table order."""
+        return [(s, a, g, b) for i, s in enumerate(self.sources) for a in self.attacks
+                for b in self.variants(i) for g in self.gammas]
 
 
 @dataclass
@@ -57,7 +85,8 @@ class TransferResult:
 
     rows: list[TransferRow]
     files: dict[str, Path] = field(default_factory=dict)
-    # (source spec, attack, gamma, target spec) -> per-image success, for paired statistics.
+    # (source spec, attack, gamma, backward label or None, target spec) -> per-image success, for
+    # paired statistics.
     outcomes: dict[tuple, object] = field(default_factory=dict)
 
 
@@ -74,12 +103,17 @@ def gammas_with_baseline(gammas: list[float | None], baseline: bool) -> tuple[fl
     return tuple(values)
 
 
-def cell_folder(out: Path, source: ModelRef, attack: str, gamma: float | None) -> Path:
-    """Readable, filesystem-safe folder name of one matrix row."""
+def cell_folder(out: Path, source: ModelRef, attack: str, gamma: float | None,
+                backward: str | None = None) -> Path:
+    """Readable, filesystem-safe folder name of one matrix row; a backward-pass method adds a
+    last part (``__linbp-branch_scale=0.5+bpa``), so folders without one keep their names."""
     label = source.spec if source.weights is None else f"{source.spec}-{Path(source.weights).stem}"
     safe = re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-")
     sgm = "nosgm" if gamma is None else f"sgm{gamma:g}"
-    return out / "attacks" / f"{safe}__{attack.replace('+', '-')}__{sgm}"
+    name = f"{safe}__{attack.replace('+', '-')}__{sgm}"
+    if backward is not None:
+        name += "__" + re.sub(r"[^A-Za-z0-9._=+-]+", "-", backward).strip("-")
+    return out / "attacks" / name
 
 
 def run_transfer(plan: TransferPlan, out: Path, opts: RunOptions = RunOptions(),
@@ -89,36 +123,55 @@ def run_transfer(plan: TransferPlan, out: Path, opts: RunOptions = RunOptions(),
         raise UserError("transfer needs at least one source, one attack and one target")
     if not distributed.world().is_main:  # under torchrun rank 0 speaks and writes the matrix
         log = lambda _msg: None  # noqa: E731
+    check_backward_sources(plan, opts)
     folders = []
-    for i, (source, attack, gamma) in enumerate(plan.cells(), start=1):
+    for i, (source, attack, gamma, backward) in enumerate(plan.cells(), start=1):
         job = dataclasses.replace(plan.template, sources=(source.spec,), attack=attack, sgm=gamma,
-                                  weights=(source.weights,))
-        folder = cell_folder(out, source, attack, gamma)
-        log(f"[{i}/{len(plan.cells())}] {source.spec} {attack} sgm={gamma} -> {folder}")
+                                  weights=(source.weights,), backward=backward)
+        folder = cell_folder(out, source, attack, gamma, backward)
+        extra = "" if backward is None else f" backward={backward}"
+        log(f"[{i}/{len(plan.cells())}] {source.spec} {attack} sgm={gamma}{extra} -> {folder}")
         summary = run_attack_job(job, folder, opts, log=lambda _msg: None)
         log(f"    {summary.skipped} reused, {summary.attacked} attacked, "
             f"source success {100 * summary.source_success:.1f}%")
-        folders.append((source, attack, gamma, folder))
+        folders.append((source, attack, gamma, backward, folder))
     rows, outcomes = evaluate_cells(plan, folders, opts, log)
     files = distributed.on_main(lambda: write_transfer_report(rows, out, plan.title))
     return TransferResult(rows, files, outcomes)
 
 
+def check_backward_sources(plan: TransferPlan, opts: RunOptions) -> None:
+    """Every source's backward-pass methods must apply to it: a method with nothing to change in
+    a source (or two that would redefine one module's backward) fails here, in one line, before
+    the first attack. (SGM claims no module, so it cannot conflict with them.)"""
+    from skipgrad.runner import backward_record, load_sources
+
+    device = distributed.device_for(resolve_device(opts.device))
+    for index, source in enumerate(plan.sources):
+        method = plan.backward[index] if plan.backward else None
+        if method is not None:
+            job = dataclasses.replace(plan.template, sources=(source.spec,), sgm=None,
+                                      weights=(source.weights,), backward=method)
+            backward_record(job, load_sources(job, device))
+
+
 def evaluate_cells(plan: TransferPlan, folders: list, opts: RunOptions,
                    log: Callable[[str], None]) -> tuple[list[TransferRow], dict[tuple, object]]:
     """Score every target on every folder; targets load once, clean predictions are shared.
-    Returns the matrix rows and each cell's per-image success vector."""
+    ``folders`` holds ``(source, attack, gamma, backward, folder)``. Returns the matrix rows and
+    each cell's per-image success vector."""
     models = load_targets([t.spec for t in plan.targets], [t.weights for t in plan.targets],
                           distributed.device_for(resolve_device(opts.device)))
     cache: dict = {}
     rows, outcomes = [], {}
-    for source, attack, gamma, folder in folders:
+    for source, attack, gamma, backward, folder in folders:
         output = open_attack_output(folder)
         results = evaluate_output(output, models, batch_size=opts.batch_size, quiet=opts.quiet,
                                   prefetch=opts.prefetch, clean_cache=cache)
-        rows += [TransferRow(source.spec, attack, gamma, spec, r.success_rate, r.n, r.ci95)
+        names = tuple(parse_backward(backward).names) if backward is not None else ()
+        rows += [TransferRow(source.spec, attack, gamma, spec, r.success_rate, r.n, r.ci95, names)
                  for spec, r in results.items()]
-        outcomes.update({(source.spec, attack, gamma, spec): r.per_image
+        outcomes.update({(source.spec, attack, gamma, backward, spec): r.per_image
                          for spec, r in results.items()})
     log(f"evaluated {len(folders)} attack folders on {len(models)} targets")
     return rows, outcomes
@@ -127,7 +180,7 @@ def evaluate_cells(plan: TransferPlan, folders: list, opts: RunOptions,
 # ---------------------------------------------------------------- TOML plans
 
 _TEMPLATE_KEYS = {f.name for f in dataclasses.fields(AttackJob)} - {"sources", "attack", "sgm",
-                                                                     "weights"}
+                                                                     "weights", "backward"}
 
 
 def load_plan_file(path: Path) -> dict:
