@@ -39,7 +39,7 @@ def test_per_source_counts(toy_methods):
 def test_bad_backward_text_is_one_line_exit_2(toy_methods, tmp_path, capsys):
     assert _attack(tmp_path / "o", "--backward", "nosuch") == 2
     err = capsys.readouterr().err
-    assert "unknown backward method 'nosuch' (known: attnonly, scalerelu" in err
+    assert "unknown backward method 'nosuch' (known: attnonly, " in err
     assert err.count("\n") == 1 and not (tmp_path / "o").exists()
     assert _attack(tmp_path / "o", "--backward", "scalerelu:gamma=1") == 2
     assert "scalerelu has no setting 'gamma' (known: scale (float)" in capsys.readouterr().err
@@ -162,3 +162,26 @@ def test_demo_adds_the_method_with_and_without_sgm(toy_methods, tmp_path):
     assert "## What scalerelu changed (paired, same images)" in report
     assert "- mi+sgm 0.5 + scalerelu vs mi+sgm 0.5: mean change" in report
     assert "| without method | with method |" in report
+
+
+# ---------------------------------------------------------------- the real methods
+
+def test_linbp_on_a_vit_is_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert _attack(out, "--backward", "linbp", source="zoo:fmnist-vit") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("skipgrad: error: --backward linbp on "
+                                               "zoo:fmnist-vit: linbp cannot rewire")
+    assert not out.exists()
+
+
+def test_linbp_record_holds_the_block_it_started_from(tmp_path):
+    out = tmp_path / "o"
+    assert _attack(out, "--backward", "linbp:branch_scale=0.5", source=RESNET) == 0
+    ((record,),) = _run(out)["config"]["backward"]
+    assert record["method"] == "linbp"
+    assert record["settings"] == {"start": "net.layer2.1", "branch_scale": 0.5}
+    assert record["modules"][0] == "net.layer2.1"
+    # The default start spelled out is the same run: resumed.
+    assert _attack(out, "--backward", "linbp:start=net.layer2.1,branch_scale=0.5",
+                   source=RESNET) == 0

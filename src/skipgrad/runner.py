@@ -188,9 +188,15 @@ def backward_record(job: AttackJob, models: Sequence[WrappedModel]) -> list[list
     except (skipgrad.NothingToChangeError, skipgrad.BackwardConflictError, ValueError) as exc:
         raise UserError(f"--backward {_plan_text(plans, models)}: {exc}") from None
     by_method = iter(c for c in contexts if not isinstance(c, skipgrad.skip_gradient))
-    return [[] if plan is None else
-            [{**choice.to_json(), "modules": [change.module for change in next(by_method).changes]}
-             for choice in plan.methods] for plan in plans]
+    return [[] if plan is None else [_method_record(choice, next(by_method))
+                                     for choice in plan.methods] for plan in plans]
+
+
+def _method_record(choice, context) -> dict:
+    from skipgrad.backward.registry import resolved_settings
+
+    return {"method": choice.name, "settings": resolved_settings(choice, context),
+            "modules": [change.module for change in context.changes]}
 
 
 def _plan_text(plans: Sequence, models: Sequence[WrappedModel]) -> str:

@@ -349,9 +349,26 @@ def known_methods() -> list[MethodInfo]:
 
 def register_builtin_methods() -> None:
     """Register the methods skipgrad ships (called once, when :mod:`skipgrad.backward` loads)."""
+    from skipgrad.backward.linbp import linbp
+
+    register_method("linbp", linbp, settings={"start": (int, str, None), "branch_scale": float},
+                    summary="LinBP (Guo et al., NeurIPS 2020): branch ReLUs linear in the backward "
+                            "pass from block start on, branch gradients norm-matched")
+
+
+def resolved_settings(choice: MethodChoice, context: BackwardContext) -> dict[str, Value]:
+    """A choice's settings with each default ``None`` replaced by what the built context chose,
+    when it exposes it as an attribute of the same name (LinBP's ``start`` -> ``"layer3.1"``)."""
+    settings = dict(choice.settings)
+    for key, value in settings.items():
+        chosen = getattr(context, key, None)
+        if value is None and isinstance(chosen, (int, float, str)) and not isinstance(chosen, bool):
+            settings[key] = chosen
+    return settings
 
 
 __all__ = ["BackwardPlan", "BackwardSpecError", "METHODS", "MethodChoice", "MethodInfo",
            "Setting", "as_plan", "choose", "combine", "describe", "known_methods",
            "parse_backward", "parse_method", "per_source", "register_builtin_methods",
+           "resolved_settings",
            "register_method"]
