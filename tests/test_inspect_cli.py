@@ -32,14 +32,44 @@ def test_inspect_zoo_resnet_prints_report_and_json(tmp_path: Path, capsys) -> No
     assert record["mean_branch_share_sgm"] < record["mean_branch_share_plain"]
 
 
-@pytest.mark.parametrize("spec, name", [("zoo:fmnist-cnn", "zoo:fmnist-cnn"),
-                                        ("tv:vgg11", "tv:vgg11")])
-def test_model_without_blocks_is_one_line_exit_2(spec: str, name: str, capsys) -> None:
-    # tv:vgg11 has no local weights here: the architecture alone decides, still one line.
-    code = main(["inspect", spec, "--limit", "2", "--device", "cpu"])
+def test_model_that_nothing_applies_to_is_one_line_exit_2(capsys) -> None:
+    # No local weights here: the architecture alone decides, still one line. Inception-v3 has no
+    # residual block and its ReLUs are functional calls, so neither SGM nor LinBP applies.
+    code = main(["inspect", "tv:inception_v3", "--limit", "2", "--device", "cpu"])
     stdout, err = _stderr_lines(capsys)
     assert code == 2 and stdout == ""
-    assert len(err) == 1 and err[0].startswith("skipgrad: error:") and name in err[0]
+    assert len(err) == 1 and err[0].startswith("skipgrad: error: tv:inception_v3")
+    assert "no backward-pass method applies to it" in err[0]
+
+
+def test_plain_cnn_lists_the_methods_that_apply_and_says_sgm_has_nothing(tmp_path: Path,
+                                                                          capsys) -> None:
+    out = tmp_path / "cnn.json"
+    code = main(["inspect", "zoo:fmnist-cnn", "--limit", "2", "--device", "cpu",
+                 "--json", str(out)])
+    stdout, err = _stderr_lines(capsys)
+    assert code == 0 and not err
+    assert "linbp: LinBP" in stdout and "net.features.4  ReLU linear in backward" in stdout
+    assert "SGM: zoo:fmnist-cnn has no residual or dense block" in stdout
+    record = json.loads(out.read_text())
+    (linbp,) = [m for m in record["backward"] if m["method"] == "linbp"]
+    assert linbp["applies"] and linbp["settings"]["start"] == "net.features.4"
+    assert [c["module"] for c in linbp["changes"]] == ["net.features.4", "net.features.7"]
+    assert "blocks" not in record
+
+
+def test_inspect_backward_lists_the_chosen_method_and_refuses_one_that_cannot_apply(
+        capsys) -> None:
+    code = main(["inspect", "zoo:fmnist-resnet20", "--limit", "2", "--device", "cpu",
+                 "--backward", "linbp:start=net.layer3.0,branch_scale=0.5"])
+    stdout, _ = _stderr_lines(capsys)
+    assert code == 0
+    assert "settings: start=net.layer3.0, branch_scale=0.5; 3 module(s) changed" in stdout
+    code = main(["inspect", "zoo:fmnist-vit", "--limit", "2", "--device", "cpu",
+                 "--backward", "linbp"])
+    stdout, err = _stderr_lines(capsys)
+    assert code == 2 and stdout == "" and len(err) == 1
+    assert err[0].startswith("skipgrad: error: --backward linbp on zoo:fmnist-vit: linbp cannot")
 
 
 def test_missing_hub_weights_fall_back_to_random_with_a_note(tmp_path: Path, capsys) -> None:

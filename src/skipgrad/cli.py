@@ -311,11 +311,16 @@ def _add_zoo(sub) -> None:
 
 
 def _add_inspect(sub) -> None:
-    p = sub.add_parser("inspect", help="blocks SGM finds and decays, and the skip/branch gradient "
-                                       "split without and with SGM")
+    p = sub.add_parser("inspect", help="what each backward-pass method would change in a model; "
+                                       "the blocks SGM decays and the skip/branch gradient split "
+                                       "without and with SGM")
     p.add_argument("spec", metavar="SPEC")
     p.add_argument("--weights", metavar="FILE", help="local weights for SPEC")
     p.add_argument("--gamma", type=gamma, default=0.5, help="SGM gamma to analyse (default 0.5)")
+    p.add_argument("--backward", action="append", type=backward_method,
+                   metavar="METHOD[:key=value,...]",
+                   help="list what this backward-pass method changes (repeatable; default: "
+                        "every registered method with its defaults)")
     p.add_argument("--data", default="fmnist:test", help="images to measure on (default "
                                                          "fmnist:test)")
     p.add_argument("--limit", type=positive_int, default=32, help="images used (default 32)")
@@ -553,32 +558,61 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """``skipgrad inspect SPEC``: SGM's blocks and gradient split on a few images of the data."""
+    """``skipgrad inspect SPEC``: what every backward-pass method would change in the model, then
+    SGM's blocks and gradient split on a few images of the data."""
     import dataclasses
 
     import skipgrad
+    from skipgrad.backward.inspect import (format_method_changes, format_report, inspect_model,
+                                           method_changes, report_json)
     from skipgrad.data.images import atomic_write_text
     from skipgrad.runner import resolve_device
-    from skipgrad.backward.inspect import format_report, inspect_model, report_json
 
     model, missing = _inspect_model(args.spec, args.weights, resolve_device(args.device))
-    if not skipgrad.find_blocks(model):  # before any note, so the error stays one line
-        raise UserError(f"{model.config.spec} has no residual or dense block SGM can decay "
-                        f"(e.g. VGG, Inception-v3); there is nothing to inspect")
+    spec = model.config.spec
+    methods = method_changes(model, _inspect_choices(args.backward))
+    has_blocks = bool(skipgrad.find_blocks(model))
+    _check_inspectable(spec, methods, has_blocks, args.backward)  # before any note: one line
     if missing:
         print(f"skipgrad: note: {missing}; analysing the architecture with random weights "
               f"(gradient shares then describe an untrained network)", file=sys.stderr)
-    images, labels = _inspect_batch(args, model)
-    # Name the spec in the report rather than the wrapper class every loaded model shares.
-    report = dataclasses.replace(inspect_model(model, args.gamma, images, labels),
-                                 model=model.config.spec)
-    print(format_report(report))
+    print(format_method_changes(methods, spec))
+    record = {"spec": spec, "random_weights": missing is not None, "data": args.data,
+              "backward": [m.to_json() for m in methods]}
+    if has_blocks:
+        images, labels = _inspect_batch(args, model)
+        # Name the spec in the report rather than the wrapper class every loaded model shares.
+        report = dataclasses.replace(inspect_model(model, args.gamma, images, labels), model=spec)
+        print("\n" + format_report(report))
+        record.update(images=len(labels), **report_json(report))
+    else:
+        print(f"\nSGM: {spec} has no residual or dense block (e.g. VGG, Inception-v3); nothing "
+              f"for SGM to decay")
     if args.json:
-        record = {"spec": model.config.spec, "random_weights": missing is not None,
-                  "data": args.data, "images": len(labels), **report_json(report)}
         atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def _inspect_choices(values: list[str | None] | None):
+    """The methods ``--backward`` asks to list (None: every registered method)."""
+    from skipgrad.backward.registry import parse_backward
+
+    if not values:
+        return None
+    return [choice for v in values if v for choice in parse_backward(v).methods]
+
+
+def _check_inspectable(spec: str, methods: list, has_blocks: bool, asked: list | None) -> None:
+    """Refuse, in one line, a method asked for by name that does not apply, or a model that no
+    method and not SGM applies to."""
+    refused = [m for m in methods if not m.applies]
+    if asked and refused:
+        raise UserError(f"--backward {refused[0].label} on {spec}: {refused[0].reason}")
+    if not has_blocks and not any(m.applies for m in methods):
+        raise UserError(f"{spec} has no residual or dense block SGM can decay (e.g. VGG, "
+                        f"Inception-v3) and no backward-pass method applies to it; there is "
+                        f"nothing to inspect")
 
 
 def _inspect_model(spec: str, weights: str | None, device):

@@ -270,3 +270,68 @@ def report_json(report: SGMReport) -> dict:
             "input_grad_norm_plain": report.input_grad_norm_plain,
             "input_grad_norm_sgm": report.input_grad_norm_sgm,
             "input_grad_cosine": report.input_grad_cosine}
+
+
+# ---------------------------------------------------------------- the other backward-pass methods
+
+@dataclass(frozen=True)
+class MethodChanges:
+    """What one backward-pass method would change in a model, or why it does not apply."""
+
+    label: str
+    summary: str
+    settings: dict
+    changes: tuple  # of skipgrad.backward.base.Change
+    reason: str | None = None
+
+    @property
+    def applies(self) -> bool:
+        return self.reason is None
+
+    def to_json(self) -> dict:
+        return {"method": self.label, "summary": self.summary, "settings": self.settings,
+                "applies": self.applies, "reason": self.reason,
+                "changes": [{"module": c.module, "what": c.what} for c in self.changes]}
+
+
+def method_changes(model: nn.Module, choices: list | None = None) -> list[MethodChanges]:
+    """Build each method (``MethodChoice``; default: every registered one with its defaults) on
+    ``model`` without entering it, and list what it would change or why it does not apply."""
+    from skipgrad.backward.base import NothingToChangeError
+    from skipgrad.backward.registry import choose, known_methods, resolved_settings
+
+    if choices is None:
+        choices = [choose(info.name) for info in known_methods()
+                   if all(key in info.defaults for key in info.settings)]
+    found = []
+    for choice in choices:
+        try:
+            context = choice.build(model)
+        except (NothingToChangeError, ValueError) as exc:
+            found.append(MethodChanges(choice.label, choice.info.summary, dict(choice.settings),
+                                       (), " ".join(str(exc).split())))
+            continue
+        found.append(MethodChanges(choice.label, choice.info.summary,
+                                   resolved_settings(choice, context), tuple(context.changes)))
+    return found
+
+
+def format_method_changes(found: list[MethodChanges], model: str) -> str:
+    """A terminal listing: per method, its settings and every module it changes (and how)."""
+    lines = [f"backward-pass methods on {model} (--backward METHOD[:key=value,...]):"]
+    for entry in found:
+        settings = ", ".join(f"{k}={_setting(v)}" for k, v in entry.settings.items())
+        lines.append(f"{entry.label}: {entry.summary}")
+        if not entry.applies:
+            lines.append(f"  does not apply: {entry.reason}")
+            continue
+        lines.append(f"  settings: {settings or '(none)'}; {len(entry.changes)} module(s) changed")
+        width = max(len(c.module) for c in entry.changes) if entry.changes else 0
+        lines += [f"  {c.module:<{width}}  {c.what}" for c in entry.changes]
+    return "\n".join(lines)
+
+
+def _setting(value: object) -> str:
+    if value is None:
+        return "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
