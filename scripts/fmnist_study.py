@@ -108,32 +108,37 @@ def zoo_weights_exist(spec: str) -> bool:
     return spec in zoo_targets()
 
 
-def effects_matrix(effects: list[SGMEffect], alpha: float = 0.05) -> str:
-    """SGM minus no-SGM in points, one row per (source, attack, gamma), one column per target.
+def effects_matrix(effects: list, alpha: float = 0.05, columns: tuple[str, ...] = ("attack", "γ"),
+                   row=lambda e: (e.attack, f"{e.gamma:g}")) -> str:
+    """Effect in points (variant minus baseline), one row per (source, *row(effect)), one column
+    per target; by default SGM effects, one row per (source, attack, gamma). ``row`` and
+    ``columns`` give other effects their row labels (scripts/backward_study.py).
 
     ``*``: significant after Benjamini-Hochberg correction over every cell of the table (q < alpha);
     ``(white-box)`` cells are the source attacking itself and are left out of the correction.
     """
     q = transfer_q_values(effects)
     targets = list(dict.fromkeys(e.target for e in effects))
-    keys = list(dict.fromkeys((e.source, e.attack, e.gamma) for e in effects))
-    cell = {(e.source, e.attack, e.gamma, e.target): e for e in effects}
-    lines = ["| source | attack | γ | " + " | ".join(f"`{short_name(t)}`" for t in targets) + " |",
-             "|---|---|---:|" + "---:|" * len(targets)]
-    for source, attack, gamma in keys:
+    keys = list(dict.fromkeys((e.source, *row(e)) for e in effects))
+    cell = {(e.source, *row(e), e.target): e for e in effects}
+    lines = ["| source | " + " | ".join(columns) + " | "
+             + " | ".join(f"`{short_name(t)}`" for t in targets) + " |",
+             "|---|" + "---|" * (len(columns) - 1) + "---:|" + "---:|" * len(targets)]
+    for key in keys:
         values = []
         for target in targets:
-            e = cell.get((source, attack, gamma, target))
+            e = cell.get((*key, target))
             if e is None:
                 values.append("")
                 continue
             text = f"{100 * e.comparison.difference:+.1f}"
-            if target == source:
+            if target == key[0]:
                 text = f"({text})"
             elif q[id(e)] < alpha:
                 text = f"**{text}\\***"
             values.append(text)
-        lines.append(f"| {short_name(source)} | {attack} | {gamma:g} | " + " | ".join(values) + " |")
+        lines.append(f"| {short_name(key[0])} | " + " | ".join(key[1:]) + " | "
+                     + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -187,9 +192,8 @@ def gradient_analysis(gammas: tuple[float, ...] = (0.2, 0.5, 0.8), images: int =
     return "\n".join(lines) + "\n"
 
 
-def replace_section(marker: str, body: str) -> None:
-    """Put ``body`` between ``<!-- MARKER: begin -->`` and ``<!-- MARKER: end -->`` in docs/study.md."""
-    page = ROOT / "docs" / "study.md"
+def replace_section(marker: str, body: str, page: Path = ROOT / "docs" / "study.md") -> None:
+    """Put ``body`` between ``<!-- MARKER: begin -->`` and ``<!-- MARKER: end -->`` in ``page``."""
     begin, end = f"<!-- {marker}: begin -->", f"<!-- {marker}: end -->"
     text = page.read_text()
     if begin not in text or end not in text:
