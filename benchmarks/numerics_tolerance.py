@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from skipgrad import AttackSpec
 from skipgrad.evaluate import evaluate_folder
 from skipgrad.runner import AttackJob, RunOptions, run_attack_job
 
@@ -44,8 +45,8 @@ def main() -> None:
         results, images = {}, {}
         for name, numerics in SETTINGS.items():
             out = Path(tmp) / name
-            job = AttackJob(sources=(args.source,), data="fmnist:test", attack=args.attack,
-                            sgm=args.sgm, **numerics)
+            job = AttackJob(sources=(args.source,), data="fmnist:test",
+                            attack=AttackSpec.parse(args.attack, sgm=args.sgm), **numerics)
             run_attack_job(job, out, RunOptions(limit=args.limit, batch_size=64, quiet=True),
                            log=lambda _: None)
             results[name] = evaluate_folder(out, targets, quiet=True, batch_size=250)

@@ -13,6 +13,7 @@ import argparse
 
 import torch
 
+from skipgrad import AttackSpec
 from skipgrad.autogamma import CalibrationSplit, calibrate_gamma, transfer_outcomes
 from skipgrad.data.datasets import open_dataset
 from skipgrad.demo import DEMO_GAMMA, zoo_targets
@@ -43,8 +44,7 @@ def curve_line(name: str, values: dict[float, float], mark: set[float]) -> str:
 def main() -> None:
     args = parse_args()
     device = torch.device("cpu")
-    job = AttackJob(sources=(args.source,), data="fmnist:test", attack=args.attack,
-                    steps=args.steps)
+    job = AttackJob(sources=(args.source,), data="fmnist:test", attack=AttackSpec.parse(args.attack, steps=args.steps))
     calib_data = open_dataset("fmnist:train", limit=args.calibration_images)
     calib = CalibrationSplit(calib_data, tuple(calib_data.samples), "fmnist:train head")
     cal = calibrate_gamma(job, [(s, None) for s in args.calibrate_on], calib, GRID, device)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import skipgrad
+from skipgrad import AttackSpec
 from skipgrad.autogamma import calibrate_gamma, calibration_split
 from skipgrad.cli import main
 from skipgrad.data.fmnist import load_fmnist
@@ -75,7 +76,7 @@ def test_calibration_is_disjoint_from_attacked_images(tmp_path: Path) -> None:
 
 
 def test_calibration_is_deterministic() -> None:
-    job = AttackJob(sources=(SOURCE,), data="fmnist:test", steps=3)
+    job = AttackJob(sources=(SOURCE,), data="fmnist:test", attack=AttackSpec(steps=3))
     split = calibration_split("fmnist:test", 8, 16)
     runs = [calibrate_gamma(job, [(HELD_OUT, None)], split, (0.3, 0.6, 1.0),
                             torch.device("cpu")) for _ in range(2)]

@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import skipgrad
+import skipgrad.attacks.loop
 from skipgrad.cli import main
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -109,12 +110,12 @@ def test_same_command_twice_redoes_nothing(work: Path, monkeypatch) -> None:
     def fail(*args, **kwargs):
         raise AssertionError("attack called on a finished folder")
 
-    monkeypatch.setattr(skipgrad, "attack", fail)
+    monkeypatch.setattr("skipgrad.attacks.loop.attack_with", fail)
     assert _attack(work, "twice", "--limit", "2") == 0
 
 
 def test_interrupted_run_keeps_whole_batches_and_resumes(work: Path, monkeypatch) -> None:
-    real, calls = skipgrad.attack, []
+    real, calls = skipgrad.attacks.loop.attack_with, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -122,12 +123,12 @@ def test_interrupted_run_keeps_whole_batches_and_resumes(work: Path, monkeypatch
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(skipgrad, "attack", interrupted)
+    monkeypatch.setattr("skipgrad.attacks.loop.attack_with", interrupted)
     monkeypatch.setattr("skipgrad.runner.GROUP_SIZE", 3)  # 8 images: groups of 3, 3 and 2
     assert _attack(work, "ctrlc") == 130
     out = work / "ctrlc"
     assert len(list(out.rglob("*.png"))) == 3 and not list(out.rglob(".*.tmp"))
-    monkeypatch.setattr(skipgrad, "attack", real)
+    monkeypatch.setattr("skipgrad.attacks.loop.attack_with", real)
     assert _attack(work, "ctrlc") == 0
     assert len(list(out.rglob("*.png"))) == N_IMAGES
 

@@ -29,7 +29,8 @@ import torch
 from skipgrad.data.datasets import ImageDataset, Sample, open_dataset
 from skipgrad.data.images import atomic_write_text
 from skipgrad.errors import UserError
-from skipgrad.runner import AttackJob, image_groups, load_sources, predict, read_run
+from skipgrad.runner import (AttackJob, image_groups, job_record, load_sources, predict,
+                             read_run)
 from skipgrad.sweep import best_gamma
 
 DEFAULT_CALIBRATION_IMAGES = 200
@@ -116,19 +117,14 @@ def attack_at(job: AttackJob, models: Sequence[torch.nn.Module], split: Calibrat
               gamma: float, device: torch.device) -> torch.Tensor:
     """Adversarial images of the split at ``gamma`` (1.0 = no SGM), rounded to 8-bit levels like
     the saved PNGs, attacked in the runner's fixed groups so batch size never changes a pixel."""
-    import skipgrad
+    from skipgrad.attacks.loop import attack_with
 
+    spec = dataclasses.replace(job.attack, sgm=None if gamma == 1.0 else gamma)
     out = []
     for group in image_groups(split.samples):
         clean = split.data.load(group).to(device)
-        labels = _labels(group, job.targeted, device)
-        adv = skipgrad.attack(
-            list(models) if len(models) > 1 else models[0], clean, labels, job.attack,
-            sgm=None if gamma == 1.0 else gamma, sgm_official=job.sgm_official,
-            backward=job.backward,
-            eps=job.eps / 255, step_size=job.step_size / 255, steps=job.steps, norm=job.norm,
-            loss=job.loss, targeted=job.targeted, seed=job.seed, ids=[s.id for s in group],
-            decay=job.decay, di_prob=job.di_prob, di_scale=job.di_scale, ti_kernel=job.ti_kernel)
+        labels = _labels(group, spec.targeted, device)
+        adv = attack_with(list(models), clean, labels, spec, ids=[s.id for s in group])
         out.append(adv.detach().clamp(0, 1).mul(255).round().div(255))
     return torch.cat(out)
 
@@ -144,13 +140,13 @@ def transfer_outcomes(job: AttackJob, sources: Sequence[torch.nn.Module],
                       ) -> dict[str, dict[float, torch.Tensor]]:
     """Per-image success (bool) of the attack at each gamma on each target: target -> gamma ->
     vector in split order (untargeted: label left; targeted: target reached; all images count)."""
-    labels = _labels(split.samples, job.targeted, torch.device("cpu"))
+    labels = _labels(split.samples, job.attack.targeted, torch.device("cpu"))
     outcomes: dict[str, dict[float, torch.Tensor]] = {t: {} for t in targets}
     for gamma in gammas:
         adv = attack_at(job, sources, split, gamma, device)
         for spec, model in targets.items():
             preds = torch.cat([predict([model], chunk) for chunk in adv.split(256)])
-            outcomes[spec][gamma] = preds == labels if job.targeted else preds != labels
+            outcomes[spec][gamma] = preds == labels if job.attack.targeted else preds != labels
         rates = {spec: 100 * v[gamma].double().mean().item() for spec, v in outcomes.items()}
         log(f"    gamma {gamma:g}: " + ", ".join(f"{s} {r:.1f}%" for s, r in rates.items()))
     return outcomes
@@ -165,7 +161,7 @@ def calibrate_gamma(job: AttackJob, held_out: Sequence[tuple[str, str | None]],
     grid = tuple(sorted(set(float(g) for g in gammas)))
     if not grid or not all(0 < g <= 1 for g in grid):
         raise UserError("--sgm auto needs a gamma grid inside (0, 1]")
-    if job.targeted and any(s.target is None for s in split.samples):
+    if job.attack.targeted and any(s.target is None for s in split.samples):
         raise UserError(f"--targeted --sgm auto needs target labels on the calibration images "
                         f"too, and {split.data.spec} has none (give --calibrate-data)")
     sources = load_sources(job, device)
@@ -219,7 +215,7 @@ def resolve_auto_gamma(job: AttackJob, out: Path, request: AutoGammaRequest, lim
 def _settings(job: AttackJob, held: Sequence[tuple[str, str | None]], request: AutoGammaRequest,
               split: CalibrationSplit) -> dict:
     # Plain JSON types only, so the comparison with a record read back from run.json is exact.
-    attack = {k: v for k, v in dataclasses.asdict(job).items() if k != "sgm"}
+    attack = {k: v for k, v in job_record(job).items() if k != "sgm"}
     return json.loads(json.dumps({
         "attack": attack, "held_out": [list(h) for h in held], "gammas": list(request.gammas),
         "calibration_data": split.data.spec, "calibration_ids": split.ids()}))

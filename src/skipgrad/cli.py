@@ -354,11 +354,11 @@ def _log(quiet: bool):
 
 
 def _settings(args: argparse.Namespace) -> dict:
-    """Attack settings given on the command line (unset flags are left out)."""
-    names = ("eps", "step_size", "steps", "norm", "loss", "targeted", "seed", "decay", "di_prob",
-             "di_scale", "ti_kernel", "sgm_official", "amp", "channels_last", "channels",
-             "class_map")
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    """Attack and job settings given on the command line (unset flags are left out)."""
+    from skipgrad.runner import ATTACK_SETTINGS, JOB_SETTINGS
+
+    return {n: getattr(args, n) for n in ATTACK_SETTINGS + JOB_SETTINGS
+            if getattr(args, n, None) is not None}
 
 
 def _options(args: argparse.Namespace, base: dict | None = None):
@@ -374,13 +374,10 @@ def _options(args: argparse.Namespace, base: dict | None = None):
 
 def cmd_attack(args: argparse.Namespace) -> int:
     """``skipgrad attack``."""
-    from skipgrad.runner import AttackJob, run_attack_job
+    from skipgrad.runner import run_attack_job
 
     auto = args.sgm == "auto"
-    job = AttackJob(sources=tuple(args.source), data=args.data, attack=args.attack,
-                    sgm=None if auto else args.sgm, weights=tuple(args.weights or ()),
-                    backward=per_source_backward(args.backward, len(args.source)),
-                    **_settings(args))
+    job = _job(args, sgm=None if auto else args.sgm)
     record = None
     if auto:  # gamma is resolved before the runner sees the job: run.json holds a plain float
         job, record = _auto_gamma(args, job)
@@ -390,11 +387,24 @@ def cmd_attack(args: argparse.Namespace) -> int:
         from skipgrad.autogamma import record_calibration
 
         distributed.on_main(lambda: record_calibration(args.out, record))
-        print(f"--sgm auto chose gamma {job.sgm:g} (calibration curve in {args.out}/run.json)")
+        print(f"--sgm auto chose gamma {job.attack.sgm:g} (calibration curve in {args.out}/run.json)")
     print(f"{summary.total} images in {args.out} ({summary.skipped} already done, "
           f"{summary.attacked} attacked in {summary.seconds:.1f} s); "
           f"white-box success on the source: {100 * summary.source_success:.1f}%")
     return 0
+
+
+def _job(args: argparse.Namespace, sgm):
+    """The AttackJob of ``attack``'s flags."""
+    from skipgrad.runner import ATTACK_SETTINGS, JOB_SETTINGS, AttackJob, attack_from_settings
+
+    settings = _settings(args)
+    spec = attack_from_settings(args.attack, sgm,
+                                {k: v for k, v in settings.items() if k in ATTACK_SETTINGS},
+                                per_source_backward(args.backward, len(args.source)))
+    return AttackJob(sources=tuple(args.source), data=args.data, attack=spec,
+                     weights=tuple(args.weights or ()),
+                     **{k: v for k, v in settings.items() if k in JOB_SETTINGS})
 
 
 def _auto_gamma(args: argparse.Namespace, job):
@@ -412,7 +422,7 @@ def _auto_gamma(args: argparse.Namespace, job):
                                         resolve_device(args.device), _log(args.quiet))
     if not args.quiet:
         print(format_calibration(record), file=sys.stderr)
-    return dataclasses.replace(job, sgm=chosen), record
+    return dataclasses.replace(job, attack=dataclasses.replace(job.attack, sgm=chosen)), record
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

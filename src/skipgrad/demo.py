@@ -188,6 +188,7 @@ def run_demo(out: Path, *, limit: int | None = None, device: str = "auto", quiet
     ``backward`` (``METHOD[:key=value,...]``) adds every attack with that backward-pass method,
     without and with SGM, and its paired effects (docs/backward.md).
     """
+    from skipgrad.attacks.config import AttackSpec
     from skipgrad.errors import UserError
     from skipgrad.runner import AttackJob, RunOptions
     from skipgrad.models import load_model
@@ -205,7 +206,7 @@ def run_demo(out: Path, *, limit: int | None = None, device: str = "auto", quiet
     plan = TransferPlan(
         sources=(ModelRef(source),), attacks=DEMO_ATTACKS, gammas=(None, gamma),
         targets=tuple(ModelRef(t) for t in targets),
-        template=AttackJob(sources=(), data="fmnist:test", seed=seed),
+        template=AttackJob(sources=(), data="fmnist:test", attack=AttackSpec(seed=seed)),
         title=f"Fashion-MNIST transfer success from {short_name(source)}",
         backward=(backward,) if backward else ())
     opts = RunOptions(limit=limit or DEMO_IMAGES, batch_size=batch_size, device=device,

@@ -30,13 +30,14 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from skipgrad import distributed, outdir
+from skipgrad.attacks.config import AttackSpec
 from skipgrad.data.datasets import ImageDataset, Sample, open_dataset
 from skipgrad.data.images import atomic_write_text, to_uint8, write_png
 from skipgrad.data.prefetch import prefetched
@@ -53,37 +54,78 @@ _TEMP_FILE = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")
 
 @dataclass(frozen=True)
 class AttackJob:
-    """Everything that determines the adversarial images (and so must match to resume).
-
-    ``eps`` and ``step_size`` are in pixel levels out of 255, as on the command line.
-    """
+    """Everything that determines the adversarial images (and so must match to resume): the
+    source models, the data and the attack (one :class:`~skipgrad.AttackSpec`, in [0, 1] pixel
+    units; :func:`attack_from_settings` builds it from command-line units)."""
 
     sources: tuple[str, ...]
     data: str
-    attack: str = "ifgsm"
-    sgm: float | None = None
-    sgm_official: bool = False
-    # Backward-pass methods (skipgrad.backward.registry): one METHOD[:key=value,...][+...] text
-    # for every source, or a tuple with one per source (None: none for that source).
-    backward: str | None | tuple[str | None, ...] = None
+    attack: AttackSpec = AttackSpec()
     weights: tuple[str | None, ...] = ()
-    eps: float = 16.0
-    step_size: float = 2.0
-    steps: int = 10
-    norm: str = "linf"
-    loss: str = "ce"
-    targeted: bool = False
-    seed: int = 0
-    decay: float = 1.0
-    di_prob: float = 0.5
-    di_scale: float = 1.1
-    ti_kernel: int = 7
     channels: int | None = None
     class_map: str | None = None
     # Numerics of the source's forward/backward. They change the float results, so they are part
     # of the run's identity (recorded only when not the default, so older folders still resume).
     amp: str = "off"  # "off" (float32) or "bf16" (autocast to bfloat16)
     channels_last: bool = False
+
+
+# Attack settings as the command line and the TOML plans spell them; eps and step_size are pixel
+# levels out of 255 there. ``attack_from_settings`` turns them into the AttackSpec.
+ATTACK_SETTINGS = ("eps", "step_size", "steps", "norm", "loss", "targeted", "seed", "decay",
+                   "di_prob", "di_scale", "ti_kernel", "sgm_official")
+# Settings of the job rather than of the attack (data decoding and numerics).
+JOB_SETTINGS = ("channels", "class_map", "amp", "channels_last")
+_LEVEL_SETTINGS = ("eps", "step_size")
+
+
+def attack_from_settings(method: str = "ifgsm", sgm: float | None | tuple = None,
+                         settings: dict | None = None,
+                         backward: str | None | tuple[str | None, ...] = None) -> AttackSpec:
+    """The AttackSpec of command-line/plan ``settings`` (keys of ``ATTACK_SETTINGS``, unset ones
+    left out; eps and step size in pixel levels out of 255) with the composed attack ``method``,
+    the SGM gamma(s) and the backward-pass method(s). Bad values are a UserError."""
+    import skipgrad
+
+    values = dict(settings or {})
+    unknown = sorted(set(values) - set(ATTACK_SETTINGS))
+    if unknown:
+        raise ValueError(f"not attack settings: {', '.join(unknown)}")  # a caller's bug
+    for key in _LEVEL_SETTINGS:
+        if key in values:
+            _positive(key.replace("_", " "), values[key])
+            values[key] = values[key] / 255
+    if values.get("norm", "linf") == "linf" and values.get("eps", 0) > 1:
+        raise UserError(f"--eps is in pixel levels out of 255; {values['eps'] * 255:g} is larger "
+                        f"than 255")
+    try:
+        return skipgrad.AttackSpec.parse(method, sgm=sgm, backward=backward, **values)
+    except UserError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+
+
+def attack_settings(spec: AttackSpec) -> dict:
+    """The inverse of :func:`attack_from_settings`: the spec in command-line units, as run.json
+    records it (``attack`` is the canonical composed name; per-source gammas are a list)."""
+    record: dict = {"attack": spec.name,
+                    "sgm": list(spec.sgm) if isinstance(spec.sgm, tuple) else spec.sgm}
+    for key in ATTACK_SETTINGS:
+        value = getattr(spec, key)
+        # Rounded so that 16/255 is recorded as 16.0 levels, as older run.json files hold it.
+        record[key] = round(value * 255, 9) if key in _LEVEL_SETTINGS else value
+    if spec.backward is not None:  # only when set, so folders made before it still resume
+        record["backward"] = ([None if p is None else p.label for p in spec.backward]
+                              if isinstance(spec.backward, tuple) else spec.backward.label)
+    return record
+
+
+def job_record(job: AttackJob) -> dict:
+    """The whole job as plain JSON values in command-line units (the run.json config keys)."""
+    return {"sources": list(job.sources), "data": job.data, **attack_settings(job.attack),
+            "weights": list(job.weights),
+            **{key: getattr(job, key) for key in JOB_SETTINGS}}
 
 
 # Attack settings that enter run.json only when they differ from these defaults.
@@ -126,28 +168,20 @@ def resolve_device(name: str) -> torch.device:
 
 
 def check_job(job: AttackJob) -> None:
-    """Validate the numbers early so bad input fails before any model is loaded."""
-    import skipgrad
-
+    """Validate what the AttackSpec cannot know (sources, weights, numerics) before any model
+    is loaded."""
     if not job.sources:
         raise UserError("at least one --source is needed")
-    skipgrad.AttackSpec(**skipgrad.parse_attack_name(job.attack), decay=job.decay,  # fail early
-                        di_prob=job.di_prob, di_scale=job.di_scale, ti_kernel=job.ti_kernel)
-    _positive("eps", job.eps)
-    _positive("step size", job.step_size)
-    if job.norm == "linf" and job.eps > 255:
-        raise UserError(f"--eps is in pixel levels out of 255; {job.eps:g} is larger than 255")
-    if isinstance(job.steps, bool) or not isinstance(job.steps, int) or job.steps < 1:
-        raise UserError(f"--steps must be a positive integer, got {job.steps}")
     if job.amp not in AMP_MODES:
         raise UserError(f"--amp must be one of {', '.join(AMP_MODES)}, got {job.amp!r} (float16 "
                         f"is not offered: input gradients underflow in it without loss scaling)")
-    if job.sgm is not None and not (0 < job.sgm <= 1):
-        raise UserError(f"--sgm gamma must be in (0, 1], got {job.sgm:g}")
     backward_plans(job)
     if job.weights and len(job.weights) != len(job.sources):
         raise UserError(f"{len(job.weights)} --weights for {len(job.sources)} --source; give one "
                         f"weights file per source, in the same order")
+    if isinstance(job.attack.sgm, tuple) and len(job.attack.sgm) != len(job.sources):
+        raise UserError(f"{len(job.attack.sgm)} --sgm values for {len(job.sources)} --source; give "
+                        f"one --sgm for all sources or one per --source, in the same order")
     for spec, weights in zip(job.sources, job.weights or (None,) * len(job.sources)):
         resolve_config(spec, weights)  # unknown specs fail before any data is read
 
@@ -159,10 +193,10 @@ def _positive(what: str, value: float) -> None:
 
 def backward_plans(job: AttackJob) -> tuple:
     """The job's backward-pass methods, one plan (or None) per source; bad text is a UserError."""
-    from skipgrad.backward.registry import BackwardSpecError, per_source
+    from skipgrad.backward.registry import BackwardSpecError
 
     try:
-        return per_source(job.backward, len(job.sources))
+        return job.attack.backward_per_source(len(job.sources))
     except BackwardSpecError as exc:
         raise UserError(f"--backward: {exc}") from None
 
@@ -179,9 +213,8 @@ def backward_record(job: AttackJob, models: Sequence[WrappedModel]) -> list[list
     from skipgrad.attacks.loop import backward_contexts
 
     plans = backward_plans(job)
-    gammas = [job.sgm] * len(models)
     try:
-        contexts = backward_contexts(models, gammas, job.sgm_official, plans)
+        contexts = backward_contexts(models, job.attack)
         with contextlib.ExitStack() as stack:  # entering them all finds conflicts, then leaves
             for context in contexts:
                 stack.enter_context(context)
@@ -226,17 +259,14 @@ def numerics(job: AttackJob, device: torch.device) -> contextlib.AbstractContext
 
 def run_identity(job: AttackJob, models: Sequence[WrappedModel], data: ImageDataset) -> dict:
     """The part of run.json that must be equal for a folder to be resumed."""
-    import skipgrad
-
-    identity = asdict(job)
+    identity = job_record(job)
     identity.pop("weights")
-    identity["attack"] = skipgrad.AttackSpec(**skipgrad.parse_attack_name(job.attack)).name
     identity["sources"] = [m.config.spec for m in models]
     identity["weights_sha256"] = [m.config.weights_sha256 for m in models]
     identity["data"] = data.spec
     identity["channels"] = data.channels
     identity["group_size"] = GROUP_SIZE
-    record = backward_record(job, models) if job.backward is not None else None
+    record = backward_record(job, models) if job.attack.backward is not None else None
     identity["backward"] = record if record and any(record) else None
     for key, default in _OPTIONAL_IDENTITY.items():
         if identity[key] == default:
@@ -370,17 +400,18 @@ def image_file(sample: Sample) -> str:
 def check_bound(adv: np.ndarray, clean: np.ndarray, job: AttackJob, name: str) -> None:
     """Assert the perturbation bound on the 8-bit levels about to be saved."""
     diff = adv.astype(np.int16) - clean.astype(np.int16)
-    if job.norm == "linf":
-        limit = math.floor(job.eps + 1e-6)
+    eps = job.attack.eps * 255  # in levels, like the saved files
+    if job.attack.norm == "linf":
+        limit = math.floor(eps + 1e-6)
         worst = int(np.abs(diff).max()) if diff.size else 0
         ok = worst <= limit
     else:
         worst = float(np.sqrt((diff.astype(np.float64) ** 2).sum()))
-        limit = job.eps
+        limit = eps
         ok = worst <= limit * (1 + 1e-6) + 1e-6
     if not ok:
         raise RuntimeError(f"refusing to save {name}: perturbation {worst} levels exceeds the "
-                           f"{job.norm} bound {limit} (this is a bug in the attack; please report)")
+                           f"{job.attack.norm} bound {limit} (this is a bug in the attack; please report)")
 
 
 def run_attack_job(job: AttackJob, out: Path, opts: RunOptions = RunOptions(),
@@ -393,11 +424,11 @@ def run_attack_job(job: AttackJob, out: Path, opts: RunOptions = RunOptions(),
         raise UserError(f"--prefetch must be 0 or more image groups, got {opts.prefetch}")
     device = distributed.device_for(resolve_device(opts.device))
     data = open_dataset(job.data, limit=opts.limit, channels=job.channels, class_map=job.class_map)
-    if job.targeted and not data.has_targets():
+    if job.attack.targeted and not data.has_targets():
         raise UserError(f"--targeted needs target labels, and {job.data} has none "
                         f"(labels.csv needs a targeted_label column)")
     models = load_sources(job, device)
-    _check_labels(data, models, job.targeted)
+    _check_labels(data, models, job.attack.targeted)
     _check_sgm(job, models)  # SGM's own message first; the backward methods are checked next
     identity, env = run_identity(job, models, data), environment(models, data, opts, device)
     with outdir.exclusive(out):  # one live run per folder; SIGINT/SIGTERM stop after a group
@@ -420,12 +451,10 @@ def _check_labels(data: ImageDataset, models: Sequence[WrappedModel], targeted: 
 
 def _check_sgm(job: AttackJob, models: Sequence[WrappedModel]) -> None:
     """SGM needs residual/dense blocks; say so before the folder is claimed, not mid-run."""
-    if job.sgm is None:
-        return
     import skipgrad
 
-    for model in models:
-        if not skipgrad.find_blocks(model):
+    for model, gamma in zip(models, job.attack.sgm_per_source(len(models))):
+        if gamma is not None and not skipgrad.find_blocks(model):
             raise UserError(f"--sgm needs residual or dense blocks and {model.config.spec} has "
                             f"none; drop --sgm for this source")
 
@@ -457,7 +486,7 @@ def _attack_missing(job: AttackJob, out: Path, opts: RunOptions, data: ImageData
         bar.close()
     attacked = distributed.total(len(new_rows))  # also waits for every rank's last part
     wanted = {image_file(s) for s in data.samples}
-    success = distributed.on_main(lambda: _finish_manifest(out, wanted, job.targeted))
+    success = distributed.on_main(lambda: _finish_manifest(out, wanted, job.attack.targeted))
     return RunSummary(out, len(data), skipped, attacked, time.perf_counter() - started, success)
 
 
@@ -483,19 +512,15 @@ def _attack_group(job: AttackJob, out: Path, models: Sequence[WrappedModel], bat
     8-bit levels, write the PNGs of its ``missing`` images and return their manifest rows.
     Finished images keep their files and rows: after a crash they hold these same bytes; after
     a ``--limit`` change they were made in a smaller group and are kept rather than redone."""
-    import skipgrad
+    from skipgrad.attacks.loop import attack_with
 
     clean = clean.to(device, non_blocking=True)
     if job.channels_last:
         clean = clean.contiguous(memory_format=torch.channels_last)
-    labels = torch.tensor([s.target if job.targeted else s.label for s in batch], device=device)
+    labels = torch.tensor([s.target if job.attack.targeted else s.label for s in batch],
+                          device=device)
     with outdir.naming_images([str(s.path or s.name) for s in batch]), numerics(job, device):
-        adv = skipgrad.attack(
-            list(models) if len(models) > 1 else models[0], clean, labels, job.attack,
-            sgm=job.sgm, sgm_official=job.sgm_official, backward=job.backward, eps=job.eps / 255,
-            step_size=job.step_size / 255, steps=job.steps, norm=job.norm, loss=job.loss,
-            targeted=job.targeted, seed=job.seed, ids=[s.id for s in batch], decay=job.decay,
-            di_prob=job.di_prob, di_scale=job.di_scale, ti_kernel=job.ti_kernel)
+        adv = attack_with(list(models), clean, labels, job.attack, ids=[s.id for s in batch])
     levels = [to_uint8(a) for a in adv]
     for sample, adv_levels, image in zip(batch, levels, clean):
         check_bound(adv_levels, to_uint8(image), job, sample.name)

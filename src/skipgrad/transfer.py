@@ -29,7 +29,8 @@ from skipgrad.backward.registry import parse_backward
 from skipgrad.errors import UserError
 from skipgrad.evaluate import evaluate_output, load_targets, open_attack_output
 from skipgrad.report import TransferRow, write_transfer_report
-from skipgrad.runner import AttackJob, RunOptions, resolve_device, run_attack_job
+from skipgrad.runner import (ATTACK_SETTINGS, JOB_SETTINGS, AttackJob, RunOptions,
+                             attack_from_settings, resolve_device, run_attack_job)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,15 @@ def cell_folder(out: Path, source: ModelRef, attack: str, gamma: float | None,
     return out / "attacks" / name
 
 
+def cell_job(template: AttackJob, source: ModelRef, attack: str, gamma: float | None,
+             backward: str | None = None) -> AttackJob:
+    """The attack job of one matrix row: the plan's shared settings with this source, attack name,
+    SGM gamma and backward-pass method(s)."""
+    spec = dataclasses.replace(template.attack.with_method(attack), sgm=gamma, backward=backward)
+    return dataclasses.replace(template, sources=(source.spec,), attack=spec,
+                               weights=(source.weights,))
+
+
 def run_transfer(plan: TransferPlan, out: Path, opts: RunOptions = RunOptions(),
                  log: Callable[[str], None] = print) -> TransferResult:
     """Run (or resume) every attack folder, evaluate every target, write the matrix files."""
@@ -126,8 +136,7 @@ def run_transfer(plan: TransferPlan, out: Path, opts: RunOptions = RunOptions(),
     check_backward_sources(plan, opts)
     folders = []
     for i, (source, attack, gamma, backward) in enumerate(plan.cells(), start=1):
-        job = dataclasses.replace(plan.template, sources=(source.spec,), attack=attack, sgm=gamma,
-                                  weights=(source.weights,), backward=backward)
+        job = cell_job(plan.template, source, attack, gamma, backward)
         folder = cell_folder(out, source, attack, gamma, backward)
         extra = "" if backward is None else f" backward={backward}"
         log(f"[{i}/{len(plan.cells())}] {source.spec} {attack} sgm={gamma}{extra} -> {folder}")
@@ -150,8 +159,7 @@ def check_backward_sources(plan: TransferPlan, opts: RunOptions) -> None:
     for index, source in enumerate(plan.sources):
         method = plan.backward[index] if plan.backward else None
         if method is not None:
-            job = dataclasses.replace(plan.template, sources=(source.spec,), sgm=None,
-                                      weights=(source.weights,), backward=method)
+            job = cell_job(plan.template, source, plan.template.attack.name, None, method)
             backward_record(job, load_sources(job, device))
 
 
@@ -179,8 +187,7 @@ def evaluate_cells(plan: TransferPlan, folders: list, opts: RunOptions,
 
 # ---------------------------------------------------------------- TOML plans
 
-_TEMPLATE_KEYS = {f.name for f in dataclasses.fields(AttackJob)} - {"sources", "attack", "sgm",
-                                                                     "weights", "backward"}
+_TEMPLATE_KEYS = set(ATTACK_SETTINGS) | set(JOB_SETTINGS)
 
 
 def load_plan_file(path: Path) -> dict:
@@ -219,4 +226,6 @@ def template_from(settings: dict, data: str) -> AttackJob:
     if unknown:
         raise UserError(f"unknown transfer setting(s): {', '.join(unknown)} "
                         f"(known: {', '.join(sorted(_TEMPLATE_KEYS))})")
-    return AttackJob(sources=(), data=data, **{k: v for k, v in settings.items() if k != "data"})
+    job_settings = {k: settings[k] for k in JOB_SETTINGS if k in settings}
+    spec = attack_from_settings(settings={k: settings[k] for k in ATTACK_SETTINGS if k in settings})
+    return AttackJob(sources=(), data=data, attack=spec, **job_settings)

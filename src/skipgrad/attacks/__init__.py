@@ -1,6 +1,7 @@
 """One attack loop with composable parts: update rules, DI/TI transforms, ensembles, SGM."""
 from skipgrad.attacks.config import ATTACK_TOKENS, AttackSpec, parse_attack_name
-from skipgrad.attacks.loop import NonFiniteGradientError, attack, evaluation_mode, run_attack
+from skipgrad.attacks.loop import (NonFiniteGradientError, attack, attack_with, evaluation_mode,
+                                   run_attack)
 
-__all__ = ["ATTACK_TOKENS", "AttackSpec", "NonFiniteGradientError", "attack", "evaluation_mode",
-           "parse_attack_name", "run_attack"]
+__all__ = ["ATTACK_TOKENS", "AttackSpec", "NonFiniteGradientError", "attack", "attack_with",
+           "evaluation_mode", "parse_attack_name", "run_attack"]

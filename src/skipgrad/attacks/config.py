@@ -1,8 +1,16 @@
-"""Attack configuration: composable names such as ``"mi+di+ti"`` parsed into a frozen spec."""
+"""Attack configuration: composable names such as ``"mi+di+ti"`` parsed into a frozen spec.
+
+:class:`AttackSpec` is the one carrier of an attack's parameters: the command line and the transfer
+plans build one (``skipgrad.runner.attack_from_settings``), ``runner.AttackJob`` holds it, and
+:func:`skipgrad.attack` builds one from its keywords and hands it to the loop.
+"""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+
+from skipgrad.backward.registry import BackwardPlan, as_plan, per_source
 
 UPDATE_RULES = ("ifgsm", "mi", "ni")
 MODIFIERS = ("pgd", "di", "ti")
@@ -30,6 +38,15 @@ class AttackSpec:
         di_prob, di_scale: DI applies with probability ``di_prob`` on a canvas ``di_scale`` times
             the input size.
         ti_kernel: TI Gaussian kernel size (odd); sigma spans +-3 over the kernel as in Dong et al.
+        sgm: Skip Gradient Method gamma in (0, 1] for every source, ``None`` for no SGM, or a
+            tuple with one entry per source model (``None`` entries: no SGM for that source).
+        sgm_official: the authors' hook placement (torchvision ResNet/DenseNet only).
+        backward: backward-pass methods (:mod:`skipgrad.backward.registry`) for every source, as
+            ``"METHOD[:key=value,...]"`` joined with ``+`` or a ``BackwardPlan``, or a tuple with
+            one entry per source (``None``: none for that source); stored as plans.
+        seed: the run seed; each image's random draws come from its own stream (seed, image id).
+
+    Build one from a composed name with :meth:`parse`; :attr:`name` gives the name back.
     """
 
     update: str = "ifgsm"
@@ -46,8 +63,39 @@ class AttackSpec:
     di_prob: float = 0.5
     di_scale: float = 1.1
     ti_kernel: int = 7
+    sgm: float | None | tuple[float | None, ...] = None
+    sgm_official: bool = False
+    backward: BackwardPlan | None | tuple[BackwardPlan | None, ...] = None
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, method: str = "ifgsm", **settings: object) -> AttackSpec:
+        """The spec of a composed attack name such as ``"mi+di"`` with the other ``settings``."""
+        return cls(**parse_attack_name(method), **settings)  # type: ignore[arg-type]
+
+    def with_method(self, method: str) -> AttackSpec:
+        """The same settings with another composed attack name."""
+        return dataclasses.replace(self, **parse_attack_name(method))  # type: ignore[arg-type]
+
+    def sgm_per_source(self, count: int) -> tuple[float | None, ...]:
+        """One gamma (or None) per source model; a per-source tuple must have ``count`` entries."""
+        if not isinstance(self.sgm, tuple):
+            return (self.sgm,) * count
+        if len(self.sgm) != count:
+            raise ValueError(f"sgm has {len(self.sgm)} entries for {count} source models")
+        return self.sgm
+
+    def backward_per_source(self, count: int) -> tuple[BackwardPlan | None, ...]:
+        """One backward plan (or None) per source model, like :meth:`sgm_per_source`."""
+        return per_source(self.backward, count)
 
     def __post_init__(self) -> None:
+        if isinstance(self.sgm, list):  # a list from JSON/TOML: keep the spec hashable
+            object.__setattr__(self, "sgm", tuple(self.sgm))
+        # Strings are parsed once, here, so a spec compares equal however its methods were written.
+        backward = self.backward
+        object.__setattr__(self, "backward", tuple(as_plan(b) for b in backward)
+                           if isinstance(backward, (list, tuple)) else as_plan(backward))
         _check_choice("update rule", self.update, UPDATE_RULES)
         _check_choice("norm", self.norm, NORMS)
         _check_choice("loss", self.loss, LOSSES)
@@ -66,6 +114,10 @@ class AttackSpec:
             raise ValueError(f"di_scale must be >= 1, got {self.di_scale}")
         if not (isinstance(self.ti_kernel, int) and self.ti_kernel >= 1 and self.ti_kernel % 2):
             raise ValueError(f"ti_kernel must be a positive odd integer, got {self.ti_kernel!r}")
+        for gamma in self.sgm if isinstance(self.sgm, tuple) else (self.sgm,):
+            _check_gamma(gamma)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
     @property
     def name(self) -> str:
@@ -98,6 +150,13 @@ def parse_attack_name(name: str) -> dict[str, object]:
         raise ValueError(f"attack {name!r} has several update rules ({', '.join(rules)}); pick one")
     return {"update": rules[0] if rules else "ifgsm", "random_start": "pgd" in tokens,
             "input_diversity": "di" in tokens, "translation_invariance": "ti" in tokens}
+
+
+def _check_gamma(gamma: object) -> None:
+    if gamma is None:
+        return
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
+        raise ValueError(f"SGM gamma must be a number in (0, 1] or None, got {gamma!r}")
 
 
 def _check_choice(what: str, value: object, choices: tuple[str, ...]) -> None:

@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from skipgrad.attacks.config import AttackSpec, parse_attack_name
+from skipgrad.attacks.config import AttackSpec
 from skipgrad.attacks.losses import attack_objective
 from skipgrad.attacks.randomness import PerImageRandom
 from skipgrad.attacks.transforms import (apply_diversity, draw_diversity, gaussian_kernel,
@@ -21,7 +21,7 @@ from skipgrad.attacks.transforms import (apply_diversity, draw_diversity, gaussi
 from skipgrad.attacks.updates import (l1_normalise, per_sample_norm, project, quantise_in_ball,
                                       steepest_direction)
 from skipgrad.backward import BackwardContext, check_gamma, skip_gradient
-from skipgrad.backward.registry import BackwardPlan, per_source
+from skipgrad.backward.registry import BackwardPlan
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -83,14 +83,24 @@ def attack(
 
     Models are switched to eval mode during the attack and restored afterwards.
     """
-    spec = AttackSpec(**parse_attack_name(method), eps=eps, step_size=step_size, steps=steps,
-                      norm=norm, loss=loss, targeted=targeted, decay=decay, di_prob=di_prob,
-                      di_scale=di_scale, ti_kernel=ti_kernel)
+    spec = AttackSpec.parse(method, eps=eps, step_size=step_size, steps=steps, norm=norm,
+                            loss=loss, targeted=targeted, decay=decay, di_prob=di_prob,
+                            di_scale=di_scale, ti_kernel=ti_kernel,
+                            sgm=tuple(sgm) if isinstance(sgm, (list, tuple)) else sgm,
+                            sgm_official=sgm_official, backward=backward, seed=seed)
+    return attack_with(model, images, labels, spec, ids=ids)
+
+
+def attack_with(model: nn.Module | Sequence[nn.Module], images: torch.Tensor,
+                labels: torch.Tensor, spec: AttackSpec,
+                ids: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`attack` with its parameters in one :class:`AttackSpec` (what the runner and the
+    calibration pass along); same checks, same result."""
     sources = _as_sources(model)
-    contexts = backward_contexts(sources, sgm, sgm_official, backward)
+    contexts = backward_contexts(sources, spec)
     _check_images(images)
     _check_labels(labels, images)
-    rng = PerImageRandom(_check_seed(seed), _check_ids(ids, images.shape[0]))
+    rng = PerImageRandom(spec.seed, _check_ids(ids, images.shape[0]))
     with contextlib.ExitStack() as stack:
         stack.enter_context(evaluation_mode(sources))
         for context in contexts:
@@ -182,19 +192,16 @@ def _as_sources(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
     return sources
 
 
-def backward_contexts(sources: Sequence[nn.Module], sgm: object, official: bool,
-                      backward: object) -> list[BackwardContext]:
+def backward_contexts(sources: Sequence[nn.Module], spec: AttackSpec) -> list[BackwardContext]:
     """Every context that changes the sources' backward pass, in the order they are entered: per
     source, SGM first, then the backward-pass methods in the order given. Built here, before any
     gradient, so that a method with nothing to change in a source raises before the attack."""
-    gammas = list(sgm) if isinstance(sgm, (list, tuple)) else [sgm] * len(sources)
-    if len(gammas) != len(sources):
-        raise ValueError(f"sgm has {len(gammas)} entries for {len(sources)} source models")
-    plans = per_source(backward, len(sources))
+    gammas = spec.sgm_per_source(len(sources))
+    plans = spec.backward_per_source(len(sources))
     contexts: list[BackwardContext] = []
     for model, gamma, plan in zip(sources, gammas, plans):
         if gamma is not None:
-            contexts.append(skip_gradient(model, check_gamma(gamma), official=official))
+            contexts.append(skip_gradient(model, check_gamma(gamma), official=spec.sgm_official))
         if plan is not None:
             contexts += plan.build(model)
     return contexts
@@ -245,12 +252,6 @@ def _check_finite(x: torch.Tensor, what: str,
                     f"{positions[:20]}")
         exc.positions = positions  # so that callers can name the files (runner, CLI)
         raise exc
-
-
-def _check_seed(seed: object) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    return seed
 
 
 def _check_ids(ids: Sequence[int] | torch.Tensor | None, n: int) -> list[int]:
