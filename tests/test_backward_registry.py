@@ -149,3 +149,14 @@ def test_attack_refuses_a_method_with_nothing_to_change(toy_methods, tiny_resnet
     with pytest.raises(skipgrad.NothingToChangeError, match="attnonly found no attention layer"):
         skipgrad.attack(tiny_resnet, images, labels, backward="attnonly")
     assert _relu_hooks(tiny_resnet) == 0
+
+
+def test_attack_backward_linbp_equals_the_context_by_hand(tiny_resnet, tiny_batch):
+    images, labels = tiny_batch
+    settings = dict(eps=8 / 255, step_size=2 / 255, steps=2, sgm=0.5)
+    named = skipgrad.attack(tiny_resnet, images, labels, "mi", backward="linbp:branch_scale=0.5",
+                            **settings)
+    with skipgrad.linbp(tiny_resnet, branch_scale=0.5):
+        by_hand = skipgrad.attack(tiny_resnet, images, labels, "mi", **settings)
+    assert torch.equal(named, by_hand)
+    assert not torch.equal(named, skipgrad.attack(tiny_resnet, images, labels, "mi", **settings))
