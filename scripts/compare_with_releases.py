@@ -108,6 +108,38 @@ def compare_linbp(checkout: Path, images: torch.Tensor, labels: torch.Tensor, se
                ours, theirs, plain)
 
 
+# ---------------------------------------------------------------- BPA
+
+def release_bpa_surgery(utils: ModuleType, arch: str, model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with the module replacements of the release's attack_eval_imagenet.py
+    for a ``method`` containing ``max`` and ``relu_silu`` (default temperatures)."""
+    theirs = copy.deepcopy(model)
+    net = theirs[1]
+    if arch == "vgg19_bn":
+        for i in (6, 13, 26, 39, 52):
+            net.features[i] = utils.MaxPool2dK2S2()
+        for i in (25, 29, 32, 35, 38, 42, 45, 48, 51)[-2:]:
+            net.features[i] = utils.ReLU_SiLU()
+    else:
+        net.maxpool = utils.MaxPool2dK3S2P1()
+        for i in range(1, 6):
+            net.layer3[i].relu = utils.ReLU_SiLU()
+        for i in range(3):
+            net.layer4[i].relu = utils.ReLU_SiLU()
+    return theirs
+
+
+def compare_bpa(checkout: Path, images: torch.Tensor, labels: torch.Tensor, seed: int) -> None:
+    utils = load_release_utils(checkout, "utils.py", "bpa_release_utils")
+    for arch in ("resnet50", "vgg19_bn"):
+        model = source(arch, seed)
+        theirs = plain_gradient(release_bpa_surgery(utils, arch, model), images, labels)
+        with skipgrad.bpa(model) as context:
+            ours = plain_gradient(model, images, labels)
+        report(f"BPA tv:{arch} start={context.start} ({len(context.changes)} modules)",
+               ours, theirs, plain_gradient(model, images, labels))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--linbp", type=Path, help="checkout of qizhangli/linbp-attack")
@@ -126,6 +158,8 @@ def main() -> None:
           f"torch {torch.__version__}, torchvision {torchvision.__version__}")
     if args.linbp is not None:
         compare_linbp(args.linbp, images, labels, args.seed)
+    if args.bpa is not None:
+        compare_bpa(args.bpa, images, labels, args.seed)
 
 
 if __name__ == "__main__":

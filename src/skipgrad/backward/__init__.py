@@ -10,12 +10,15 @@ an error instead of a silent no-op) and the block registry of :mod:`skipgrad.bac
   ``skipgrad.attack(..., backward=...)``) and :func:`register_method` for your own.
 * :mod:`~skipgrad.backward.linbp` -- ``linbp``, Linear Backpropagation (Guo, Li, Chen, NeurIPS
   2020): ReLUs inside residual branches linear in backward, branch gradients norm-matched.
+* :mod:`~skipgrad.backward.bpa` -- ``bpa``, the Backward Propagation Attack's rules (Wang, Tong,
+  He, NeurIPS 2023): softmax max-pool windows and SiLU-derivative ReLUs.
 
 :mod:`~skipgrad.backward.units` says where the methods that act "from a layer on" start.
 """
 from skipgrad.backward.base import (BackwardConflictError, BackwardContext, Change,
                                     NothingToChangeError)
 from skipgrad.backward.blocks import BLOCKS, BlockKind, register_block
+from skipgrad.backward.bpa import bpa
 from skipgrad.backward.linbp import linbp
 from skipgrad.backward.registry import (BackwardPlan, BackwardSpecError, MethodChoice,
                                         parse_backward, register_method)
@@ -31,7 +34,7 @@ from skipgrad.backward.sgm import (
 __all__ = [
     "BLOCKS", "BackwardConflictError", "BackwardContext", "BackwardPlan", "BackwardSpecError",
     "BlockInfo", "BlockKind", "Change", "MethodChoice", "NoResidualBlockError",
-    "NothingToChangeError", "UnsupportedOfficialModelError", "check_gamma", "find_blocks",
+    "NothingToChangeError", "UnsupportedOfficialModelError", "bpa", "check_gamma", "find_blocks",
     "linbp", "parse_backward", "register_block", "register_method", "skip_gradient",
 ]
 from skipgrad.backward import families  # noqa: E402,F401  (registers the timm/torchvision families)
