@@ -349,11 +349,16 @@ def known_methods() -> list[MethodInfo]:
 
 def register_builtin_methods() -> None:
     """Register the methods skipgrad ships (called once, when :mod:`skipgrad.backward` loads)."""
+    from skipgrad.backward.bpa import bpa
     from skipgrad.backward.linbp import linbp
 
     register_method("linbp", linbp, settings={"start": (int, str, None), "branch_scale": float},
                     summary="LinBP (Guo et al., NeurIPS 2020): branch ReLUs linear in the backward "
                             "pass from block start on, branch gradients norm-matched")
+    register_method("bpa", bpa, settings={"start": (int, str, None), "relu_temperature": float,
+                                          "pool_temperature": (float, None)},
+                    summary="BPA (Wang et al., NeurIPS 2023): max-pool backward by a softmax over "
+                            "each window, ReLU backward by the SiLU derivative, from start on")
 
 
 def resolved_settings(choice: MethodChoice, context: BackwardContext) -> dict[str, Value]:
