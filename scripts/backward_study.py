@@ -6,8 +6,10 @@ model, with paired McNemar tests and Benjamini-Hochberg correction (as docs/stud
     python scripts/backward_study.py --out runs/backward [--limit 500] [--only SOURCE:METHOD,...]
 
 Each cell is an ordinary attack folder under OUT/SOURCE/attacks/ (the baselines without a method
-are shared by the methods of a source), so re-running resumes and re-scores. Writes
-OUT/backward_study.json and, unless --only is given, the generated tables of docs/backward.md.
+are shared by the methods of a source), so re-running resumes. Each (source, method) saves its
+rows and per-image outcomes in OUT/SOURCE/METHOD.json; OUT/backward_study.json and (with
+--write-docs) the generated tables of docs/backward.md put together every part saved so far, so
+parts of the grid can run in separate processes (--only) and be collected with --collect-only.
 """
 from __future__ import annotations
 
@@ -47,24 +49,52 @@ def study_plan(source: str, method: str, sgm: bool, targets: list[str]) -> Trans
                         title=f"{method} from {source}", backward=(method,))
 
 
-def run_study(out: Path, limit: int, only: set[str] | None) -> tuple[list, list, list[str]]:
-    """Run every selected (source, method); returns rows, effects and the cells not run (why)."""
+def run_study(out: Path, limit: int, only: set[str] | None) -> None:
+    """Run every selected (source, method) and save each one's rows and per-image outcomes in
+    ``OUT/SOURCE/METHOD.json`` (or why it did not run), so that runs of parts of the grid (in
+    parallel processes, or resumed later) are put together without scoring anything again."""
     opts = RunOptions(limit=limit, batch_size=250, quiet=True)
     targets = zoo_targets()
-    rows, effects, skipped = [], [], []
     for source, methods, sgm in GRID:
         for method in methods:
             if only and f"{source}:{method}" not in only:
                 continue
+            record: dict = {"source": source, "method": method, "limit": limit}
             try:
                 result = run_transfer(study_plan(source, method, sgm, targets), out / source, opts)
             except UserError as exc:  # the method does not apply to this source: say so
-                skipped.append(f"{source} × {method}: {exc}")
                 print(f"skipped {source} × {method}: {exc}")
+                record["skipped"] = str(exc)
+            else:
+                record["rows"] = [r.to_json() for r in result.rows]
+                record["outcomes"] = [[*key, [int(v) for v in success.tolist()]]
+                                      for key, success in result.outcomes.items()]
+            (out / source).mkdir(parents=True, exist_ok=True)
+            (out / source / f"{method}.json").write_text(json.dumps(record) + "\n")
+
+
+def collect(out: Path) -> tuple[list, list, list[str]]:
+    """Rows, paired effects and skipped cells of every saved (source, method), in GRID order."""
+    import torch
+
+    from skipgrad.report import TransferRow
+
+    rows, effects, skipped = [], [], []
+    for source, methods, _ in GRID:
+        for method in methods:
+            path = out / source / f"{method}.json"
+            if not path.is_file():
+                continue
+            record = json.loads(path.read_text())
+            if "skipped" in record:
+                skipped.append(f"{source} × {method}: {record['skipped']}")
                 continue
             seen = {(r.source, r.method, r.target) for r in rows}
-            rows += [r for r in result.rows if (r.source, r.method, r.target) not in seen]
-            effects += backward_effects(result.outcomes)
+            rows += [r for r in map(TransferRow.from_json, record["rows"])
+                     if (r.source, r.method, r.target) not in seen]
+            outcomes = {tuple(item[:-1]): torch.tensor(item[-1], dtype=torch.bool)
+                        for item in record["outcomes"]}
+            effects += backward_effects(outcomes)
     return rows, effects, skipped
 
 
@@ -96,20 +126,21 @@ def main() -> None:
                         help="comma-separated SOURCE:METHOD cells, e.g. vit:pna,vgg:bpa")
     parser.add_argument("--write-docs", action="store_true",
                         help="also rewrite the generated tables of docs/backward.md")
+    parser.add_argument("--collect-only", action="store_true",
+                        help="run nothing: put the saved parts together (and --write-docs)")
     args = parser.parse_args()
     only = set(args.only.split(",")) if args.only else None
-    rows, effects, skipped = run_study(args.out, args.limit, only)
-    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.collect_only:
+        run_study(args.out, args.limit, only)
+    rows, effects, skipped = collect(args.out)  # every part run so far, this one included
     (args.out / "backward_study.json").write_text(json.dumps(
         {"limit": args.limit, "gamma": STUDY_GAMMA, "skipped": skipped,
          "rows": [r.to_json() for r in rows], "effects": [e.to_json() for e in effects]},
         indent=1))
-    matrix = effects_matrix(effects, columns=("method", "attack"),
-                            row=lambda e: (e.method, e.variant))
-    print(matrix)
+    print(effects_matrix(effects, columns=("method", "attack"),
+                         row=lambda e: (e.method, e.variant)))
     if args.write_docs:
-        command = f"python scripts/backward_study.py --limit {args.limit}" + (
-            f" --only {args.only}" if args.only else "")
+        command = f"python scripts/backward_study.py --limit {args.limit}"
         replace_section("backward study tables", tables(rows, effects, skipped, command),
                         ROOT / "docs" / "backward.md")
 
