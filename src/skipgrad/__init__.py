@@ -6,15 +6,15 @@ ResNets", ICLR 2020. ``skip_gradient`` decays the gradient through residual bran
 """
 from skipgrad.attacks import AttackSpec, NonFiniteGradientError, attack, parse_attack_name
 from skipgrad.backward import (BackwardConflictError, BackwardContext, BlockInfo, Change,
-                               NoResidualBlockError, NothingToChangeError,
-                               UnsupportedOfficialModelError, bpa, find_blocks, linbp,
-                               register_block, register_method, skip_gradient)
+                               NoAttentionError, NoResidualBlockError, NothingToChangeError,
+                               UnsupportedOfficialModelError, bpa, find_blocks, linbp, pna,
+                               register_block, register_method, skip_gradient, tgr)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttackSpec", "BackwardConflictError", "BackwardContext", "BlockInfo", "Change",
-    "NoResidualBlockError", "NonFiniteGradientError", "NothingToChangeError",
+    "NoAttentionError", "NoResidualBlockError", "NonFiniteGradientError", "NothingToChangeError",
     "UnsupportedOfficialModelError", "attack", "bpa", "find_blocks", "linbp", "parse_attack_name",
-    "register_block", "register_method", "skip_gradient",
+    "pna", "register_block", "register_method", "skip_gradient", "tgr",
 ]

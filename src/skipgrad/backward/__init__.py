@@ -6,6 +6,11 @@ an error instead of a silent no-op) and the block registry of :mod:`skipgrad.bac
 
 * :mod:`~skipgrad.backward.sgm` -- ``skip_gradient``, the Skip Gradient Method (Wu et al., ICLR
   2020), with the authors' hook placement in :mod:`~skipgrad.backward.official`.
+* :mod:`~skipgrad.backward.pna` -- ``pna``, Pay No Attention (Wei et al., AAAI 2022): attention
+  maps are constants in the backward pass.
+* :mod:`~skipgrad.backward.tgr` -- ``tgr``, Token Gradient Regularization (Zhang et al., CVPR
+  2023), with the extreme tokens chosen per image. PNA and TGR share
+  :mod:`~skipgrad.backward.attention` (attention and MLP types; reaching into fused attention).
 * :mod:`~skipgrad.backward.registry` -- the methods by name (``--backward linbp:branch_scale=0.5``,
   ``skipgrad.attack(..., backward=...)``) and :func:`register_method` for your own.
 * :mod:`~skipgrad.backward.linbp` -- ``linbp``, Linear Backpropagation (Guo, Li, Chen, NeurIPS
@@ -20,6 +25,7 @@ from skipgrad.backward.base import (BackwardConflictError, BackwardContext, Chan
 from skipgrad.backward.blocks import BLOCKS, BlockKind, register_block
 from skipgrad.backward.bpa import bpa
 from skipgrad.backward.linbp import linbp
+from skipgrad.backward.pna import NoAttentionError, pna
 from skipgrad.backward.registry import (BackwardPlan, BackwardSpecError, MethodChoice,
                                         parse_backward, register_method)
 from skipgrad.backward.sgm import (
@@ -30,12 +36,14 @@ from skipgrad.backward.sgm import (
     find_blocks,
     skip_gradient,
 )
+from skipgrad.backward.tgr import TGRSettings, tgr
 
 __all__ = [
     "BLOCKS", "BackwardConflictError", "BackwardContext", "BackwardPlan", "BackwardSpecError",
-    "BlockInfo", "BlockKind", "Change", "MethodChoice", "NoResidualBlockError",
-    "NothingToChangeError", "UnsupportedOfficialModelError", "bpa", "check_gamma", "find_blocks",
-    "linbp", "parse_backward", "register_block", "register_method", "skip_gradient",
+    "BlockInfo", "BlockKind", "Change", "MethodChoice", "NoAttentionError", "NoResidualBlockError",
+    "NothingToChangeError", "TGRSettings", "UnsupportedOfficialModelError", "bpa", "check_gamma",
+    "find_blocks", "linbp", "parse_backward", "pna", "register_block", "register_method",
+    "skip_gradient", "tgr",
 ]
 from skipgrad.backward import families  # noqa: E402,F401  (registers the timm/torchvision families)
 from skipgrad.backward.registry import register_builtin_methods  # noqa: E402

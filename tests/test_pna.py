@@ -1,0 +1,216 @@
+"""pna: attention maps are constants in the backward pass (Wei et al., AAAI 2022)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import skipgrad
+from skipgrad import NoAttentionError, NothingToChangeError, pna, skip_gradient, tgr
+from skipgrad.backward.attention import find_attention
+from tests.tiny_vits import (images_for, input_gradient, relative_difference, timm_vit,
+                             torchvision_vit, zoo_vit)
+
+BUILDERS = {"timm": timm_vit, "torchvision": torchvision_vit, "zoo": zoo_vit}
+
+
+def _hand_timm_attention(module: nn.Module, x: torch.Tensor, constant_map: bool) -> torch.Tensor:
+    """timm's Attention written out from its weights; the map detached when ``constant_map``."""
+    batch, tokens, width = x.shape
+    heads = module.num_heads
+    qkv = F.linear(x, module.qkv.weight, module.qkv.bias)
+    q, k, v = qkv.reshape(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    attention = (q @ k.transpose(-2, -1) * (width // heads) ** -0.5).softmax(dim=-1)
+    if constant_map:
+        attention = attention.detach()
+    out = (attention @ v).transpose(1, 2).reshape(batch, tokens, width)
+    return F.linear(out, module.proj.weight, module.proj.bias)
+
+
+def _hand_mha(mha: nn.MultiheadAttention, x: torch.Tensor, constant_map: bool) -> torch.Tensor:
+    """nn.MultiheadAttention (batch_first self-attention) written out from its weights."""
+    batch, tokens, width = x.shape
+    heads = mha.num_heads
+    split = [t.reshape(batch, tokens, heads, width // heads).transpose(1, 2)
+             for t in F.linear(x, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)]
+    q, k, v = split
+    attention = (q @ k.transpose(-2, -1) * (width // heads) ** -0.5).softmax(dim=-1)
+    if constant_map:
+        attention = attention.detach()
+    out = (attention @ v).transpose(1, 2).reshape(batch, tokens, width)
+    return F.linear(out, mha.out_proj.weight, mha.out_proj.bias)
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, need_weights: bool) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.need_weights = need_weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mha(x, x, x, need_weights=self.need_weights)[0]
+
+
+def _grad_of(fn, x: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.clone().requires_grad_(True)
+    out = fn(x)
+    (grad,) = torch.autograd.grad((out * weights).sum(), x)
+    return out.detach(), grad
+
+
+def test_timm_fused_attention_gradient_equals_hand_written_constant_map():
+    from timm.models.vision_transformer import Attention
+
+    torch.manual_seed(0)
+    module = Attention(16, num_heads=2, qkv_bias=True).eval()
+    assert module.fused_attn  # timm's default: the path where attn_drop hooks never fire
+    x, w = torch.randn(3, 5, 16), torch.randn(3, 5, 16)
+    plain_out, plain = _grad_of(module, x, w)
+    with pna(module):
+        out, grad = _grad_of(module, x, w)
+    _, expected = _grad_of(lambda t: _hand_timm_attention(module, t, True), x, w)
+    _, hand_plain = _grad_of(lambda t: _hand_timm_attention(module, t, False), x, w)
+    assert torch.equal(out, plain_out)
+    assert torch.allclose(grad, expected, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(plain, hand_plain, atol=1e-5, rtol=1e-4)
+    assert relative_difference(grad, plain) > 0.05
+
+
+def test_timm_explicit_attention_path_too():
+    from timm.models.vision_transformer import Attention
+
+    torch.manual_seed(0)
+    module = Attention(16, num_heads=2, qkv_bias=True).eval()
+    module.fused_attn = False
+    x, w = torch.randn(3, 5, 16), torch.randn(3, 5, 16)
+    plain_out, _ = _grad_of(module, x, w)
+    with pna(module):
+        out, grad = _grad_of(module, x, w)
+    _, expected = _grad_of(lambda t: _hand_timm_attention(module, t, True), x, w)
+    assert torch.equal(out, plain_out)
+    assert torch.allclose(grad, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("need_weights", [False, True], ids=["sdpa", "explicit-softmax"])
+def test_multihead_attention_gradient_equals_hand_written(need_weights):
+    torch.manual_seed(0)
+    model = _SelfAttention(need_weights).eval()
+    x, w = torch.randn(3, 5, 16), torch.randn(3, 5, 16)
+    plain_out, plain = _grad_of(model, x, w)
+    with pna(model):
+        out, grad = _grad_of(model, x, w)
+    _, expected = _grad_of(lambda t: _hand_mha(model.mha, t, True), x, w)
+    assert torch.equal(out, plain_out)
+    assert torch.allclose(grad, expected, atol=1e-5, rtol=1e-4)
+    assert relative_difference(grad, plain) > 0.05
+
+
+def test_a_map_that_does_not_depend_on_the_input_gives_the_plain_gradient():
+    # Analytic case: with zero query/key weights and biases every map is uniform and constant,
+    # so "no gradient through the map" changes nothing.
+    torch.manual_seed(0)
+    model = _SelfAttention(False).eval()
+    with torch.no_grad():
+        model.mha.in_proj_weight[:32].zero_()
+        model.mha.in_proj_bias[:32].zero_()
+    x, w = torch.randn(2, 4, 16), torch.randn(2, 4, 16)
+    _, plain = _grad_of(model, x, w)
+    with pna(model):
+        _, grad = _grad_of(model, x, w)
+    assert torch.allclose(grad, plain, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_whole_vit_forward_identical_gradient_changed(kind):
+    model = BUILDERS[kind]()
+    if kind == "timm":
+        assert all(block.attn.fused_attn for block in model.blocks)
+    images, labels = images_for(model)
+    plain_logits, plain = input_gradient(model, images, labels)
+    context = pna(model)
+    assert len(context.changes) == 2  # depth 2: one attention module per block
+    logits, grad = input_gradient(model, images, labels, context)
+    assert torch.equal(logits, plain_logits)
+    assert relative_difference(grad, plain) > 1e-3
+    assert torch.equal(input_gradient(model, images, labels)[1], plain)  # restored
+
+
+def test_found_by_type_not_by_name():
+    model = timm_vit()
+    renamed = nn.Sequential()
+    renamed.add_module("whatever", model)
+    names = [name for name, _ in find_attention(renamed)]
+    assert names == ["whatever.blocks.0.attn", "whatever.blocks.1.attn"]
+
+
+def test_everything_restored_on_exit_and_on_exception():
+    model = timm_vit()
+    images, labels = images_for(model)
+    _, plain = input_gradient(model, images, labels)
+    attention = [m for _, m in find_attention(model)]
+    boom = attention[0].proj.register_forward_hook(lambda *_: 1 / 0)  # raises inside attention
+    with pytest.raises(ZeroDivisionError), pna(model):
+        model(images)
+    boom.remove()
+    assert torch._C._len_torch_function_stack() == 0  # the mode was popped despite the error
+    assert all("forward" not in m.__dict__ for m in attention)
+    assert torch.equal(input_gradient(model, images, labels)[1], plain)
+
+
+def test_re_enterable_but_not_while_active():
+    model = timm_vit()
+    images, labels = images_for(model)
+    context = pna(model)
+    with context:
+        first = input_gradient(model, images, labels)[1]
+        with pytest.raises(RuntimeError, match="already active"):
+            context.__enter__()
+    with context:
+        second = input_gradient(model, images, labels)[1]
+    assert torch.equal(first, second)
+
+
+def test_cnn_has_nothing_to_change(tiny_resnet):
+    with pytest.raises(NoAttentionError) as error:
+        pna(tiny_resnet)
+    assert isinstance(error.value, NothingToChangeError) and isinstance(error.value, ValueError)
+    assert str(error.value) == ("pna found no self-attention module in TinyResNet; it applies to "
+                                "vision transformers (timm Attention, nn.MultiheadAttention)")
+
+
+def test_composes_with_skip_gradient_in_either_order():
+    model = timm_vit()
+    images, labels = images_for(model)
+    _, plain = input_gradient(model, images, labels)
+    _, sgm_only = input_gradient(model, images, labels, skip_gradient(model, 0.5))
+    _, pna_only = input_gradient(model, images, labels, pna(model))
+    results = []
+    for first, second in ((skip_gradient(model, 0.5), pna(model)),
+                          (pna(model), skip_gradient(model, 0.5))):
+        with first:
+            results.append(input_gradient(model, images, labels, second)[1])
+    assert torch.allclose(results[0], results[1], atol=1e-6)
+    for other in (plain, sgm_only, pna_only):
+        assert relative_difference(results[0], other) > 1e-3
+
+
+def test_conflicts_with_tgr_on_the_same_model():
+    model = timm_vit()
+    with pna(model), pytest.raises(skipgrad.BackwardConflictError,
+                                   match="tgr and pna would both redefine the backward pass of "
+                                         "blocks.0.attn"):
+        tgr(model).__enter__()
+
+
+def test_inside_torchattacks_mifgsm_and_skipgrad_attack():
+    torchattacks = pytest.importorskip("torchattacks")
+    model = timm_vit()
+    images, labels = images_for(model)
+    mi = torchattacks.MIFGSM(model, eps=16 / 255, alpha=2 / 255, steps=3, decay=1.0)
+    plain = mi(images, labels)
+    with pna(model):
+        with_pna = mi(images, labels)
+        ours = skipgrad.attack(model, images, labels, "mi", steps=3)
+    assert not torch.equal(plain, with_pna)
+    assert not torch.equal(ours, skipgrad.attack(model, images, labels, "mi", steps=3))
