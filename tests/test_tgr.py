@@ -1,0 +1,258 @@
+"""tgr: Token Gradient Regularization (Zhang et al., CVPR 2023), extreme tokens chosen per image.
+
+The reference below is written independently of skipgrad: a ViT forward spelled out by hand with
+an explicit attention map, and TGR's edits placed where the authors' release places them (the
+``qkv`` projection output, the softmax input, the MLP output) as tensor hooks that pick the extreme
+tokens with numpy loops -- per image, or from the first image only as the release does.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import skipgrad
+from skipgrad import NoAttentionError, pna, skip_gradient, tgr
+from skipgrad.backward.tgr import regularize_scores, regularize_tokens
+from tests.tiny_vits import (images_for, input_gradient, relative_difference, timm_vit,
+                             torchvision_vit, zoo_vit)
+
+
+# ----------------------------------------------------------------- the independent reference
+
+def _edit_tokens(grad: torch.Tensor, scale: float, first_only: bool) -> torch.Tensor:
+    """(B, N, C): scale; zero, per channel, the arg-max and arg-min token (numpy's tie-break)."""
+    source = grad.detach().numpy()
+    out = grad.clone() * scale
+    for b in range(grad.shape[0]):
+        chosen = source[0 if first_only else b]
+        for c in range(grad.shape[2]):
+            out[b, int(np.argmax(chosen[:, c])), c] = 0.0
+            out[b, int(np.argmin(chosen[:, c])), c] = 0.0
+    return out
+
+
+def _edit_scores(grad: torch.Tensor, scale: float, first_only: bool) -> torch.Tensor:
+    """(B, H, N, N): scale; per head, zero the row and column of the arg-max and arg-min entry."""
+    source = grad.detach().numpy()
+    out = grad.clone() * scale
+    n = grad.shape[-1]
+    for b in range(grad.shape[0]):
+        for h in range(grad.shape[1]):
+            chosen = source[0 if first_only else b, h]
+            for flat in (np.argmax(chosen), np.argmin(chosen)):
+                row, column = divmod(int(flat), n)
+                out[b, h, row, :] = 0.0
+                out[b, h, :, column] = 0.0
+    return out
+
+
+def _hand_block(x, norm1, qkv_weight, qkv_bias, heads, proj, norm2, mlp, edits):
+    h = norm1(x)
+    batch, tokens, width = h.shape
+    qkv = F.linear(h, qkv_weight, qkv_bias)
+    if edits:
+        qkv.register_hook(lambda g: _edit_tokens(g, 0.75, edits == "first"))
+    q, k, v = qkv.reshape(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    scores = q @ k.transpose(-2, -1) * (width // heads) ** -0.5
+    if edits:
+        scores.register_hook(lambda g: _edit_scores(g, 0.25, edits == "first"))
+    out = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(batch, tokens, width)
+    x = x + proj(out)
+    mlp_out = mlp(norm2(x))
+    if edits:
+        mlp_out.register_hook(lambda g: _edit_tokens(g, 0.5, edits == "first"))
+    return x + mlp_out
+
+
+def _hand_timm(model: nn.Module, images: torch.Tensor, edits: str) -> torch.Tensor:
+    x = model.patch_embed(images)
+    x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + model.pos_embed
+    for blk in model.blocks:
+        a = blk.attn
+        x = _hand_block(x, blk.norm1, a.qkv.weight, a.qkv.bias, a.num_heads, a.proj, blk.norm2,
+                        blk.mlp, edits)
+    return model.head(model.norm(x)[:, 0])
+
+
+def _hand_torchvision(model: nn.Module, images: torch.Tensor, edits: str) -> torch.Tensor:
+    x = model._process_input(images)
+    x = torch.cat([model.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+    x = x + model.encoder.pos_embedding
+    for layer in model.encoder.layers:
+        a = layer.self_attention
+        x = _hand_block(x, layer.ln_1, a.in_proj_weight, a.in_proj_bias, a.num_heads, a.out_proj,
+                        layer.ln_2, layer.mlp, edits)
+    return model.heads(model.encoder.ln(x)[:, 0])
+
+
+HAND = {"timm": (timm_vit, _hand_timm), "torchvision": (torchvision_vit, _hand_torchvision)}
+
+
+def _hand_gradient(forward, model, images, labels, edits: str) -> tuple[torch.Tensor, torch.Tensor]:
+    x = images.clone().requires_grad_(True)
+    logits = forward(model, x, edits)
+    (grad,) = torch.autograd.grad(F.cross_entropy(logits, labels, reduction="sum"), x)
+    return logits.detach(), grad
+
+
+# ----------------------------------------------------------------- gradients
+
+@pytest.mark.parametrize("kind", list(HAND))
+def test_gradient_equals_hand_written_reference_per_image(kind):
+    build, forward = HAND[kind]
+    model = build()
+    if kind == "timm":
+        assert all(block.attn.fused_attn for block in model.blocks)
+    images, labels = images_for(model)
+    logits, plain = input_gradient(model, images, labels)
+    hand_logits, hand_plain = _hand_gradient(forward, model, images, labels, "")
+    assert torch.allclose(hand_logits, logits, atol=1e-5)  # the reference is the same network
+    assert torch.allclose(hand_plain, plain, atol=1e-5, rtol=1e-4)
+    tgr_logits, grad = input_gradient(model, images, labels, tgr(model))
+    _, expected = _hand_gradient(forward, model, images, labels, "per-image")
+    assert torch.allclose(tgr_logits, logits, atol=1e-6)
+    assert torch.allclose(grad, expected, atol=1e-6, rtol=1e-4)
+    assert relative_difference(grad, plain) > 0.1
+
+
+def test_batch_of_four_equals_four_batches_of_one():
+    model = timm_vit()
+    images, labels = images_for(model)
+    _, batched = input_gradient(model, images, labels, tgr(model))
+    singles = torch.cat([input_gradient(model, images[i:i + 1], labels[i:i + 1], tgr(model))[1]
+                         for i in range(4)])
+    assert torch.allclose(batched, singles, atol=1e-6, rtol=1e-4)
+    # The release's choice (tokens of the first image, zeroed in all) couples the images:
+    _, first_image = _hand_gradient(_hand_timm, model, images, labels, "first")
+    assert torch.allclose(first_image[0], batched[0], atol=1e-6, rtol=1e-4)
+    assert all(relative_difference(first_image[i], batched[i]) > 1e-3 for i in range(1, 4))
+
+
+def test_token_edit_against_loops_with_ties_and_top_k():
+    grad = torch.tensor([[[1.0, 0.0], [3.0, 0.0], [3.0, 0.0], [-2.0, 0.0], [0.5, 0.0]]])
+    out = regularize_tokens(grad, 0.5, top_k=1, dim=1)
+    # channel 0: first of the tied maxima (token 1) and the minimum (token 3) go;
+    # channel 1 is all ties: token 0 is both the arg-max and the arg-min.
+    expected = torch.tensor([[[0.5, 0.0], [0.0, 0.0], [1.5, 0.0], [0.0, 0.0], [0.25, 0.0]]])
+    assert torch.equal(out, expected)
+    assert torch.equal(out, _edit_tokens(grad, 0.5, first_only=False))
+    two = regularize_tokens(grad, 1.0, top_k=2, dim=1)
+    # the two largest (3, 3: tokens 1, 2) and the two smallest (-2, 0.5: tokens 3, 4) go
+    assert two[0, :, 0].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_score_edit_against_loops():
+    gen = torch.Generator().manual_seed(0)
+    grad = torch.randn(3, 2, 5, 5, generator=gen)
+    assert torch.equal(regularize_scores(grad, 0.25, top_k=1),
+                       _edit_scores(grad, 0.25, first_only=False))
+    out = regularize_scores(grad, 1.0, top_k=2)
+    zero_rows = (out == 0).all(dim=-1).sum(dim=-1)
+    assert (zero_rows >= 2).all() and (zero_rows <= 4).all()
+
+
+# ----------------------------------------------------------------- the context contract
+
+@pytest.mark.parametrize("build", [timm_vit, torchvision_vit, zoo_vit], ids=["timm", "tv", "zoo"])
+def test_forward_unchanged_gradient_changed_everything_restored(build):
+    model = build()
+    images, labels = images_for(model)
+    logits, plain = input_gradient(model, images, labels)
+    context = tgr(model)
+    assert len(context.changes) == 4  # depth 2: attention and MLP of each block
+    tgr_logits, grad = input_gradient(model, images, labels, context)
+    assert torch.allclose(tgr_logits, logits, atol=1e-6)
+    assert relative_difference(grad, plain) > 0.1
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert torch.equal(input_gradient(model, images, labels)[1], plain)
+
+
+def test_explicit_timm_attention_is_switched_to_fused_and_back():
+    model = zoo_vit()
+    images, labels = images_for(model)
+    fused_logits, fused_grad = input_gradient(model, images, labels, tgr(model))
+    for block in model.vit.blocks:
+        block.attn.fused_attn = False
+    logits, grad = input_gradient(model, images, labels, tgr(model))
+    assert all(block.attn.fused_attn is False for block in model.vit.blocks)
+    assert torch.allclose(logits, fused_logits, atol=1e-5)  # float tolerance: fused vs explicit
+    assert torch.allclose(grad, fused_grad, atol=1e-6, rtol=1e-3)
+
+
+def test_restored_when_the_body_raises_and_re_enterable():
+    model = timm_vit()
+    images, labels = images_for(model)
+    _, plain = input_gradient(model, images, labels)
+    context = tgr(model)
+    boom = model.blocks[1].attn.proj.register_forward_hook(lambda *_: 1 / 0)
+    with pytest.raises(ZeroDivisionError), context:
+        model(images)
+    boom.remove()
+    assert torch._C._len_torch_function_stack() == 0
+    assert torch.equal(input_gradient(model, images, labels)[1], plain)
+    with context:
+        first = input_gradient(model, images, labels)[1]
+        with pytest.raises(RuntimeError, match="already active"):
+            context.__enter__()
+    assert torch.equal(first, input_gradient(model, images, labels, context)[1])
+
+
+def test_refusals_are_one_line(tiny_resnet):
+    with pytest.raises(NoAttentionError, match="^tgr found no self-attention module in "
+                                               "TinyResNet; it applies to vision transformers"):
+        tgr(tiny_resnet)
+    model = timm_vit()
+    with pytest.raises(ValueError, match="^tgr top_k must be an integer >= 1, got 0$"):
+        tgr(model, top_k=0)
+    with pytest.raises(ValueError, match="^tgr mlp_scale must be a finite number >= 0, got -1$"):
+        tgr(model, mlp_scale=-1)
+
+
+def test_multihead_attention_outside_plain_self_attention_is_refused():
+    model = torchvision_vit()
+    images, _ = images_for(model)
+    mha = model.encoder.layers[0].self_attention
+    x = torch.randn(2, 5, 32)
+    with tgr(model), pytest.raises(ValueError, match="^tgr supports nn.MultiheadAttention as "
+                                                      "plain batched self-attention .*; this call "
+                                                      "has need_weights=True$"):
+        mha(x, x, x)
+
+
+def test_settings_reach_the_gradient():
+    model = timm_vit()
+    images, labels = images_for(model)
+    _, default = input_gradient(model, images, labels, tgr(model))
+    _, other = input_gradient(model, images, labels, tgr(model, top_k=3, mlp_scale=1.0))
+    assert relative_difference(default, other) > 1e-3
+
+
+def test_composes_with_skip_gradient_and_conflicts_with_pna():
+    model = timm_vit()
+    images, labels = images_for(model)
+    _, tgr_only = input_gradient(model, images, labels, tgr(model))
+    both = []
+    for first, second in ((skip_gradient(model, 0.5), tgr(model)),
+                          (tgr(model), skip_gradient(model, 0.5))):
+        with first:
+            both.append(input_gradient(model, images, labels, second)[1])
+    assert torch.allclose(both[0], both[1], atol=1e-6)
+    assert relative_difference(both[0], tgr_only) > 1e-3
+    with tgr(model), pytest.raises(skipgrad.BackwardConflictError, match="pna and tgr"):
+        pna(model).__enter__()
+
+
+def test_inside_torchattacks_mifgsm_and_skipgrad_attack():
+    torchattacks = pytest.importorskip("torchattacks")
+    model = timm_vit()
+    images, labels = images_for(model)
+    mi = torchattacks.MIFGSM(model, eps=16 / 255, alpha=2 / 255, steps=3, decay=1.0)
+    plain = mi(images, labels)
+    with tgr(model):
+        with_tgr = mi(images, labels)
+        ours = skipgrad.attack(model, images, labels, "mi", steps=3)
+    assert not torch.equal(plain, with_tgr)
+    assert not torch.equal(ours, skipgrad.attack(model, images, labels, "mi", steps=3))
