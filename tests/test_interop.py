@@ -22,3 +22,44 @@ def test_skip_gradient_around_torchattacks_mifgsm_is_mi_sgm(tiny_resnet, tiny_ba
     agree = ((with_sgm * 255).round() == ours * 255).float().mean().item()
     assert agree > 0.99
     assert agree > ((plain * 255).round() == ours * 255).float().mean().item()
+
+
+# Every backward-pass method skipgrad ships, each on a source it applies to.
+def _source(method: str):
+    from tests.conftest import TinyResNet, randomise_batchnorm
+    from tests.tiny_vits import images_for, timm_vit
+
+    if method == "skip_gradient":
+        torch.manual_seed(0)
+        model = randomise_batchnorm(TinyResNet())
+        images = torch.rand(4, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+        return model, images, torch.tensor([0, 3, 5, 9]), lambda m: skip_gradient(m, 0.2)
+    model = timm_vit()
+    return (model, *images_for(model), getattr(skipgrad, method))
+
+
+BACKWARD_METHODS = ["skip_gradient", "pna", "tgr"]
+
+
+@pytest.mark.parametrize("method", BACKWARD_METHODS)
+def test_every_backward_method_changes_torchattacks_mifgsm(method):
+    model, images, labels, make = _source(method)
+    mi = torchattacks.MIFGSM(model, eps=16 / 255, alpha=2 / 255, steps=3, decay=1.0)
+    plain = mi(images, labels)
+    with make(model):
+        inside = mi(images, labels)
+    assert not torch.equal(inside, plain)
+    assert torch.equal(mi(images, labels), plain)  # nothing left behind
+
+
+@pytest.mark.parametrize("method", BACKWARD_METHODS)
+def test_every_backward_method_changes_torchattack_mifgsm(method):
+    torchattack = pytest.importorskip("torchattack")  # spencerwooo/torchattack
+    model, images, labels, make = _source(method)
+    mi = torchattack.MIFGSM(model, device=torch.device("cpu"), eps=16 / 255, steps=3,
+                            alpha=2 / 255, decay=1.0)
+    plain = mi(images, labels)
+    with make(model):
+        inside = mi(images, labels)
+    assert not torch.equal(inside, plain)
+    assert torch.equal(mi(images, labels), plain)

@@ -214,3 +214,19 @@ def test_inside_torchattacks_mifgsm_and_skipgrad_attack():
         ours = skipgrad.attack(model, images, labels, "mi", steps=3)
     assert not torch.equal(plain, with_pna)
     assert not torch.equal(ours, skipgrad.attack(model, images, labels, "mi", steps=3))
+
+
+def test_attention_dropout_hooks_are_a_silent_no_op_under_fused_attention():
+    # Why pna reaches into the attention call: other libraries hook attn_drop, which timm's fused
+    # path never calls, so their hook changes nothing. pna changes the gradient on the same model.
+    model = timm_vit()
+    images, labels = images_for(model)
+    calls = []
+    handles = [block.attn.attn_drop.register_forward_hook(lambda *_: calls.append(1))
+               for block in model.blocks]
+    _, plain = input_gradient(model, images, labels)
+    _, grad = input_gradient(model, images, labels, pna(model))
+    for handle in handles:
+        handle.remove()
+    assert calls == []
+    assert relative_difference(grad, plain) > 1e-3

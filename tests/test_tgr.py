@@ -256,3 +256,16 @@ def test_inside_torchattacks_mifgsm_and_skipgrad_attack():
         ours = skipgrad.attack(model, images, labels, "mi", steps=3)
     assert not torch.equal(plain, with_tgr)
     assert not torch.equal(ours, skipgrad.attack(model, images, labels, "mi", steps=3))
+
+
+def test_registered_by_name_for_attack_and_command_line():
+    model = timm_vit()
+    images, labels = images_for(model)
+    with tgr(model, top_k=2):
+        around = skipgrad.attack(model, images, labels, "mi", steps=2)
+    by_name = skipgrad.attack(model, images, labels, "mi", steps=2, backward="tgr:top_k=2")
+    assert torch.equal(by_name, around)
+    with pna(model):
+        around = skipgrad.attack(model, images, labels, "mi", steps=2)
+    assert torch.equal(skipgrad.attack(model, images, labels, "mi", steps=2, backward="pna"),
+                       around)

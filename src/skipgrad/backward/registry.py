@@ -351,6 +351,8 @@ def register_builtin_methods() -> None:
     """Register the methods skipgrad ships (called once, when :mod:`skipgrad.backward` loads)."""
     from skipgrad.backward.bpa import bpa
     from skipgrad.backward.linbp import linbp
+    from skipgrad.backward.pna import pna
+    from skipgrad.backward.tgr import tgr
 
     register_method("linbp", linbp, settings={"start": (int, str, None), "branch_scale": float},
                     summary="LinBP (Guo et al., NeurIPS 2020): branch ReLUs linear in the backward "
@@ -359,6 +361,12 @@ def register_builtin_methods() -> None:
                                           "pool_temperature": (float, None)},
                     summary="BPA (Wang et al., NeurIPS 2023): max-pool backward by a softmax over "
                             "each window, ReLU backward by the SiLU derivative, from start on")
+    register_method("pna", pna, summary="PNA (Wei et al., AAAI 2022): attention maps constant in "
+                                        "the backward pass")
+    register_method("tgr", tgr, summary="TGR (Zhang et al., CVPR 2023): attention, Q/K/V and MLP "
+                                        "gradients scaled, extreme tokens zeroed per image",
+                    settings={"attention_scale": float, "qkv_scale": float, "mlp_scale": float,
+                              "top_k": int})
 
 
 def resolved_settings(choice: MethodChoice, context: BackwardContext) -> dict[str, Value]:
