@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import alternate, describe, source_and_batch
+from _common import alternate, source_and_batch
 
 import skipgrad
 
@@ -42,7 +42,10 @@ def main() -> None:
 
     medians = alternate({"mi": mi(), "mi+pna": mi(skipgrad.pna(model)),
                          "mi+tgr": mi(skipgrad.tgr(model))}, args.repeats)
-    print(describe(args.arch, images, args.repeats) + f", MI {args.steps} steps")
+    label = args.arch if args.arch.startswith("timm:") else f"tv:{args.arch}"
+    print(f"{label} (random weights), batch {tuple(images.shape)}, {args.repeats} alternating "
+          f"repeats, MI {args.steps} steps, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
     for name, seconds in medians.items():
         print(f"median {name}: {seconds:.3f} s")
     print(f"pna_overhead_ratio {medians['mi+pna'] / medians['mi']:.3f}")

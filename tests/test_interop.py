@@ -29,16 +29,17 @@ def _source(method: str):
     from tests.conftest import TinyResNet, randomise_batchnorm
     from tests.tiny_vits import images_for, timm_vit
 
-    if method == "skip_gradient":
+    if method in ("skip_gradient", "linbp"):
         torch.manual_seed(0)
         model = randomise_batchnorm(TinyResNet())
         images = torch.rand(4, 1, 12, 12, generator=torch.Generator().manual_seed(1))
-        return model, images, torch.tensor([0, 3, 5, 9]), lambda m: skip_gradient(m, 0.2)
+        make = (lambda m: skip_gradient(m, 0.2)) if method == "skip_gradient" else skipgrad.linbp
+        return model, images, torch.tensor([0, 3, 5, 9]), make
     model = timm_vit()
     return (model, *images_for(model), getattr(skipgrad, method))
 
 
-BACKWARD_METHODS = ["skip_gradient", "pna", "tgr"]
+BACKWARD_METHODS = ["skip_gradient", "linbp", "pna", "tgr"]
 
 
 @pytest.mark.parametrize("method", BACKWARD_METHODS)

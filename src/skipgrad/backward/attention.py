@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from skipgrad.backward.base import Attacher, Removable
+from skipgrad.backward.base import Attacher, ForwardSwap, Removable
 
 # Attention modules whose map the methods reach through scaled_dot_product_attention or softmax.
 ATTENTION_TYPES: tuple[type | str, ...] = (
@@ -152,23 +152,11 @@ def run_inside(module: nn.Module, make_mode: Callable[[nn.Module], AttentionMode
 
 def swap_forward(module: nn.Module, wrap: Callable[[Callable], Callable]) -> Attacher:
     """An attacher that replaces ``module.forward`` by ``wrap(module.forward)`` until removed."""
-    return lambda: _ForwardSwap(module, wrap)
 
+    def attach() -> Removable:
+        return ForwardSwap(module, functools.wraps(module.forward)(wrap(module.forward)))
 
-class _ForwardSwap:
-    """Replaces ``module.forward`` (as an instance attribute); ``remove`` restores what was there."""
-
-    def __init__(self, module: nn.Module, wrap: Callable[[Callable], Callable]) -> None:
-        self._module = module
-        self._had_own = "forward" in module.__dict__
-        self._own = module.__dict__.get("forward")
-        module.forward = functools.wraps(module.forward)(wrap(module.forward))
-
-    def remove(self) -> None:
-        if self._had_own:
-            self._module.forward = self._own
-        else:
-            self._module.__dict__.pop("forward", None)
+    return attach
 
 
 _MHA_PARAMETERS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
