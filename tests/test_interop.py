@@ -29,17 +29,18 @@ def _source(method: str):
     from tests.conftest import TinyResNet, randomise_batchnorm
     from tests.tiny_vits import images_for, timm_vit
 
-    if method in ("skip_gradient", "linbp"):
+    if method in ("skip_gradient", "linbp", "bpa"):
         torch.manual_seed(0)
         model = randomise_batchnorm(TinyResNet())
         images = torch.rand(4, 1, 12, 12, generator=torch.Generator().manual_seed(1))
-        make = (lambda m: skip_gradient(m, 0.2)) if method == "skip_gradient" else skipgrad.linbp
+        make = (lambda m: skip_gradient(m, 0.2)) if method == "skip_gradient" \
+            else getattr(skipgrad, method)
         return model, images, torch.tensor([0, 3, 5, 9]), make
     model = timm_vit()
     return (model, *images_for(model), getattr(skipgrad, method))
 
 
-BACKWARD_METHODS = ["skip_gradient", "linbp", "pna", "tgr"]
+BACKWARD_METHODS = ["skip_gradient", "linbp", "bpa", "pna", "tgr"]
 
 
 @pytest.mark.parametrize("method", BACKWARD_METHODS)

@@ -70,6 +70,8 @@ class TGRSettings:
 def extreme_indices(values: torch.Tensor, dim: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the ``k`` largest and the ``k`` smallest entries along ``dim``; ties go to the
     first index, as ``argmax``/``argmin`` (and numpy's, used by the release) break them."""
+    if k == 1:  # the release's case; argmax/argmin are documented to return the first index
+        return values.argmax(dim, keepdim=True), values.argmin(dim, keepdim=True)
     k = min(k, values.shape[dim])
     largest = values.sort(dim=dim, descending=True, stable=True).indices.narrow(dim, 0, k)
     smallest = values.sort(dim=dim, stable=True).indices.narrow(dim, 0, k)
