@@ -230,3 +230,29 @@ def test_attention_dropout_hooks_are_a_silent_no_op_under_fused_attention():
         handle.remove()
     assert calls == []
     assert relative_difference(grad, plain) > 1e-3
+
+
+def _timm_relative(name: str) -> nn.Module:
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    if name == "swin":  # WindowAttention: fused call with a relative-position mask
+        return SwinTransformer(img_size=16, patch_size=2, in_chans=1, window_size=4, embed_dim=16,
+                               depths=(1, 1), num_heads=(2, 2), num_classes=10).eval()
+    return VisionTransformerDistilled(img_size=16, patch_size=4, in_chans=1, num_classes=10,
+                                      embed_dim=32, depth=2, num_heads=2).eval()
+
+
+@pytest.mark.parametrize("relative", ["swin", "deit-distilled"])
+@pytest.mark.parametrize("method", [pna, tgr], ids=["pna", "tgr"])
+def test_timm_relatives_found_by_type_forward_identical(relative, method):
+    model = _timm_relative(relative)
+    images = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([1, 2])
+    logits, plain = input_gradient(model, images, labels)
+    context = method(model)
+    assert len(context.changes) == (2 if method is pna else 4)
+    method_logits, grad = input_gradient(model, images, labels, context)
+    assert torch.equal(method_logits, logits)
+    assert relative_difference(grad, plain) > 1e-5

@@ -6,17 +6,17 @@ an error instead of a silent no-op) and the block registry of :mod:`skipgrad.bac
 
 * :mod:`~skipgrad.backward.sgm` -- ``skip_gradient``, the Skip Gradient Method (Wu et al., ICLR
   2020), with the authors' hook placement in :mod:`~skipgrad.backward.official`.
-* :mod:`~skipgrad.backward.pna` -- ``pna``, Pay No Attention (Wei et al., AAAI 2022): attention
-  maps are constants in the backward pass.
-* :mod:`~skipgrad.backward.tgr` -- ``tgr``, Token Gradient Regularization (Zhang et al., CVPR
-  2023), with the extreme tokens chosen per image. PNA and TGR share
-  :mod:`~skipgrad.backward.attention` (attention and MLP types; reaching into fused attention).
 * :mod:`~skipgrad.backward.registry` -- the methods by name (``--backward linbp:branch_scale=0.5``,
   ``skipgrad.attack(..., backward=...)``) and :func:`register_method` for your own.
 * :mod:`~skipgrad.backward.linbp` -- ``linbp``, Linear Backpropagation (Guo, Li, Chen, NeurIPS
   2020): ReLUs inside residual branches linear in backward, branch gradients norm-matched.
 * :mod:`~skipgrad.backward.bpa` -- ``bpa``, the Backward Propagation Attack's rules (Wang, Tong,
   He, NeurIPS 2023): softmax max-pool windows and SiLU-derivative ReLUs.
+* :mod:`~skipgrad.backward.pna` -- ``pna``, Pay No Attention (Wei et al., AAAI 2022): attention
+  maps are constants in the backward pass.
+* :mod:`~skipgrad.backward.tgr` -- ``tgr``, Token Gradient Regularization (Zhang et al., CVPR
+  2023), with the extreme tokens chosen per image. PNA and TGR share
+  :mod:`~skipgrad.backward.attention` (attention and MLP types; reaching into fused attention).
 
 :mod:`~skipgrad.backward.units` says where the methods that act "from a layer on" start.
 """

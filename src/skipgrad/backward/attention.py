@@ -1,4 +1,4 @@
-"""Shared plumbing of the attention-gradient methods (PNA, TGR): finding attention, reaching into it.
+"""Shared plumbing of the attention-gradient methods (PNA, TGR): finding attention, reaching in.
 
 *Finding.* Attention modules are matched by type (``isinstance`` through the MRO), never by name:
 timm's ``Attention`` and its relatives, torchvision's swin attention and ``nn.MultiheadAttention``
@@ -12,8 +12,11 @@ the attention map as a tensor, so hooks on ``attn_drop`` -- what other libraries
 Instead, while an attention module's ``forward`` runs, a :class:`torch.overrides.TorchFunctionMode`
 sees its calls of ``scaled_dot_product_attention`` and ``softmax`` (the explicit path) and lets a
 method replace them. The mode is entered by a wrapper that replaces the module's ``forward`` for
-the lifetime of the context (an instance attribute, removed on exit), so it is popped even when the
-forward raises.
+the lifetime of the context (:class:`~skipgrad.backward.base.ForwardSwap`), so it is popped even
+when the forward raises. ``nn.MultiheadAttention`` is the exception: it makes its map inside
+``F.multi_head_attention_forward``, a Python-level torch function whose body runs with the mode
+popped, so each method treats it on its own (PNA through its inputs, TGR through
+:func:`multihead_self_attention`).
 """
 from __future__ import annotations
 
@@ -99,7 +102,7 @@ _SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causa
 
 def bind_attention_call(args: tuple, kwargs: dict) -> dict[str, Any]:
     """The arguments of an ``F.scaled_dot_product_attention`` call by name, defaults filled in
-    (nn.MultiheadAttention passes them by position, timm by keyword)."""
+    (callers pass the first ones by position and the rest by keyword, or all by position)."""
     call: dict[str, Any] = dict(attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                 enable_gqa=False)
     call.update(zip(_SDPA_PARAMETERS, args))

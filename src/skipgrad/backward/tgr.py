@@ -177,7 +177,7 @@ _NO_OPTIONS = dict(attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, e
 
 
 class _TokenRegularizedAttention(AttentionMode):
-    """Within one attention forward: every attention call goes through :class:`_RegularizedAttention`."""
+    """Within one attention forward: each attention call goes through _RegularizedAttention."""
 
     def __init__(self, module: nn.Module, settings: TGRSettings) -> None:
         super().__init__()
@@ -187,8 +187,8 @@ class _TokenRegularizedAttention(AttentionMode):
         if call["dropout_p"] > 0:
             raise ValueError("tgr needs attention dropout off: put the model in eval mode")
         if call["query"].dim() != 4:
-            raise ValueError("tgr expects attention inputs shaped (batch, heads, tokens, features), "
-                             f"got {tuple(call['query'].shape)}")
+            raise ValueError("tgr expects attention inputs shaped (batch, heads, tokens, "
+                             f"features), got {tuple(call['query'].shape)}")
         return regularized_attention(call, self.settings)
 
     def softmax(self, func: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -246,8 +246,9 @@ class tgr(BackwardContext):  # noqa: N801 - a context manager named like torch.n
 
         def attach() -> Removable:
             # timm's explicit path builds the map with matmuls TGR cannot see: use the fused call.
-            fused = [AttributeSwap(module, "fused_attn", True)] if hasattr(module, "fused_attn") else []
-            return HandleGroup([*fused, swap()])
+            fused = hasattr(module, "fused_attn")
+            switch = [AttributeSwap(module, "fused_attn", True)] if fused else []
+            return HandleGroup([*switch, swap()])
 
         return attach
 
