@@ -269,3 +269,45 @@ def test_registered_by_name_for_attack_and_command_line():
         around = skipgrad.attack(model, images, labels, "mi", steps=2)
     assert torch.equal(skipgrad.attack(model, images, labels, "mi", steps=2, backward="pna"),
                        around)
+
+
+def _release_mechanics(model: nn.Module) -> list:
+    """The release's hook mechanics on a timm ViT (explicit attention, as timm had then): old-style
+    module backward hooks on ``attn_drop``, ``qkv`` and ``mlp`` that edit ``grad_input[0]``."""
+
+    def tokens(scale: float):
+        def hook(_module, grad_in, _grad_out):
+            grad = grad_in[0]
+            flat = grad.dim() == 2  # a 3-D Linear ends in a view: (tokens, channels) at batch 1
+            out = _edit_tokens(grad.unsqueeze(0) if flat else grad, scale, first_only=True)
+            return (out.squeeze(0) if flat else out, *grad_in[1:])
+        return hook
+
+    def scores(_module, grad_in, _grad_out):
+        return (_edit_scores(grad_in[0], 0.25, first_only=True),)
+
+    handles = []
+    for blk in model.blocks:
+        blk.attn.fused_attn = False
+        handles += [blk.attn.attn_drop.register_backward_hook(scores),
+                    blk.attn.qkv.register_backward_hook(tokens(0.75)),
+                    blk.mlp.register_backward_hook(tokens(0.5))]
+    return handles
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_equals_the_release_hook_mechanics_at_batch_size_one():
+    # In eval mode dropout returns its input, so the hook "on attn_drop" edits the gradient of the
+    # softmax input: the scores. tgr on the fused model gives the same input gradient.
+    model = timm_vit()
+    images, labels = images_for(model, n=2)
+    ours = [input_gradient(model, images[i:i + 1], labels[i:i + 1], tgr(model))[1]
+            for i in range(2)]
+    handles = _release_mechanics(model)
+    release = [input_gradient(model, images[i:i + 1], labels[i:i + 1])[1] for i in range(2)]
+    for handle in handles:
+        handle.remove()
+    plain = input_gradient(model, images[:1], labels[:1])[1]
+    assert relative_difference(release[0], plain) > 0.1  # the release's hooks did fire
+    for mine, theirs in zip(ours, release):
+        assert torch.allclose(mine, theirs, atol=1e-6, rtol=1e-4)
