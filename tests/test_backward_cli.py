@@ -166,12 +166,18 @@ def test_demo_adds_the_method_with_and_without_sgm(toy_methods, tmp_path):
 
 # ---------------------------------------------------------------- the real methods
 
-def test_linbp_on_a_vit_is_refused_before_any_work(tmp_path, capsys):
+@pytest.mark.parametrize("method, source, reason", [
+    ("linbp", "zoo:fmnist-vit", "linbp cannot rewire"),
+    ("pna", CNN, "pna found no self-attention module"),
+    ("tgr", RESNET, "tgr found no"),
+])
+def test_a_method_that_cannot_apply_is_refused_before_any_work(method, source, reason, tmp_path,
+                                                               capsys):
     out = tmp_path / "o"
-    assert _attack(out, "--backward", "linbp", source="zoo:fmnist-vit") == 2
+    assert _attack(out, "--backward", method, source=source) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("skipgrad: error: --backward linbp on "
-                                               "zoo:fmnist-vit: linbp cannot rewire")
+    assert len(err) == 1
+    assert err[0].startswith(f"skipgrad: error: --backward {method} on {source}: {reason}")
     assert not out.exists()
 
 
