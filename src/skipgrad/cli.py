@@ -291,7 +291,8 @@ def _add_transfer(sub) -> None:
 
 def _add_models(sub) -> None:
     p = sub.add_parser("models", help="list model specs with input size and mean/std")
-    p.add_argument("--preset", help="wu2020 (the paper's zoo) or fmnist (the bundled zoo)")
+    p.add_argument("--preset", help="wu2020 (the paper's zoo), fmnist (the bundled zoo) or "
+                                    "fmnist-defended (adv. trained and input-transformed targets)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_models)
 
@@ -657,10 +658,10 @@ def _inspect_batch(args: argparse.Namespace, model):
 
 def cmd_models(args: argparse.Namespace) -> int:
     """``skipgrad models``: specs with input size, mean/std, parameter count, weight status."""
-    from skipgrad.models.listing import model_rows, rows_table
+    from skipgrad.models.listing import defenses_table, model_rows, rows_table
 
     rows = model_rows(args.preset)
-    print(json.dumps(rows, indent=2) if args.json else rows_table(rows))
+    print(json.dumps(rows, indent=2) if args.json else f"{rows_table(rows)}\n\n{defenses_table()}")
     return 0
 
 
@@ -679,12 +680,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_zoo_train(args: argparse.Namespace) -> int:
     """``skipgrad zoo train NAME``."""
-    from skipgrad.models.zoo import ZOO_NAMES
-    from skipgrad.models.zoo.training import train_model
+    from skipgrad.models.zoo.training import RECIPES, train_model
 
     name = args.name.removeprefix("zoo:").removeprefix("fmnist-")
-    if name not in ZOO_NAMES:
-        raise UserError(f"unknown zoo model {args.name!r} (known: {', '.join(ZOO_NAMES)})")
+    if name not in RECIPES or name == "resnet110":
+        known = [n for n in RECIPES if n != "resnet110"]
+        raise UserError(f"unknown zoo model {args.name!r} (known: {', '.join(known)})")
     out = args.out or Path("zoo-weights")
     summary = train_model(name, out, epochs=args.epochs, seed=args.seed, limit=args.limit,
                           batch_size=args.batch_size, progress=not args.quiet)

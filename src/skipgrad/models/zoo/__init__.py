@@ -4,6 +4,7 @@
 [0, 1]; ``zoo.json`` records each model's accuracy and weight hash; ``docs/zoo.md`` the recipe.
 """
 from skipgrad.models.zoo.architectures import (
+    AT_NAMES,
     FMNIST_MEAN,
     FMNIST_STD,
     PreActBasicBlock,
@@ -15,5 +16,5 @@ from skipgrad.models.zoo.training import load_zoo_model, train_model, weights_pa
 
 build_zoo_model = build_model  # the name skipgrad.models.loading looks for
 
-__all__ = ["FMNIST_MEAN", "FMNIST_STD", "PreActBasicBlock", "ZOO_NAMES", "build_model",
+__all__ = ["AT_NAMES", "FMNIST_MEAN", "FMNIST_STD", "PreActBasicBlock", "ZOO_NAMES", "build_model",
            "build_zoo_model", "family_of", "load_zoo_model", "train_model", "weights_path"]

@@ -259,6 +259,7 @@ ARCHITECTURES: dict[str, tuple[str, Callable[[], nn.Module]]] = {
     "resnet20": ("ResNet (post-activation)", lambda: CifarResNet(3)),
     "resnet56": ("ResNet (post-activation)", lambda: CifarResNet(9)),
     "resnet110": ("ResNet (post-activation)", lambda: CifarResNet(18)),
+    "resnet8": ("ResNet (post-activation)", lambda: CifarResNet(1)),
     "preact-resnet20": ("ResNet (pre-activation)", lambda: PreActResNet(3)),
     "densenet": ("DenseNet-BC", SmallDenseNet),
     "mobilenetv2": ("MobileNetV2", SmallMobileNetV2),
@@ -267,14 +268,23 @@ ARCHITECTURES: dict[str, tuple[str, Callable[[], nn.Module]]] = {
 # The models that ship with committed weights (the fmnist preset uses every one of them).
 # resnet110 is buildable and trainable with ``train_model("resnet110", ...)`` but was not trained:
 # it did not fit the CPU budget, and listing it here would put a weightless model in the preset.
-ZOO_NAMES: tuple[str, ...] = tuple(name for name in ARCHITECTURES if name != "resnet110")
+# resnet8 exists for its adversarially trained member only (a residual net whose fast adversarial
+# training fits the CPU budget; the ResNet-20's did not).
+ZOO_NAMES: tuple[str, ...] = tuple(name for name in ARCHITECTURES
+                                   if name not in ("resnet110", "resnet8"))
+# Adversarially trained members (``NAME-at``): the architecture of their plain sibling, their own
+# weights and recipe (``training.RECIPES``). Kept out of ZOO_NAMES so that the fmnist preset, the
+# study and the demo's sources stay the plain zoo; they are defended *targets*.
+AT_NAMES: tuple[str, ...] = ("cnn-at", "resnet8-at")
+ARCHITECTURES.update({name: (ARCHITECTURES[name.removesuffix("-at")][0] + ", adv. trained",
+                             ARCHITECTURES[name.removesuffix("-at")][1]) for name in AT_NAMES})
 
 
 def zoo_name(name: str) -> str:
     """``name`` without the ``zoo:`` / ``fmnist-`` prefixes; raises ``KeyError`` for unknown names."""
     bare = name.removeprefix("zoo:").removeprefix("fmnist-")
     if bare not in ARCHITECTURES:
-        raise KeyError(f"unknown zoo model {name!r} (known: {', '.join(ZOO_NAMES)})")
+        raise KeyError(f"unknown zoo model {name!r} (known: {', '.join(ZOO_NAMES + AT_NAMES)})")
     return bare
 
 
