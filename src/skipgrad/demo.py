@@ -5,7 +5,7 @@ SGM, and the report adds the method's paired effects.
 
 The demo is an ordinary transfer experiment (:func:`skipgrad.transfer.run_transfer`): one residual
 source of the bundled zoo, I-FGSM, MI and DI each without and with SGM, every zoo model as a target
-(the source itself gives the white-box row). On top of the matrix it reports, for every attack and
+(the source itself gives the white-box row), plus two cheap defended targets (:data:`DEMO_DEFENDED`). On top of the matrix it reports, for every attack and
 target, the *paired* effect of SGM on the same images (McNemar's exact test), an examples figure, and
 a short reading of the result in ``report.md``.
 """
@@ -31,6 +31,9 @@ DEMO_SOURCE = "zoo:fmnist-preact-resnet20"
 DEMO_GAMMA = 0.5
 DEMO_ATTACKS = ("ifgsm", "mi", "di")
 DEMO_IMAGES = 1000
+# Defended targets, chosen for cost: the adversarially trained CNN and the plain CNN behind a real
+# JPEG round trip are both ~1 ms per image to score (docs/study.md has every defense).
+DEMO_DEFENDED = ("zoo:fmnist-cnn-at", "zoo:fmnist-cnn+jpeg:75")
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,15 @@ def zoo_targets() -> list[str]:
     from skipgrad.models.zoo import ZOO_NAMES, weights_path
 
     return [f"zoo:fmnist-{name}" for name in ZOO_NAMES if weights_path(name).exists()]
+
+
+def defended_targets() -> list[str]:
+    """The demo's defended targets whose (base) weights are present."""
+    from skipgrad.models.defenses import split_spec
+    from skipgrad.models.zoo import weights_path
+
+    return [spec for spec in DEMO_DEFENDED
+            if weights_path(split_spec(spec)[0].removeprefix("zoo:")).exists()]
 
 
 def sgm_effects(outcomes: dict[tuple, torch.Tensor]) -> list[SGMEffect]:
@@ -205,7 +217,7 @@ def run_demo(out: Path, *, limit: int | None = None, device: str = "auto", quiet
     check_gamma(gamma)
     plan = TransferPlan(
         sources=(ModelRef(source),), attacks=DEMO_ATTACKS, gammas=(None, gamma),
-        targets=tuple(ModelRef(t) for t in targets),
+        targets=tuple(ModelRef(t) for t in targets + defended_targets()),
         template=AttackJob(sources=(), data="fmnist:test", attack=AttackSpec(seed=seed)),
         title=f"Fashion-MNIST transfer success from {short_name(source)}",
         backward=(backward,) if backward else ())

@@ -1,7 +1,8 @@
 """Transfer success of attack outputs on target models, with Wilson 95% intervals.
 
 Success rate follows Wu et al. (2020): 1 - top-1 accuracy of the target on the adversarial images,
-*all* images counted (for targeted runs: the fraction classified as the target label). We also report
+*all* images counted (a smoothed target that abstains counts as not fooled, and as not correct on
+the clean image) (for targeted runs: the fraction classified as the target label). We also report
 the target's clean accuracy and the success rate restricted to images it classified correctly when
 clean, which separates "fooled" from "was wrong anyway".
 
@@ -24,6 +25,7 @@ from skipgrad.data.datasets import ImageDataset, Sample, open_dataset
 from skipgrad.data.images import atomic_write_text, read_image
 from skipgrad.errors import UserError
 from skipgrad.models import WrappedModel, load_model
+from skipgrad.models.defenses import ABSTAIN, canonical_spec
 from skipgrad.progress import progress_bar
 from skipgrad.runner import predict, read_manifest, read_run, resolve_device
 from skipgrad.stats import wilson_interval
@@ -168,8 +170,8 @@ def score(target: str, output: AttackOutput, clean: torch.Tensor, adv: torch.Ten
     correct = clean == labels
     if output.targeted:
         success = adv == torch.tensor([s.target for s in output.samples])
-    else:
-        success = adv != labels
+    else:  # an abstaining (smoothed) target was not fooled: the attack failed on that image
+        success = (adv != labels) & (adv != ABSTAIN)
     return TargetResult(target, len(labels), int(success.sum()), int(correct.sum()),
                         int((success & correct).sum()), per_image=success)
 
@@ -193,7 +195,10 @@ def load_targets(targets: Sequence[str], weights: Sequence[str | None] | None,
     weights = list(weights or [None] * len(targets))
     if len(weights) != len(targets):
         raise UserError(f"{len(weights)} --weights for {len(targets)} --target; give one per target")
-    return {spec: load_model(spec, weights=w, device=device) for spec, w in zip(targets, weights)}
+    # Keyed by the canonical spec, so that defaults of a defense (smoothing's n, alpha, seed)
+    # appear in every table and JSON.
+    return {canonical_spec(spec): load_model(spec, weights=w, device=device)
+            for spec, w in zip(targets, weights)}
 
 
 def evaluate_output(output: AttackOutput, models: dict[str, WrappedModel], *, batch_size: int = 64,

@@ -43,6 +43,7 @@ from skipgrad.data.images import atomic_write_text, to_uint8, write_png
 from skipgrad.data.prefetch import prefetched
 from skipgrad.errors import UserError
 from skipgrad.models import WrappedModel, load_model, resolve_config
+from skipgrad.models.defenses import split_spec
 
 RUN_FORMAT = 1
 MANIFEST_COLUMNS = ("id", "file", "label", "target_label", "source_pred")
@@ -183,7 +184,18 @@ def check_job(job: AttackJob) -> None:
         raise UserError(f"{len(job.attack.sgm)} --sgm values for {len(job.sources)} --source; give "
                         f"one --sgm for all sources or one per --source, in the same order")
     for spec, weights in zip(job.sources, job.weights or (None,) * len(job.sources)):
+        _refuse_defended_source(spec)
         resolve_config(spec, weights)  # unknown specs fail before any data is read
+
+
+def _refuse_defended_source(spec: str) -> None:
+    # Input-transformation defenses are not differentiable (JPEG, rounding, votes): a gradient
+    # through them would be silently wrong, and attacking them is BPDA/EOT, not transfer.
+    base, defenses = split_spec(spec)
+    if defenses:
+        raise UserError(f"{spec!r} cannot be an attack source: its defenses "
+                        f"({', '.join('+' + d.spec for d in defenses)}) are evaluation-time only; "
+                        f"attack from {base!r} and evaluate on {spec!r} with --target")
 
 
 def _positive(what: str, value: float) -> None:
@@ -542,7 +554,10 @@ def _from_levels(levels: list[np.ndarray], shape: torch.Size, device: torch.devi
 
 @torch.no_grad()
 def predict(models: Sequence[torch.nn.Module], images: torch.Tensor) -> torch.Tensor:
-    """Top-1 class of the (ensemble-averaged) logits."""
+    """Top-1 class of the (ensemble-averaged) logits; a single defended target predicts by its own
+    rule (a smoothed model's vote may abstain: :data:`skipgrad.models.defenses.ABSTAIN`)."""
+    if len(models) == 1 and hasattr(models[0], "predict_labels"):
+        return models[0].predict_labels(images).cpu()
     logits = sum(model(images) for model in models) / len(models)
     return logits.argmax(dim=1).cpu()
 

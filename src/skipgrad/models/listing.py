@@ -6,7 +6,9 @@ from pathlib import Path
 from skipgrad.errors import UserError
 from skipgrad.models import hub
 from skipgrad.models.loading import zoo_weights_path
-from skipgrad.models.presets import WU2020, check_builds, fmnist_preset, get_preset
+from skipgrad.models.defenses import defense_help, split_spec
+from skipgrad.models.presets import (WU2020, check_builds, fmnist_defended_preset, fmnist_preset,
+                                     get_preset)
 from skipgrad.models.specs import ModelConfig
 from skipgrad.models.loading import resolve_config
 
@@ -34,7 +36,7 @@ def _roles(preset_name: str | None) -> dict[str, list[str]]:
 
 def _default_presets() -> list:
     try:
-        return [fmnist_preset(), WU2020]
+        return [fmnist_preset(), fmnist_defended_preset(), WU2020]
     except UserError:  # no zoo in this install: still list the paper's models
         return [WU2020]
 
@@ -43,8 +45,8 @@ def model_rows(preset: str | None = None) -> list[dict]:
     """One dict per spec; each architecture is constructed (without weights) to prove it resolves."""
     rows = []
     for spec, roles in _roles(preset).items():
-        config = resolve_config(spec)
-        rows.append({"spec": config.spec, "roles": roles, "input_size": list(config.input_size),
+        config = resolve_config(split_spec(spec)[0])  # a defended spec builds its model
+        rows.append({"spec": resolve_config(spec).spec, "roles": roles, "input_size": list(config.input_size),
                      "mean": list(config.mean), "std": list(config.std),
                      "interpolation": config.interpolation, "num_classes": config.num_classes,
                      "params": check_builds(config), "weights": weight_status(config)})
@@ -65,3 +67,12 @@ def rows_table(rows: list[dict]) -> str:
 
 def _triple(values: list[float]) -> str:
     return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
+
+
+def defenses_table() -> str:
+    """The evaluation-time defenses any target spec can take, one per line."""
+    lines = ["Target defenses (append to any target spec; applied to the input left to right, "
+             "evaluation only, refused as attack sources):"]
+    width = max(len(syntax) for syntax, _ in defense_help())
+    lines += [f"  {syntax.ljust(width)}  {summary}" for syntax, summary in defense_help()]
+    return "\n".join(lines)

@@ -8,6 +8,7 @@ from torch import nn
 
 from skipgrad.errors import UserError
 from skipgrad.models import checkpoints, hub
+from skipgrad.models.defenses import DefendedModel, split_spec
 from skipgrad.models.specs import ModelConfig, WrappedModel, parse_spec
 
 ZOO_PREFIX = "fmnist-"
@@ -17,7 +18,13 @@ def resolve_config(spec: str, weights: str | Path | None = None) -> ModelConfig:
     """The :class:`ModelConfig` a spec stands for, without building the network or loading weights.
 
     ``file:PATH`` specs (and ``weights`` given for any spec) read the checkpoint's metadata only.
+    A spec with defense suffixes (``+jpeg:75``, :mod:`skipgrad.models.defenses`) resolves to its
+    model's config under the full canonical spec.
     """
+    base, defenses = split_spec(spec)
+    if defenses:
+        config = resolve_config(base, weights)
+        return config.replace(spec="".join([config.spec, *(f"+{d.spec}" for d in defenses)]))
     family, name = parse_spec(spec)
     if family == "file":
         return resolve_config(_arch_of_file(name), weights=name)
@@ -29,11 +36,12 @@ def resolve_config(spec: str, weights: str | Path | None = None) -> ModelConfig:
 
 
 def load_model(spec: str, *, weights: str | Path | None = None, pretrained: bool = True,
-               device: str | torch.device = "cpu") -> WrappedModel:
+               device: str | torch.device = "cpu") -> WrappedModel | DefendedModel:
     """Build the model a spec names, load its weights, wrap it for [0, 1] inputs, eval mode.
 
     Args:
-        spec: ``tv:NAME``, ``timm:NAME[.TAG]``, ``zoo:fmnist-NAME`` or ``file:PATH``.
+        spec: ``tv:NAME``, ``timm:NAME[.TAG]``, ``zoo:fmnist-NAME`` or ``file:PATH``, optionally
+            followed by defenses (``+jpeg:75+bits:5``): then a :class:`DefendedModel` is returned.
         weights: a local checkpoint (safetensors, or a ``torch.save`` state dict) to load instead of
             the library's pretrained weights.
         pretrained: False builds the architecture with random weights (for listings and tests).
@@ -41,6 +49,10 @@ def load_model(spec: str, *, weights: str | Path | None = None, pretrained: bool
     Raises:
         UserError: unknown spec, unreadable checkpoint, weights that don't fit, missing weights.
     """
+    base, defenses = split_spec(spec)
+    if defenses:  # evaluation-time defenses wrap the loaded model
+        model = load_model(base, weights=weights, pretrained=pretrained, device=device)
+        return DefendedModel(model, defenses, resolve_config(spec, weights).spec).eval()
     config = resolve_config(spec, weights)
     if config.weights is not None:
         net, classes = _net_with_file(config, Path(config.weights))
@@ -125,14 +137,15 @@ def _arch_of_file(path: str) -> str:
 
 # ---------------------------------------------------------------- bundled Fashion-MNIST zoo
 
-def zoo_names() -> list[str]:
-    """Architectures of the bundled zoo (without the ``fmnist-`` prefix)."""
+def zoo_names(defended: bool = False) -> list[str]:
+    """Architectures of the bundled zoo (without the ``fmnist-`` prefix); ``defended`` adds the
+    adversarially trained members (``cnn-at``, ...)."""
     try:
-        from skipgrad.models.zoo import ZOO_NAMES
+        from skipgrad.models.zoo import AT_NAMES, ZOO_NAMES
     except ImportError as exc:
         raise UserError(f"the bundled Fashion-MNIST zoo is not available ({exc})") from exc
 
-    return list(ZOO_NAMES)
+    return list(ZOO_NAMES) + (list(AT_NAMES) if defended else [])
 
 
 def zoo_weights_path(arch: str) -> Path:
@@ -146,8 +159,9 @@ def _zoo_arch(name: str) -> str:
     if not name.startswith(ZOO_PREFIX):
         raise UserError(f"zoo models are named zoo:{ZOO_PREFIX}ARCH, got zoo:{name}")
     arch = name[len(ZOO_PREFIX):]
-    if arch not in zoo_names():
-        raise hub._unknown("zoo", f"{ZOO_PREFIX}{arch}", [ZOO_PREFIX + n for n in zoo_names()])
+    if arch not in zoo_names(defended=True):
+        raise hub._unknown("zoo", f"{ZOO_PREFIX}{arch}",
+                           [ZOO_PREFIX + n for n in zoo_names(defended=True)])
     return arch
 
 

@@ -42,9 +42,25 @@ def fmnist_preset() -> Preset:
     return Preset("fmnist", "bundled Fashion-MNIST zoo (trained by this project)", specs, specs)
 
 
+# The defenses of the defended study (docs/study.md): each around two plain targets.
+DEFENDED_WRAPPERS = ("jpeg:75", "bits:4", "median:3", "smooth:0.1")
+
+
+def fmnist_defended_preset() -> Preset:
+    """Defended Fashion-MNIST targets: the adversarially trained zoo members, and the plain CNN
+    and VGG behind each input-transformation defense. No sources: attack from the fmnist preset."""
+    trained = [n for n in zoo_names(defended=True) if n not in zoo_names()]
+    wrapped = [f"zoo:{ZOO_PREFIX}{plain}+{defense}" for plain in ("cnn", "vgg")
+               for defense in DEFENDED_WRAPPERS]
+    return Preset("fmnist-defended", "defended Fashion-MNIST targets (adv. trained, input "
+                  "transformations)", (), tuple(f"zoo:{ZOO_PREFIX}{n}" for n in trained) +
+                  tuple(wrapped))
+
+
 def get_preset(name: str) -> Preset:
     """Look a preset up by name; raises :class:`UserError` for unknown names."""
-    presets = {"wu2020": lambda: WU2020, "fmnist": fmnist_preset}
+    presets = {"wu2020": lambda: WU2020, "fmnist": fmnist_preset,
+               "fmnist-defended": fmnist_defended_preset}
     if name not in presets:
         raise UserError(f"unknown preset {name!r} (known: {', '.join(presets)})")
     return presets[name]()

@@ -1,0 +1,250 @@
+"""Input-transformation defenses (``SPEC+jpeg:75`` ...): each transform against an independent
+computation, the smoothing vote's determinism and batch independence, parsing errors, and the
+defended targets in evaluate / transfer / torchrun."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from skipgrad.cli import main
+from skipgrad.data.fmnist import load_fmnist
+from skipgrad.errors import UserError
+from skipgrad.models import load_model
+from skipgrad.models.defenses import (ABSTAIN, BitDepth, DefendedModel, Jpeg, Median, Smoothing,
+                                      canonical_spec, split_spec)
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def _levels(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def _tensor(levels: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(levels.astype(np.float32) / 255)
+
+
+# ---------------------------------------------------------------- transforms
+
+@pytest.mark.parametrize("quality", [10, 75, 95])
+def test_jpeg_equals_pillow_round_trip_grayscale_and_rgb(quality: int) -> None:
+    gray, rgb = _levels(0, (2, 1, 28, 28)), _levels(1, (2, 3, 32, 32))
+    for batch in (gray, rgb):
+        expected = []
+        for image in batch:
+            pil = Image.fromarray(image[0] if len(image) == 1 else image.transpose(1, 2, 0))
+            buffer = io.BytesIO()
+            pil.save(buffer, "JPEG", quality=quality)
+            decoded = np.asarray(Image.open(buffer))
+            expected.append(decoded[None] if decoded.ndim == 2 else decoded.transpose(2, 0, 1))
+        out = Jpeg(quality)(_tensor(batch))
+        assert torch.equal(out * 255, torch.from_numpy(np.stack(expected)).float())
+        assert not torch.equal(out, _tensor(batch))  # lossy: it did something
+
+
+def test_bit_depth_is_exact_rounding_of_every_level() -> None:
+    levels = np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16)
+    for bits in range(1, 9):
+        top = 2 ** bits - 1
+        expected = np.round(levels.astype(np.float64) / 255 * top) / top  # the paper's formula
+        out = BitDepth(bits)(_tensor(levels)).double().numpy()
+        assert np.allclose(out, expected, atol=1e-7), bits
+        assert len(np.unique(out)) == 2 ** bits
+    assert torch.equal(BitDepth(8)(_tensor(levels)), _tensor(levels))
+
+
+@pytest.mark.parametrize("size", [3, 5])
+def test_median_filter_equals_scipy(size: int) -> None:
+    ndimage = pytest.importorskip("scipy.ndimage")
+    levels = _levels(2, (2, 3, 20, 17))
+    expected = ndimage.median_filter(levels, size=(1, 1, size, size), mode="nearest")
+    assert torch.equal(Median(size)(_tensor(levels)), _tensor(expected))
+
+
+# ---------------------------------------------------------------- smoothing
+
+@pytest.fixture(scope="module")
+def cnn_images() -> tuple[torch.Tensor, torch.Tensor]:
+    return load_fmnist("test", limit=12)
+
+
+def test_smoothing_vote_is_deterministic_and_batch_independent(cnn_images) -> None:
+    images, _ = cnn_images
+    model = load_model("zoo:fmnist-cnn+smooth:0.3,n=16,seed=3")
+    whole = model.predict_labels(images)
+    assert torch.equal(whole, model.predict_labels(images))  # same seed, same votes
+    one_by_one = torch.cat([model.predict_labels(images[i:i + 1]) for i in range(len(images))])
+    shuffled = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(whole, one_by_one)
+    assert torch.equal(whole[shuffled], model.predict_labels(images[shuffled]))
+
+
+def test_smoothing_noise_depends_on_seed_and_image_only(cnn_images) -> None:
+    images, _ = cnn_images
+    a, b = Smoothing(0.25, n=4, seed=0), Smoothing(0.25, n=4, seed=1)
+    assert torch.equal(a(images[:2])[4:], a(images[1:2]))
+    assert not torch.equal(a(images[:1]), b(images[:1]))
+    noise = a(images[:1]) - images[:1]
+    assert abs(noise.std().item() - 0.25) < 0.03 and noise.shape == (4, 1, 28, 28)
+
+
+def test_smoothing_abstains_exactly_when_the_binomial_test_says_so() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    rule = Smoothing(0.25, n=20, alpha=0.05)
+    # Rows of votes with top / runner-up counts (20, 0), (15, 5), (14, 6), (10, 10), (12, 4+4).
+    rows = [[3] * 20, [1] * 15 + [2] * 5, [1] * 14 + [2] * 6, [4] * 10 + [5] * 10,
+            [7] * 12 + [8] * 4 + [9] * 4]
+    winners = rule.vote(torch.tensor(rows), 10).tolist()
+    for row, winner in zip(rows, winners):
+        counts = sorted(np.bincount(row), reverse=True)
+        p = stats.binomtest(counts[0], counts[0] + counts[1], 0.5).pvalue
+        assert (winner == ABSTAIN) == (p > 0.05), (row, p)
+        if winner != ABSTAIN:
+            assert winner == max(set(row), key=row.count)
+    assert winners[0] == 3 and winners[3] == ABSTAIN
+
+
+# ---------------------------------------------------------------- specs
+
+def test_specs_split_canonicalise_and_chain_left_to_right(cnn_images) -> None:
+    assert canonical_spec("zoo:fmnist-vgg+smooth:0.25") == \
+        "zoo:fmnist-vgg+smooth:0.25,n=32,alpha=0.001,seed=0"
+    assert split_spec("file:/a+b/c.safetensors+jpeg:75") == ("file:/a+b/c.safetensors", (Jpeg(75),))
+    model = load_model("zoo:fmnist-cnn+jpeg:50+bits:3")
+    assert isinstance(model, DefendedModel)
+    assert model.config.spec == "zoo:fmnist-cnn+jpeg:50+bits:3"
+    images, _ = cnn_images
+    plain = load_model("zoo:fmnist-cnn")
+    with torch.no_grad():
+        assert torch.equal(model(images), plain(BitDepth(3)(Jpeg(50)(images))))
+        assert not torch.equal(model(images), plain(Jpeg(50)(BitDepth(3)(images))))
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("zoo:fmnist-cnn+jpeg:0", r"JPEG quality must be an integer in \[1, 100\], got '0'"),
+    ("zoo:fmnist-cnn+jpeg:7.5", r"JPEG quality must be an integer"),
+    ("zoo:fmnist-cnn+bits:9", r"bit depth must be an integer in \[1, 8\]"),
+    ("zoo:fmnist-cnn+median:4", r"median filter size must be odd, got 4"),
+    ("zoo:fmnist-cnn+smooth:1.5", r"sigma must be a number in \[0, 1\]"),
+    ("zoo:fmnist-cnn+smooth:0.2,m=3", r"unknown option\(s\) m"),
+    ("zoo:fmnist-cnn+smooth:0.2,n=", r"expected smooth:SIGMA"),
+    ("zoo:fmnist-cnn+blur:3", r"unknown defense 'blur'.*known: jpeg:Q, bits:B"),
+    ("zoo:fmnist-cnn+smooth:0.1+smooth:0.2", r"at most one smooth: defense"),
+])
+def test_malformed_defenses_are_one_line_user_errors(spec: str, message: str, tmp_path: Path,
+                                                     capsys) -> None:
+    with pytest.raises(UserError, match=message):
+        load_model(spec)
+    assert main(["evaluate", str(tmp_path), "--target", spec]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_defended_spec_is_refused_as_a_source(tmp_path: Path, capsys) -> None:
+    code = main(["attack", "--source", "zoo:fmnist-cnn+jpeg:75", "--attack", "ifgsm", "--data",
+                 "fmnist:test", "--out", str(tmp_path / "x"), "--limit", "2", "--quiet"])
+    assert code == 2
+    assert "cannot be an attack source" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_models_lists_the_defenses(capsys) -> None:
+    assert main(["models", "--preset", "fmnist-defended"]) == 0
+    out = capsys.readouterr().out
+    for syntax in ("SPEC+jpeg:Q", "SPEC+bits:B", "SPEC+median:K", "SPEC+smooth:SIGMA"):
+        assert syntax in out
+    assert "zoo:fmnist-vgg+smooth:0.1,n=32,alpha=0.001,seed=0" in out
+
+
+# ---------------------------------------------------------------- evaluation
+
+SMALL = ("--source", "zoo:fmnist-cnn", "--attack", "ifgsm", "--data", "fmnist:test", "--limit",
+         "24", "--steps", "3", "--quiet")
+TARGETS = ("zoo:fmnist-cnn+jpeg:75", "zoo:fmnist-cnn+median:3+bits:4",
+           "zoo:fmnist-cnn+smooth:0.2,n=16")
+
+
+@pytest.fixture(scope="module")
+def attacked(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("defended") / "attack"
+    assert main(["attack", *SMALL, "--out", str(out)]) == 0
+    return out
+
+
+def _adversarial(folder: Path) -> torch.Tensor:
+    """The saved PNGs decoded with Pillow (not skipgrad's reader)."""
+    return torch.stack([_tensor(np.asarray(Image.open(folder / "images" / f"test_{i:05d}.png"))[None])
+                        for i in range(24)])
+
+
+def _evaluate_json(folder: Path, path: Path, *targets: str) -> dict:
+    args = [a for t in targets for a in ("--target", t)]
+    assert main(["evaluate", str(folder), *args, "--json", str(path), "--quiet"]) == 0
+    return json.loads(path.read_text())["targets"]
+
+
+def test_evaluate_scores_defended_targets_from_independent_predictions(attacked: Path,
+                                                                      tmp_path: Path) -> None:
+    results = _evaluate_json(attacked, tmp_path / "e.json", *TARGETS)
+    assert list(results) == [canonical_spec(t) for t in TARGETS]
+    clean, labels = load_fmnist("test", limit=24)
+    adv = _adversarial(attacked)
+    plain = load_model("zoo:fmnist-cnn")
+    with torch.no_grad():
+        adv_pred = plain(Jpeg(75)(adv)).argmax(1)
+        clean_pred = plain(Jpeg(75)(clean)).argmax(1)
+    jpeg = results["zoo:fmnist-cnn+jpeg:75"]
+    assert jpeg["n"] == 24 and jpeg["success_rate"] * 24 == pytest.approx(int((adv_pred != labels).sum()))
+    assert jpeg["clean_accuracy"] * 24 == pytest.approx(int((clean_pred == labels).sum()))
+
+
+def test_abstentions_count_as_attack_failures_and_clean_errors(attacked: Path,
+                                                                tmp_path: Path) -> None:
+    spec = "zoo:fmnist-cnn+smooth:0.5,n=16,alpha=0.01"
+    result = _evaluate_json(attacked, tmp_path / "a.json", spec)[canonical_spec(spec)]
+    clean, labels = load_fmnist("test", limit=24)
+    model = load_model(spec)
+    adv_pred, clean_pred = model.predict_labels(_adversarial(attacked)), model.predict_labels(clean)
+    assert (adv_pred == ABSTAIN).any() and (clean_pred == ABSTAIN).any()  # the case is exercised
+    fooled = (adv_pred != labels) & (adv_pred != ABSTAIN)
+    assert result["success_rate"] * 24 == pytest.approx(int(fooled.sum()))
+    assert result["clean_accuracy"] * 24 == pytest.approx(int((clean_pred == labels).sum()))
+
+
+def test_smoothing_that_can_never_pass_its_test_is_refused() -> None:
+    with pytest.raises(UserError, match=r"n=8 .* never .* alpha 0.001 .* n >= 11"):
+        load_model("zoo:fmnist-cnn+smooth:0.2,n=8")
+
+
+def test_transfer_with_defended_targets_resumes_to_the_same_matrix(tmp_path: Path) -> None:
+    args = ["transfer", "--source", "zoo:fmnist-cnn", "--attack", "ifgsm", "--data", "fmnist:test",
+            "--limit", "8", "--steps", "2", "--out", str(tmp_path), "--quiet",
+            "--target", "zoo:fmnist-cnn+smooth:0.2,n=12", "--target", "zoo:fmnist-cnn+jpeg:60"]
+    assert main(args) == 0
+    first = (tmp_path / "transfer.json").read_text()
+    assert main(args) == 0  # resumes: the attack folder is kept, the targets re-scored
+    assert (tmp_path / "transfer.json").read_text() == first
+    targets = {row["target"] for row in json.loads(first)["rows"]}
+    assert targets == {"zoo:fmnist-cnn+smooth:0.2,n=12,alpha=0.001,seed=0", "zoo:fmnist-cnn+jpeg:60"}
+
+
+def test_torchrun_evaluate_of_defended_targets_equals_one_process(attacked: Path,
+                                                                   tmp_path: Path) -> None:
+    single = _evaluate_json(attacked, tmp_path / "single.json", *TARGETS)
+    args = [a for t in TARGETS for a in ("--target", t)]
+    done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "skipgrad",
+                           "evaluate", str(attacked), *args, "--batch-size", "5", "--quiet",
+                           "--json", str(tmp_path / "sharded.json")],
+                          env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "sharded.json").read_text())["targets"] == single
