@@ -3,6 +3,8 @@
 Usage:
     python scripts/train_zoo.py train [NAME ...]      # all of ZOO_NAMES by default
     python scripts/train_zoo.py table [LOG ...]       # zoo.json + docs/zoo.md from summary logs
+    python scripts/train_zoo.py train cnn-at resnet8-at   # the adversarially trained members
+    python scripts/train_zoo.py defended [LOG ...]    # their zoo.json entries + docs/zoo.md section
 
 ``train`` writes weights into the package's weights folder and appends one JSON summary per model to
 ``zoo-train.jsonl`` in the current directory; SKIPGRAD_THREADS sets torch's thread count (default 2).
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from skipgrad.models.zoo import ZOO_NAMES, family_of, train_model
+from skipgrad.models.zoo import AT_NAMES, ZOO_NAMES, family_of, train_model
 from skipgrad.models.zoo.training import RECIPES, WEIGHTS_DIR, weights_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,10 +46,76 @@ def table(logs: list[Path]) -> None:
             run = json.loads(line)
             runs[run["name"]] = run  # the latest run of a model wins
     models = {name: _row(runs[name]) for name in ZOO_NAMES if name in runs}
+    defended = json.loads(ZOO_JSON.read_text()).get("adversarially_trained", {})
     doc = {"dataset": "Fashion-MNIST (train 60k / test 10k)", "input": [1, 28, 28],
-           "normalisation": "inside each model (mean 0.2860, std 0.3530)", "models": models}
+           "normalisation": "inside each model (mean 0.2860, std 0.3530)", "models": models,
+           "adversarially_trained": defended}
     ZOO_JSON.write_text(json.dumps(doc, indent=2) + "\n")
-    ZOO_DOC.write_text(_markdown(models))
+    ZOO_DOC.write_text(_markdown(models) + _defended_markdown(defended))
+
+
+def defended_table(logs: list[Path]) -> None:
+    """Write the adversarially trained members into zoo.json and their section of docs/zoo.md."""
+    runs = {}
+    for log in logs or [LOG]:
+        for line in log.read_text().splitlines():
+            run = json.loads(line)
+            runs[run["name"]] = run
+    doc = json.loads(ZOO_JSON.read_text())
+    doc["adversarially_trained"] = {name: _defended_row(runs[name]) for name in AT_NAMES
+                                    if name in runs}
+    ZOO_JSON.write_text(json.dumps(doc, indent=2) + "\n")
+    page = ZOO_DOC.read_text().split(_DEFENDED_MARK)[0].rstrip("\n") + "\n"
+    ZOO_DOC.write_text(page + _defended_markdown(doc["adversarially_trained"]))
+
+
+def _defended_row(run: dict) -> dict:
+    row = _row(run)
+    row.update(adversary=run["adversary"], epoch_train_pgd_accuracy=run["epoch_train_pgd_accuracy"],
+               robust_accuracy_first1000=round(run["robust_accuracy_first1000"], 4),
+               robust_attack=run["robust_attack"])
+    return row
+
+
+_DEFENDED_MARK = "\n## Adversarially trained members"
+
+
+def _defended_markdown(models: dict) -> str:
+    if not models:
+        return ""
+    lines = [_DEFENDED_MARK.strip(), "", _DEFENDED_TEXT, "",
+             "| spec | architecture | clean acc. (full test) | clean, first 1000 | robust, first 1000 "
+             "| train PGD-10 acc. per epoch | epochs | train time | sha256 |",
+             "|---|---|---:|---:|---:|---|---:|---:|---|"]
+    for name, row in models.items():
+        watch = ", ".join(f"{100 * a:.1f}%" for a in row["epoch_train_pgd_accuracy"])
+        lines.append(f"| `zoo:fmnist-{name}` | {row['family']} | {100 * row['test_accuracy']:.2f}% | "
+                     f"{100 * row['test_accuracy_first1000']:.1f}% | "
+                     f"{100 * row['robust_accuracy_first1000']:.1f}% | {watch} | {row['epochs']} | "
+                     f"{row['train_seconds'] / 60:.1f} min | `{row['sha256'][:16]}` |")
+    first = next(iter(models.values()))
+    lines += ["", f"Training adversary: {first['adversary']}. Robust accuracy: {first['robust_attack']}.",
+              "", _DEFENDED_REPRODUCE]
+    return "\n" + "\n".join(lines) + "\n"
+
+
+_DEFENDED_TEXT = """Defended targets for transfer experiments (docs/study.md, "Defended targets"): the architecture
+of a plain member, trained by `train_model` with an L-inf adversary at the demo's budget, eps 16/255.
+The adversary is fast adversarial training (Wong, Rice & Kolter, ICLR 2020, "Fast is better than
+free"): one FGSM step of 1.25 eps from a uniform random start in the ball, on every batch, eps ramped
+up linearly over the first 20% of the steps; everything else is the zoo recipe below (SGD, one-cycle,
+batch 128, seed 0). FGSM with random start rather than PGD because it costs one extra
+forward/backward per batch where PGD-7 costs seven: on the shared 2-core CPU even fast AT of a
+ResNet-20 ran at ~9 s per batch under load (over two hours for 2 epochs), so the residual member is a
+ResNet-8 (`resnet8`: the zoo's CIFAR-style ResNet with one block per stage) and both train 2 epochs.
+Fast AT can overfit catastrophically (robust to FGSM, not to PGD); the per-epoch PGD-10 accuracy on
+the first 256 training images is the watch, and robust accuracy is measured with a stronger
+white-box PGD. These models are not in the `fmnist` preset (which stays the plain zoo); they are in
+`--preset fmnist-defended`, with the input-transformation defenses (`SPEC+jpeg:75`, ...)."""
+
+_DEFENDED_REPRODUCE = """Reproduce: `skipgrad zoo train cnn-at --out weights/` (or `resnet8-at`); the committed files
+were written by `SKIPGRAD_THREADS=1 python scripts/train_zoo.py train NAME` and this section by
+`python scripts/train_zoo.py defended LOG`."""
 
 
 def _row(run: dict) -> dict:
@@ -144,6 +212,8 @@ def main(argv: list[str]) -> None:
     """``train [NAME ...]`` or ``table [LOG ...]``; bare names mean ``train``."""
     if argv and argv[0] == "table":
         table([Path(p) for p in argv[1:]])
+    elif argv and argv[0] == "defended":
+        defended_table([Path(p) for p in argv[1:]])
     else:
         train(argv[1:] if argv and argv[0] == "train" else argv)
 

@@ -136,3 +136,49 @@ def test_train_model_learns_from_a_small_subset(tmp_path: Path) -> None:
     assert path.is_file() and summary["sha256"] and summary["epochs"] == 2
     assert set(summary) >= {"name", "params", "test_accuracy", "train_seconds", "sha256",
                             "epochs", "seed"}
+
+
+# ---------------------------------------------------------------- adversarially trained members
+
+def _at_table() -> dict:
+    return json.loads(ZOO_JSON.read_text()).get("adversarially_trained", {})
+
+
+def test_fgsm_random_start_stays_in_the_ball_and_the_warm_up_ramps() -> None:
+    from skipgrad.models.zoo.training import Adversary, fgsm_random_start
+
+    images, labels = load_fmnist("test", limit=16)
+    model = load_zoo_model("cnn")
+    eps = 16 / 255
+    adv = fgsm_random_start(model, images, labels, eps, 1.25 * eps,
+                            torch.Generator().manual_seed(0))
+    assert (adv - images).abs().max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    assert (adv - images).abs().max() > eps / 2  # it moved
+    ramp = Adversary(eps=eps, warmup=0.5)
+    assert ramp.eps_at(0, 100) == pytest.approx(eps / 50) and ramp.eps_at(49, 100) == eps
+    assert ramp.eps_at(99, 100) == eps and Adversary(warmup=0).eps_at(0, 10) == 16 / 255
+
+
+@pytest.mark.parametrize("name", sorted(_at_table()) if ZOO_JSON.is_file() else [])
+def test_adversarially_trained_weights_reproduce_recorded_clean_accuracy(name: str) -> None:
+    accuracy = evaluate_accuracy(load_zoo_model(name), limit=1000)
+    assert abs(accuracy - _at_table()[name]["test_accuracy_first1000"]) <= 0.01
+
+
+@pytest.mark.parametrize("name", sorted(_at_table()) if ZOO_JSON.is_file() else [])
+def test_adversarially_trained_model_resists_pgd_where_its_plain_sibling_does_not(name: str) -> None:
+    from skipgrad.models.zoo.training import RobustEval, robust_accuracy
+
+    quick = RobustEval(steps=10, limit=100)  # the recorded figure is PGD-20 on 1000 (slow test)
+    plain = name.removesuffix("-at") if name != "resnet8-at" else "resnet20"
+    defended = robust_accuracy(load_zoo_model(name), quick)
+    assert defended > robust_accuracy(load_zoo_model(plain), quick) + 0.3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(_at_table()) if ZOO_JSON.is_file() else [])
+def test_adversarially_trained_weights_reproduce_recorded_robust_accuracy(name: str) -> None:
+    from skipgrad.models.zoo.training import robust_accuracy
+
+    accuracy = robust_accuracy(load_zoo_model(name))  # white-box PGD-20, first 1000 images
+    assert abs(accuracy - _at_table()[name]["robust_accuracy_first1000"]) <= 0.01

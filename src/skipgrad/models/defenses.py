@@ -312,33 +312,36 @@ class DefendedModel(nn.Module):
         self.before, self.after = defenses[:cut], defenses[cut + 1:]
         self.smoothing = defenses[cut] if cut < len(defenses) else None
 
-    def _classify(self, x: torch.Tensor, chain: tuple[Defense, ...]) -> torch.Tensor:
-        for defense in chain:
-            x = defense(x)
-        return self.model(x)
-
-    @torch.no_grad()
-    def predict_labels(self, x: torch.Tensor) -> torch.Tensor:
-        """Top-1 class per image, or :data:`ABSTAIN` where a smoothed model abstains."""
-        x = self._classify_prefix(x)
-        if self.smoothing is None:
-            return self.model(x).argmax(1)
-        # Each image's n copies are one batch of their own, so its vote ignores its neighbours.
-        votes = [self._classify(self.smoothing(image[None]), self.after).argmax(1) for image in x]
-        return self.smoothing.vote(torch.stack(votes), self.config.num_classes)
-
-    def _classify_prefix(self, x: torch.Tensor) -> torch.Tensor:
+    def _prefix(self, x: torch.Tensor) -> torch.Tensor:
+        """The deterministic defenses before the smoothing noise (all of them if none)."""
         for defense in self.before:
             x = defense(x)
         return x
 
+    def _votes(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, n) classes of each image's noisy copies; each image's n copies are one batch of
+        their own, so its vote ignores its neighbours in ``x``."""
+        votes = []
+        for image in x:
+            copies = self.smoothing(image[None])
+            for defense in self.after:
+                copies = defense(copies)
+            votes.append(self.model(copies).argmax(1))
+        return torch.stack(votes)
+
+    @torch.no_grad()
+    def predict_labels(self, x: torch.Tensor) -> torch.Tensor:
+        """Top-1 class per image, or :data:`ABSTAIN` where a smoothed model abstains."""
+        x = self._prefix(x)
+        if self.smoothing is None:
+            return self.model(x).argmax(1)
+        return self.smoothing.vote(self._votes(x), self.config.num_classes)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._classify_prefix(x)
+        x = self._prefix(x)
         if self.smoothing is None:
             return self.model(x)
-        votes = torch.stack([self._classify(self.smoothing(image[None]), self.after).argmax(1)
-                             for image in x])
-        return F.one_hot(votes, self.config.num_classes).float().mean(1)
+        return F.one_hot(self._votes(x), self.config.num_classes).float().mean(1)
 
     def extra_repr(self) -> str:
         return f"spec={self.config.spec!r}"

@@ -43,7 +43,7 @@ def fmnist_preset() -> Preset:
 
 
 # The defenses of the defended study (docs/study.md): each around two plain targets.
-DEFENDED_WRAPPERS = ("jpeg:75", "bits:4", "median:3", "smooth:0.1")
+DEFENDED_WRAPPERS = ("jpeg:75", "bits:4", "median:3", "smooth:0.1,n=16")
 
 
 def fmnist_defended_preset() -> Preset:
