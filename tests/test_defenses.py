@@ -163,7 +163,7 @@ def test_models_lists_the_defenses(capsys) -> None:
     out = capsys.readouterr().out
     for syntax in ("SPEC+jpeg:Q", "SPEC+bits:B", "SPEC+median:K", "SPEC+smooth:SIGMA"):
         assert syntax in out
-    assert "zoo:fmnist-vgg+smooth:0.1,n=32,alpha=0.001,seed=0" in out
+    assert "zoo:fmnist-vgg+smooth:0.1,n=16,alpha=0.001,seed=0" in out
 
 
 # ---------------------------------------------------------------- evaluation
