@@ -62,8 +62,10 @@ def run_study(out: Path, limit: int, only: set[str] | None) -> None:
             record: dict = {"source": source, "method": method, "limit": limit}
             try:
                 result = run_transfer(study_plan(source, method, sgm, targets), out / source, opts)
-            except UserError as exc:  # the method does not apply to this source: say so
-                print(f"skipped {source} × {method}: {exc}")
+            except UserError as exc:
+                if not str(exc).startswith("--backward"):  # e.g. a folder in use: not a result
+                    raise
+                print(f"skipped {source} × {method}: {exc}")  # the method does not apply
                 record["skipped"] = str(exc)
             else:
                 record["rows"] = [r.to_json() for r in result.rows]
@@ -73,8 +75,9 @@ def run_study(out: Path, limit: int, only: set[str] | None) -> None:
             (out / source / f"{method}.json").write_text(json.dumps(record) + "\n")
 
 
-def collect(out: Path) -> tuple[list, list, list[str]]:
-    """Rows, paired effects and skipped cells of every saved (source, method), in GRID order."""
+def collect(outs: list[Path]) -> tuple[list, list, list[str]]:
+    """Rows, paired effects and skipped cells of every (source, method) saved in one of ``outs``
+    (the first folder holding it wins), in GRID order."""
     import torch
 
     from skipgrad.report import TransferRow
@@ -82,8 +85,9 @@ def collect(out: Path) -> tuple[list, list, list[str]]:
     rows, effects, skipped = [], [], []
     for source, methods, _ in GRID:
         for method in methods:
-            path = out / source / f"{method}.json"
-            if not path.is_file():
+            paths = [out / source / f"{method}.json" for out in outs]
+            path = next((p for p in paths if p.is_file()), None)
+            if path is None:
                 continue
             record = json.loads(path.read_text())
             if "skipped" in record:
@@ -126,13 +130,17 @@ def main() -> None:
                         help="comma-separated SOURCE:METHOD cells, e.g. vit:pna,vgg:bpa")
     parser.add_argument("--write-docs", action="store_true",
                         help="also rewrite the generated tables of docs/backward.md")
+    parser.add_argument("--collect-from", type=Path, action="append", default=[],
+                        help="another --out folder whose saved parts are added (repeatable)")
     parser.add_argument("--collect-only", action="store_true",
                         help="run nothing: put the saved parts together (and --write-docs)")
     args = parser.parse_args()
     only = set(args.only.split(",")) if args.only else None
     if not args.collect_only:
         run_study(args.out, args.limit, only)
-    rows, effects, skipped = collect(args.out)  # every part run so far, this one included
+    # Every part run so far, this one included (also from --collect-from folders, e.g. a part
+    # run on fewer images because the CPU budget ran out).
+    rows, effects, skipped = collect([args.out, *args.collect_from])
     (args.out / "backward_study.json").write_text(json.dumps(
         {"limit": args.limit, "gamma": STUDY_GAMMA, "skipped": skipped,
          "rows": [r.to_json() for r in rows], "effects": [e.to_json() for e in effects]},
@@ -140,7 +148,8 @@ def main() -> None:
     print(effects_matrix(effects, columns=("method", "attack"),
                          row=lambda e: (e.method, e.variant)))
     if args.write_docs:
-        command = f"python scripts/backward_study.py --limit {args.limit}"
+        command = f"python scripts/backward_study.py --limit {args.limit}" + "".join(
+            f" --collect-from {p}" for p in args.collect_from)
         replace_section("backward study tables", tables(rows, effects, skipped, command),
                         ROOT / "docs" / "backward.md")
 
