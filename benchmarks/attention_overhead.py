@@ -1,8 +1,8 @@
 """PNA and TGR overhead: MI attack time inside ``pna`` / ``tgr`` divided by the plain MI attack time
 (same ViT, batch and attack, alternating repeats in one run). The last lines printed are the ratios.
 
-    python benchmarks/attention_overhead.py [--arch vit_b_16 | --arch timm:vit_small_patch16_224]
-                                            [--batch 2] [--steps 3] [--repeats 3]
+    python benchmarks/attention_overhead.py [--arch timm:vit_small_patch16_224 | --arch vit_b_16]
+                                            [--batch 1] [--steps 3] [--repeats 5]
 """
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ def vit_and_batch(arch: str, batch: int) -> tuple[torch.nn.Module, torch.Tensor,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="PNA / TGR overhead ratios")
-    parser.add_argument("--arch", default="vit_b_16")
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--arch", default="timm:vit_small_patch16_224")
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     model, images, labels = vit_and_batch(args.arch, args.batch)
 
