@@ -256,3 +256,23 @@ def test_timm_relatives_found_by_type_forward_identical(relative, method):
     method_logits, grad = input_gradient(model, images, labels, context)
     assert torch.equal(method_logits, logits)
     assert relative_difference(grad, plain) > 1e-5
+
+
+def test_torchvision_swin_explicit_softmax_path_and_tgr_refusal():
+    # torchvision's shifted-window attention makes its map with an explicit softmax (with a
+    # shift mask): pna detaches it; tgr cannot reach its Q/K/V and says so when built.
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    model = SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[2], num_heads=[2],
+                            window_size=[4, 4], num_classes=10).eval()
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([1, 2])
+    logits, plain = input_gradient(model, images, labels)
+    pna_logits, grad = input_gradient(model, images, labels, pna(model))
+    assert torch.equal(pna_logits, logits)
+    assert relative_difference(grad, plain) > 1e-6
+    with pytest.raises(ValueError, match=r"^tgr cannot regularize features.1.0.attn "
+                                         r"\(ShiftedWindowAttention\): its attention map is not "
+                                         r"computed by scaled_dot_product_attention$"):
+        tgr(model)
