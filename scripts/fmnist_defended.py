@@ -37,6 +37,14 @@ TARGETS = (*PLAIN, "zoo:fmnist-cnn-at", "zoo:fmnist-resnet8-at",
            *(f"{plain}+{defense}" for plain in PLAIN for defense in DEFENSES))
 
 
+def available(targets: tuple[str, ...]) -> tuple[str, ...]:
+    """The targets whose zoo weights exist (an adversarially trained model may still be training)."""
+    from skipgrad.models.defenses import split_spec
+    from skipgrad.models.zoo import weights_path
+
+    return tuple(t for t in targets if weights_path(split_spec(t)[0]).exists())
+
+
 def plans(targets: tuple[str, ...]) -> list[tuple[TransferPlan, Path]]:
     """One transfer plan per source: both attacks, no SGM and the source's best gamma."""
     return [(TransferPlan(sources=(ModelRef(f"zoo:fmnist-{name}"),), attacks=ATTACKS,
@@ -49,7 +57,7 @@ def run(out: Path, limit: int, attack_only: bool, sources: set[str] | None) -> t
     """Attack what is missing, then score every folder on the targets (paired per image)."""
     opts = RunOptions(limit=limit, batch_size=250, quiet=True)
     rows, effects = [], []
-    for plan, folder in plans(PLAIN[:1] if attack_only else TARGETS):
+    for plan, folder in plans(PLAIN[:1] if attack_only else available(TARGETS)):
         if sources and str(folder) not in sources:
             continue
         root = out / "matrix" / folder

@@ -106,8 +106,10 @@ free"): one FGSM step of 1.25 eps from a uniform random start in the ball, on ev
 up linearly over the first 20% of the steps; everything else is the zoo recipe below (SGD, one-cycle,
 batch 128, seed 0). FGSM with random start rather than PGD because it costs one extra
 forward/backward per batch where PGD-7 costs seven: on the shared 2-core CPU even fast AT of a
-ResNet-20 ran at ~9 s per batch under load (over two hours for 2 epochs), so the residual member is a
-ResNet-8 (`resnet8`: the zoo's CIFAR-style ResNet with one block per stage) and both train 2 epochs.
+ResNet-20 ran at 2.3-12 s per batch (with the machine's load; two hours and more for 2 epochs), so
+the residual member is a ResNet-8 (`resnet8`: the zoo's CIFAR-style ResNet with one block per
+stage), and both train 2 epochs on the first 20,000 training images (`Recipe.train_images`). Train
+times below were measured under a load average near 20 on 2 cores and overstate the work.
 Fast AT can overfit catastrophically (robust to FGSM, not to PGD); the per-epoch PGD-10 accuracy on
 the first 256 training images is the watch, and robust accuracy is measured with a stronger
 white-box PGD. These models are not in the `fmnist` preset (which stays the plain zoo); they are in
