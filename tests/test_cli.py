@@ -124,7 +124,7 @@ def test_interrupted_run_keeps_whole_batches_and_resumes(work: Path, monkeypatch
         return real(*args, **kwargs)
 
     monkeypatch.setattr("skipgrad.attacks.loop.attack_with", interrupted)
-    monkeypatch.setattr("skipgrad.runner.GROUP_SIZE", 3)  # 8 images: groups of 3, 3 and 2
+    # _attack passes --batch-size 3: 8 images in groups of 3, 3 and 2
     assert _attack(work, "ctrlc") == 130
     out = work / "ctrlc"
     assert len(list(out.rglob("*.png"))) == 3 and not list(out.rglob(".*.tmp"))

@@ -65,7 +65,8 @@ def test_unreadable_image_is_still_one_line_exit_2_with_prefetch(tmp_path, capsy
     (data.parent / "labels.csv").write_text("\n".join(rows) + "\n")
     (data / "x9.png").write_bytes((data / "x9.png").read_bytes()[:300])  # sorted by name: the last, in the second group
     code = main(["attack", "--source", "zoo:fmnist-cnn", "--data", str(data.parent), "--steps",
-                 "1", "--quiet", "--prefetch", "2", "--out", str(tmp_path / "out")])
+                 "1", "--quiet", "--prefetch", "2", "--batch-size", "16",
+                 "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "x9.png" in err[0]
     finished = (tmp_path / "out" / "manifest.csv").read_text().splitlines()

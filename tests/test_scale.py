@@ -1,5 +1,6 @@
-"""Scale contracts of the ``attack`` command (DESIGN 5b): the files do not depend on --batch-size,
-on the number of torchrun processes, or on a ``kill -9`` part-way followed by a re-run."""
+"""Scale contracts of the ``attack`` command (DESIGN 5b): for a given group size (--batch-size,
+recorded in run.json) the files do not depend on prefetching, on the number of torchrun processes,
+or on a ``kill -9`` part-way followed by a re-run; a folder resumes only with its own group size."""
 from __future__ import annotations
 
 import contextlib
@@ -14,16 +15,18 @@ from pathlib import Path
 import pytest
 
 from skipgrad.cli import main
-from skipgrad.runner import GROUP_SIZE, manifest_part
+from skipgrad.runner import DEFAULT_GROUP_SIZE, manifest_part
 
 PYTHON = Path(sys.executable)
 TORCHRUN = PYTHON.with_name("torchrun")
-# A tiny job: two fixed groups (16 + 8), so a batch of 7 or 32 would cut them differently.
+# A tiny job: two fixed groups (16 + 8) with GROUPS.
 SMALL = ("--source", "zoo:fmnist-cnn", "--attack", "mi", "--data", "fmnist:test", "--limit", "24",
          "--steps", "2", "--quiet")
+GROUP = 16
+GROUPS = ("--batch-size", str(GROUP))
 # A job long enough to be killed part-way (~0.5 s per group), with random draws (DI) and SGM.
 LONG = ("--source", "zoo:fmnist-resnet20", "--attack", "mi+di", "--sgm", "0.5", "--data",
-        "fmnist:test", "--limit", "64", "--steps", "5", "--quiet")
+        "fmnist:test", "--limit", "64", "--steps", "5", "--quiet", *GROUPS)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -61,25 +64,43 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    """The small job run once in this process with the default batch size."""
+    """The small job run once in this process in groups of 16."""
     out = tmp_path_factory.mktemp("scale") / "reference"
-    assert main(["attack", *SMALL, "--out", str(out)]) == 0
+    assert main(["attack", *SMALL, *GROUPS, "--out", str(out)]) == 0
     return out
 
 
-def test_groups_are_fixed_and_recorded(reference: Path) -> None:
+def test_groups_are_fixed_and_recorded(reference: Path, tmp_path: Path) -> None:
     run = json.loads((reference / "run.json").read_text())
-    assert run["config"]["group_size"] == GROUP_SIZE
+    assert run["config"]["group_size"] == GROUP
     assert "world_size" not in run["config"]  # how the run was sharded is not its identity
     assert len(list((reference / "images").glob("*.png"))) == 24
+    assert main(["attack", *SMALL, "--out", str(tmp_path / "default")]) == 0
+    default = json.loads((tmp_path / "default" / "run.json").read_text())
+    assert default["config"]["group_size"] == DEFAULT_GROUP_SIZE["cpu"]
 
 
-@pytest.mark.parametrize("flags", [("--batch-size", "7"), ("--batch-size", "32"),
-                                   ("--prefetch", "0"), ("--prefetch", "5")])
-def test_batch_size_and_prefetch_do_not_change_files(reference: Path, tmp_path: Path,
-                                                     flags: tuple[str, str]) -> None:
+@pytest.mark.parametrize("flags", [("--prefetch", "0"), ("--prefetch", "5"), ()])
+def test_prefetch_does_not_change_files(reference: Path, tmp_path: Path,
+                                        flags: tuple[str, ...]) -> None:
     out = tmp_path / "run"
-    assert main(["attack", *SMALL, *flags, "--out", str(out)]) == 0
+    assert main(["attack", *SMALL, *GROUPS, *flags, "--out", str(out)]) == 0
+    _assert_same(reference, out)
+
+
+def test_resuming_with_another_batch_size_is_refused_and_rewrites_nothing(
+        reference: Path, tmp_path: Path, capsys) -> None:
+    """A folder started in groups of 16 (as every folder made before --batch-size chose the
+    group) resumes without --batch-size in its own groups; --batch-size 8 is one line, exit 2."""
+    out = tmp_path / "resumed"
+    assert main(["attack", *SMALL, *GROUPS, "--limit", "20", "--out", str(out)]) == 0
+    before, run_json = _tree(out), (out / "run.json").read_bytes()
+    capsys.readouterr()
+    assert main(["attack", *SMALL, "--batch-size", "8", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--batch-size 8" in err[0] and "groups of 16" in err[0]
+    assert _tree(out) == before and (out / "run.json").read_bytes() == run_json
+    assert main(["attack", *SMALL, "--out", str(out)]) == 0  # nothing given: the folder's own
     _assert_same(reference, out)
 
 
@@ -87,7 +108,7 @@ def test_resume_after_partial_group_stale_temp_and_parts(reference: Path, tmp_pa
     """What a kill leaves (a group half written, a temporary file, a sharded run's manifest part)
     is tidied and finished to the same bytes."""
     out = tmp_path / "resumed"
-    assert main(["attack", *SMALL, "--out", str(out)]) == 0
+    assert main(["attack", *SMALL, *GROUPS, "--out", str(out)]) == 0
     (out / "images" / "test_00020.png").unlink()  # group 1 is now partial
     rows = (out / "manifest.csv").read_text().splitlines()
     (out / "manifest.csv").write_text("\n".join(rows[:1] + rows[1:5]) + "\n")
@@ -99,7 +120,7 @@ def test_resume_after_partial_group_stale_temp_and_parts(reference: Path, tmp_pa
 
 def test_torchrun_two_processes_write_the_same_files(reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "torchrun"
-    done = _torchrun("attack", *SMALL, "--batch-size", "7", "--out", str(out))
+    done = _torchrun("attack", *SMALL, *GROUPS, "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("24 images in") == 1  # only rank 0 reports
     _assert_same(reference, out)
@@ -124,7 +145,7 @@ def _kill_part_way(out: Path) -> None:
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if len(list((out / "images").glob("*.png"))) >= GROUP_SIZE:
+            if len(list((out / "images").glob("*.png"))) >= GROUP:
                 break
             time.sleep(0.01)
         assert proc.poll() is None, "the attack finished before it could be killed"

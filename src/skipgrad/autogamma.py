@@ -29,8 +29,8 @@ import torch
 from skipgrad.data.datasets import ImageDataset, Sample, open_dataset
 from skipgrad.data.images import atomic_write_text
 from skipgrad.errors import UserError
-from skipgrad.runner import (AttackJob, image_groups, job_record, load_sources, predict,
-                             read_run)
+from skipgrad.runner import (LEGACY_GROUP_SIZE, AttackJob, default_group_size, image_groups,
+                             job_record, load_sources, predict, read_run)
 from skipgrad.sweep import best_gamma
 
 DEFAULT_CALIBRATION_IMAGES = 200
@@ -114,14 +114,15 @@ def default_held_out(sources: Sequence[str], data: str) -> list[str]:
 
 
 def attack_at(job: AttackJob, models: Sequence[torch.nn.Module], split: CalibrationSplit,
-              gamma: float, device: torch.device) -> torch.Tensor:
+              gamma: float, device: torch.device, group_size: int | None = None) -> torch.Tensor:
     """Adversarial images of the split at ``gamma`` (1.0 = no SGM), rounded to 8-bit levels like
-    the saved PNGs, attacked in the runner's fixed groups so batch size never changes a pixel."""
+    the saved PNGs, attacked in fixed groups by id as the runner does (``group_size``, default
+    the device's), so that the curve is reproducible."""
     from skipgrad.attacks.loop import attack_with
 
     spec = dataclasses.replace(job.attack, sgm=None if gamma == 1.0 else gamma)
     out = []
-    for group in image_groups(split.samples):
+    for group in image_groups(split.samples, group_size or default_group_size(device)):
         clean = split.data.load(group).to(device)
         labels = _labels(group, spec.targeted, device)
         adv = attack_with(list(models), clean, labels, spec, ids=[s.id for s in group])
@@ -136,14 +137,14 @@ def _labels(samples: Sequence[Sample], targeted: bool, device: torch.device) -> 
 def transfer_outcomes(job: AttackJob, sources: Sequence[torch.nn.Module],
                       targets: dict[str, torch.nn.Module], split: CalibrationSplit,
                       gammas: Sequence[float], device: torch.device,
-                      log: Callable[[str], None] = lambda _m: None,
+                      log: Callable[[str], None] = lambda _m: None, group_size: int | None = None,
                       ) -> dict[str, dict[float, torch.Tensor]]:
     """Per-image success (bool) of the attack at each gamma on each target: target -> gamma ->
     vector in split order (untargeted: label left; targeted: target reached; all images count)."""
     labels = _labels(split.samples, job.attack.targeted, torch.device("cpu"))
     outcomes: dict[str, dict[float, torch.Tensor]] = {t: {} for t in targets}
     for gamma in gammas:
-        adv = attack_at(job, sources, split, gamma, device)
+        adv = attack_at(job, sources, split, gamma, device, group_size)
         for spec, model in targets.items():
             preds = torch.cat([predict([model], chunk) for chunk in adv.split(256)])
             outcomes[spec][gamma] = preds == labels if job.attack.targeted else preds != labels
@@ -154,7 +155,8 @@ def transfer_outcomes(job: AttackJob, sources: Sequence[torch.nn.Module],
 
 def calibrate_gamma(job: AttackJob, held_out: Sequence[tuple[str, str | None]],
                     split: CalibrationSplit, gammas: Sequence[float], device: torch.device,
-                    log: Callable[[str], None] = lambda _m: None) -> GammaCalibration:
+                    log: Callable[[str], None] = lambda _m: None,
+                    group_size: int | None = None) -> GammaCalibration:
     """Measure the held-out transfer curve on the split and pick its best gamma."""
     from skipgrad.evaluate import load_targets
 
@@ -167,7 +169,7 @@ def calibrate_gamma(job: AttackJob, held_out: Sequence[tuple[str, str | None]],
     sources = load_sources(job, device)
     _require_blocks(sources)
     targets = load_targets([s for s, _ in held_out], [w for _, w in held_out], device)
-    outcomes = transfer_outcomes(job, sources, targets, split, grid, device, log)
+    outcomes = transfer_outcomes(job, sources, targets, split, grid, device, log, group_size)
     scores = {t: {g: float(v.double().mean()) for g, v in c.items()} for t, c in outcomes.items()}
     mean = {g: sum(s[g] for s in scores.values()) / len(scores) for g in grid}
     return GammaCalibration(grid, tuple(targets), split.data.spec, tuple(split.ids()), split.rule,
@@ -191,6 +193,7 @@ class AutoGammaRequest:
     images: int = DEFAULT_CALIBRATION_IMAGES
     gammas: tuple[float, ...] = tuple(round(0.1 * k, 1) for k in range(1, 11))
     calibrate_data: str | None = None
+    group_size: int | None = None  # the attack's (--batch-size); None: the device's default
 
 
 def resolve_auto_gamma(job: AttackJob, out: Path, request: AutoGammaRequest, limit: int | None,
@@ -201,24 +204,28 @@ def resolve_auto_gamma(job: AttackJob, out: Path, request: AutoGammaRequest, lim
     held = request.held_out or tuple((s, None) for s in default_held_out(job.sources, job.data))
     split = calibration_split(job.data, limit, request.images, request.calibrate_data,
                               job.channels)
-    settings = _settings(job, held, request, split)
+    group_size = request.group_size or default_group_size(device)
+    settings = _settings(job, held, request, split, group_size)
     previous = (read_run(out) or {}).get("sgm_auto") if out.is_dir() else None
     if previous and previous.get("settings") == settings:
         log(f"--sgm auto: reusing gamma {previous['chosen_gamma']:g} recorded in {out}/run.json")
         return float(previous["chosen_gamma"]), previous
     log(f"--sgm auto: calibrating on {len(split.samples)} images ({split.rule}), held-out "
         f"models: {', '.join(s for s, _ in held)}")
-    calibration = calibrate_gamma(job, held, split, request.gammas, device, log)
+    calibration = calibrate_gamma(job, held, split, request.gammas, device, log, group_size)
     return calibration.chosen, calibration.to_json(settings)
 
 
 def _settings(job: AttackJob, held: Sequence[tuple[str, str | None]], request: AutoGammaRequest,
-              split: CalibrationSplit) -> dict:
+              split: CalibrationSplit, group_size: int) -> dict:
     # Plain JSON types only, so the comparison with a record read back from run.json is exact.
     attack = {k: v for k, v in job_record(job).items() if k != "sgm"}
+    # The group size is left out when it is the one every run had before it became --batch-size,
+    # so that records made then are still reused.
+    groups = {} if group_size == LEGACY_GROUP_SIZE else {"group_size": group_size}
     return json.loads(json.dumps({
         "attack": attack, "held_out": [list(h) for h in held], "gammas": list(request.gammas),
-        "calibration_data": split.data.spec, "calibration_ids": split.ids()}))
+        "calibration_data": split.data.spec, "calibration_ids": split.ids(), **groups}))
 
 
 def record_calibration(out: Path, record: dict) -> None:

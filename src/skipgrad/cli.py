@@ -154,12 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_run_options(p: argparse.ArgumentParser, defaults: bool = True) -> None:
-    p.add_argument("--batch-size", type=positive_int, default=32 if defaults else None)
+def _add_run_options(p: argparse.ArgumentParser, defaults: bool = True,
+                     evaluate: bool = False) -> None:
+    from skipgrad.runner import DEFAULT_GROUP_SIZE
+
+    cpu, cuda = DEFAULT_GROUP_SIZE["cpu"], DEFAULT_GROUP_SIZE["cuda"]
+    p.add_argument("--batch-size", type=positive_int, help=(
+        "images per prediction batch (default: 128 on CPU, 512 on CUDA)" if evaluate else
+        f"images attacked together: the attack's fixed group size, part of the run (default: "
+        f"the folder's own when resuming, else {cpu} on CPU, {cuda} on CUDA)"))
     p.add_argument("--device", default="auto" if defaults else None, help="auto, cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--prefetch", type=non_negative_int, default=2 if defaults else None,
-                   help="image groups loaded ahead in a background thread (default 2; 0 = off)")
+    p.add_argument("--prefetch", type=non_negative_int,
+                   help="batches loaded ahead in a background thread (0 = off; default: decided "
+                        "from how long the first one takes to load and to process)")
 
 
 def _add_data_options(p: argparse.ArgumentParser, required: bool) -> None:
@@ -264,7 +272,7 @@ def _add_evaluate(sub) -> None:
                    help="local weights, one per --target in the same order")
     p.add_argument("--json", type=Path, metavar="FILE", help="write results as JSON")
     p.add_argument("--data", help="where the clean images are now, if they moved")
-    _add_run_options(p)
+    _add_run_options(p, evaluate=True)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -368,9 +376,9 @@ def _options(args: argparse.Namespace, base: dict | None = None):
     base = base or {}
     pick = lambda name, default: (getattr(args, name, None) if getattr(args, name, None)  # noqa: E731
                                   is not None else base.get(name, default))
-    return RunOptions(limit=pick("limit", None), batch_size=pick("batch_size", 32),
+    return RunOptions(limit=pick("limit", None), batch_size=pick("batch_size", None),
                       device=pick("device", "auto"), quiet=bool(args.quiet or base.get("quiet")),
-                      prefetch=pick("prefetch", 2))
+                      prefetch=pick("prefetch", None))
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
@@ -413,14 +421,16 @@ def _auto_gamma(args: argparse.Namespace, job):
     import dataclasses
 
     from skipgrad.autogamma import AutoGammaRequest, format_calibration, resolve_auto_gamma
-    from skipgrad.runner import check_job, resolve_device
+    from skipgrad.runner import check_job, resolve_device, resolve_group_size
 
     check_job(job)  # bad settings fail before the (long) calibration
+    device = resolve_device(args.device)
     held = _refs(args.calibrate_on, args.calibrate_weights, "calibrate")
     request = AutoGammaRequest(tuple((r.spec, r.weights) for r in held), args.calibrate_images,
-                               args.calibrate_gammas, args.calibrate_data)
-    chosen, record = resolve_auto_gamma(job, args.out, request, args.limit,
-                                        resolve_device(args.device), _log(args.quiet))
+                               args.calibrate_gammas, args.calibrate_data,
+                               resolve_group_size(args.out, args.batch_size, device))
+    chosen, record = resolve_auto_gamma(job, args.out, request, args.limit, device,
+                                        _log(args.quiet))
     if not args.quiet:
         print(format_calibration(record), file=sys.stderr)
     return dataclasses.replace(job, attack=dataclasses.replace(job.attack, sgm=chosen)), record

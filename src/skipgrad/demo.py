@@ -190,7 +190,7 @@ def summarise_effects(effects: Sequence[SGMEffect | BackwardEffect], source: str
 
 
 def run_demo(out: Path, *, limit: int | None = None, device: str = "auto", quiet: bool = False,
-             seed: int = 0, batch_size: int = 250, source: str = DEMO_SOURCE,
+             seed: int = 0, batch_size: int | None = None, source: str = DEMO_SOURCE,
              gamma: float = DEMO_GAMMA, backward: str | None = None,
              log: Callable[[str], None] = print) -> Path:
     """Run the benchmark into ``out`` and return the path of ``report.md``.

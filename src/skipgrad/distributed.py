@@ -158,17 +158,23 @@ def _broadcast(outcome: tuple[bool, object]) -> tuple[bool, object]:
 
 
 def map_units(units: Sequence[T], compute: Callable[[T], R], load: Callable[[T], object] | None = None,
-              prefetch: int = 0) -> list[R]:
+              prefetch: int | None = 0, device: torch.device | None = None) -> list[R]:
     """``[compute(u) for u in units]``, the units shared round-robin across ranks; every rank gets
     the full list in order. Units are fixed before sharding, so results equal a single process's.
 
     With ``load``, ``compute`` receives ``load(u)`` instead, loaded up to ``prefetch`` units ahead
-    in a background thread (see :mod:`skipgrad.data.prefetch`)."""
-    from skipgrad.data.prefetch import prefetched
+    in a background thread (see :mod:`skipgrad.data.prefetch`); ``prefetch=None`` decides it from
+    the first unit's load and compute times on ``device``."""
+    from skipgrad.data.prefetch import adaptively_prefetched, choose_depth, prefetched
 
     w = world()
     fetch = (lambda i: units[i]) if load is None else (lambda i: load(units[i]))
-    loaded = prefetched(range(w.rank, len(units), w.size), fetch, prefetch if load else 0)
+    mine = range(w.rank, len(units), w.size)
+    if prefetch is None and load is not None:
+        where = device or torch.device("cpu")
+        loaded = adaptively_prefetched(mine, fetch, lambda l, u: choose_depth(l, u, where))
+    else:
+        loaded = prefetched(mine, fetch, prefetch if load else 0)
     try:
         mine = {i: compute(value) for i, value in loaded}
     finally:

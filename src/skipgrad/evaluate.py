@@ -30,6 +30,12 @@ from skipgrad.progress import progress_bar
 from skipgrad.runner import predict, read_manifest, read_run, resolve_device
 from skipgrad.stats import wilson_interval
 
+# Images per prediction batch when --batch-size is not given: forward passes only (no gradient
+# memory), so larger than the attack's groups; ImageNet models at 224x224 stay well inside a
+# 16 GB GPU at 512 and around a gigabyte of activations on a CPU at 128.
+DEFAULT_EVAL_BATCH = {"cpu": 128, "cuda": 512}
+
+
 @dataclass(frozen=True)
 class TargetResult:
     """One target model's numbers on one attack folder."""
@@ -119,7 +125,7 @@ def _batches(items: Sequence, size: int) -> list[Sequence]:
 
 
 def clean_predictions(models: dict[str, WrappedModel], output: AttackOutput, batch_size: int,
-                      quiet: bool = True, prefetch: int = 2) -> dict[str, torch.Tensor]:
+                      quiet: bool = True, prefetch: int | None = None) -> dict[str, torch.Tensor]:
     """Each target's predictions on the clean originals of an attack output; every batch is
     read once for all targets (``prefetch`` batches ahead of the models in a background thread)."""
     return _predictions(models, _batches(output.samples, batch_size), output.data.load,
@@ -128,7 +134,7 @@ def clean_predictions(models: dict[str, WrappedModel], output: AttackOutput, bat
 
 def adversarial_predictions(models: dict[str, WrappedModel], output: AttackOutput,
                             batch_size: int, quiet: bool = True,
-                            prefetch: int = 2) -> dict[str, torch.Tensor]:
+                            prefetch: int | None = None) -> dict[str, torch.Tensor]:
     """Each target's predictions on the saved adversarial PNGs, each PNG decoded once for all
     targets."""
     def load(batch: Sequence[Path]) -> torch.Tensor:
@@ -139,7 +145,7 @@ def adversarial_predictions(models: dict[str, WrappedModel], output: AttackOutpu
 
 
 def _predictions(models: dict[str, WrappedModel], batches: Sequence[Sequence], load: Callable,
-                 desc: str, quiet: bool, prefetch: int) -> dict[str, torch.Tensor]:
+                 desc: str, quiet: bool, prefetch: int | None) -> dict[str, torch.Tensor]:
     """Top-1 predictions of every model on ``load(batch)`` for each batch, shared across ranks:
     a batch is loaded (decoded) once and every model scores it before the next one."""
     if not models:
@@ -154,7 +160,8 @@ def _predictions(models: dict[str, WrappedModel], batches: Sequence[Sequence], l
         bar.update(len(images) * len(models) * distributed.world().size)
         return preds
 
-    preds = torch.cat(distributed.map_units(batches, run, load=load, prefetch=prefetch), dim=1)
+    preds = torch.cat(distributed.map_units(batches, run, load=load, prefetch=prefetch,
+                                            device=device), dim=1)
     bar.close()
     return dict(zip(models, preds))
 
@@ -178,8 +185,9 @@ def score(target: str, output: AttackOutput, clean: torch.Tensor, adv: torch.Ten
 
 def evaluate_folder(folder: Path, targets: Sequence[str], *,
                     weights: Sequence[str | None] | None = None, device: str = "auto",
-                    batch_size: int = 64, quiet: bool = False,
-                    data: str | None = None, prefetch: int = 2) -> dict[str, TargetResult]:
+                    batch_size: int | None = None, quiet: bool = False,
+                    data: str | None = None, prefetch: int | None = None
+                    ) -> dict[str, TargetResult]:
     """Evaluate every target spec on one attack folder (``data`` overrides where the clean images
     are, should they have moved since the attack)."""
     output = open_attack_output(folder, data)
@@ -201,11 +209,17 @@ def load_targets(targets: Sequence[str], weights: Sequence[str | None] | None,
             for spec, w in zip(targets, weights)}
 
 
-def evaluate_output(output: AttackOutput, models: dict[str, WrappedModel], *, batch_size: int = 64,
-                    quiet: bool = False, clean_cache: dict | None = None,
-                    prefetch: int = 2) -> dict[str, TargetResult]:
+def evaluate_output(output: AttackOutput, models: dict[str, WrappedModel], *,
+                    batch_size: int | None = None, quiet: bool = False,
+                    clean_cache: dict | None = None,
+                    prefetch: int | None = None) -> dict[str, TargetResult]:
     """Score each target on an opened attack output; ``clean_cache`` reuses clean predictions
-    across folders that share their clean images (as in a transfer matrix)."""
+    across folders that share their clean images (as in a transfer matrix). ``batch_size``
+    defaults to the device's (``DEFAULT_EVAL_BATCH``); ``prefetch`` to a depth decided from the
+    first batch's load and prediction times."""
+    device = next(next(iter(models.values())).parameters()).device if models else None
+    batch_size = batch_size or DEFAULT_EVAL_BATCH["cuda" if getattr(device, "type", "") == "cuda"
+                                                  else "cpu"]
     cache = clean_cache if clean_cache is not None else {}
     keys = {spec: (spec, model.config.weights_sha256, output.data.spec,
                    tuple(s.id for s in output.samples)) for spec, model in models.items()}

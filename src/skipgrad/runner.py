@@ -10,13 +10,15 @@ Every file is written atomically; the manifest is rewritten after each image gro
 interrupted run (even by ``kill -9``) keeps all finished images and re-running the same command does
 only the missing ones.
 
-Images are attacked in fixed groups by index (``GROUP_SIZE`` images per :func:`skipgrad.attack`
-call, recorded in run.json): a convolution's float result on CPU depends on how many images share
-the batch, so fixing the groups makes the files byte-identical whatever ``--batch-size``, the
-number of torchrun processes, or where an interrupted run stopped. A group with any image missing
-is attacked whole and only its missing images are written: a finished file is never rewritten. Under torchrun the groups are shared round-robin across ranks; each rank writes
-its own PNGs and its own manifest part (``.manifest-rank<R>.csv``), which rank 0 merges into
-manifest.csv.
+Images are attacked in fixed groups by index: ``--batch-size`` images per :func:`skipgrad.attack`
+call (group ``k`` holds ids ``k*size .. (k+1)*size-1``). A convolution's float result on CPU
+depends on how many images share the batch, so the group size is part of the run's identity in
+run.json: for a given group size the files are byte-identical whatever the number of torchrun
+processes or where an interrupted run stopped, and a folder is only resumed with its own group
+size (:func:`resolve_group_size`). A group with any image missing is attacked whole and only its
+missing images are written: a finished file is never rewritten. Under torchrun the groups are
+shared round-robin across ranks; each rank writes its own PNGs and its own manifest part
+(``.manifest-rank<R>.csv``), which rank 0 merges into manifest.csv.
 """
 from __future__ import annotations
 
@@ -39,16 +41,22 @@ import torch
 from skipgrad import distributed, outdir
 from skipgrad.attacks.config import AttackSpec
 from skipgrad.data.datasets import ImageDataset, Sample, open_dataset
-from skipgrad.data.images import atomic_write_text, to_uint8, write_png
-from skipgrad.data.prefetch import prefetched
+from skipgrad.data.images import atomic_write_text, to_uint8, write_pngs
+from skipgrad.data.prefetch import adaptively_prefetched, choose_depth, prefetched
 from skipgrad.errors import UserError
 from skipgrad.models import WrappedModel, load_model, resolve_config
 from skipgrad.models.defenses import split_spec
 
 RUN_FORMAT = 1
 MANIFEST_COLUMNS = ("id", "file", "label", "target_label", "source_pred")
-# Images per attack call. Part of a run's identity: changing it changes the float results.
-GROUP_SIZE = 16
+# Images per attack call when --batch-size is not given for a new folder. CPU: the fastest
+# group measured on 2 cores (docs/scale.md, "Throughput"); larger groups only add memory. CUDA:
+# a GPU is mostly idle below a few dozen images per call, and 64 ImageNet images at 224x224 fit
+# a ResNet-152 attack in 16 GB; small inputs (the zoo's 28x28) can take far more.
+DEFAULT_GROUP_SIZE = {"cpu": 32, "cuda": 64}
+# Folders made before the group size followed --batch-size were attacked in groups of 16; their
+# run.json says so, and resuming them without --batch-size keeps it.
+LEGACY_GROUP_SIZE = 16
 # Leftovers of atomic writes killed before their rename (data.images.atomic_write_bytes).
 _TEMP_FILE = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")
 
@@ -139,10 +147,14 @@ class RunOptions:
     """How to run (not what): these may change between a run and its resumption."""
 
     limit: int | None = None
-    batch_size: int = 32
+    # The attack's group size (part of the run's identity, see resolve_group_size) and the
+    # evaluation batch; None: the folder's own when resuming, else the device's default.
+    batch_size: int | None = None
     device: str = "auto"
     quiet: bool = False
-    prefetch: int = 2  # image groups loaded ahead in a background thread (0: load in turn)
+    # Image groups loaded ahead in a background thread; None: decided from the first group's
+    # load and attack times (data.prefetch.choose_depth); 0: load in turn.
+    prefetch: int | None = None
 
 
 @dataclass
@@ -166,6 +178,38 @@ def resolve_device(name: str) -> torch.device:
     if name != "cpu" and not name.startswith("cuda"):
         raise UserError(f"unknown device {name!r} (use auto, cpu or cuda)")
     return torch.device(name)
+
+
+def default_group_size(device: torch.device) -> int:
+    """The attack's group size on ``device`` when ``--batch-size`` is not given."""
+    return DEFAULT_GROUP_SIZE["cuda" if device.type == "cuda" else "cpu"]
+
+
+def resolve_group_size(out: Path, asked: int | None, device: torch.device) -> int:
+    """The group size of a run into ``out``: ``--batch-size`` when given; otherwise the size the
+    folder was started with (so a resumed run goes on as it began, also on another device), or the
+    device's default for a new folder. Asking a folder that holds finished images for another
+    size is refused: its remaining groups would be computed differently from its finished ones."""
+    if asked is not None and (isinstance(asked, bool) or not isinstance(asked, int) or asked < 1):
+        raise UserError(f"--batch-size must be a positive integer, got {asked}")
+    existing = read_run(out)
+    recorded = _recorded_group_size(existing) if existing is not None else None
+    if asked is None:
+        return recorded or default_group_size(device)
+    if recorded is not None and asked != recorded and _has_finished_images(out):
+        raise UserError(f"--batch-size {asked} does not match {out}, which was attacked in groups "
+                        f"of {recorded} (the group size changes the float results); pass "
+                        f"--batch-size {recorded} to resume it, or use another --out")
+    return asked
+
+
+def _recorded_group_size(run: dict) -> int:
+    config = run.get("config") or {}
+    return int(config.get("group_size", LEGACY_GROUP_SIZE))
+
+
+def _has_finished_images(out: Path) -> bool:
+    return bool(read_manifest(out)) or any(out.glob(".manifest-rank*.csv"))
 
 
 def check_job(job: AttackJob) -> None:
@@ -269,7 +313,8 @@ def numerics(job: AttackJob, device: torch.device) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def run_identity(job: AttackJob, models: Sequence[WrappedModel], data: ImageDataset) -> dict:
+def run_identity(job: AttackJob, models: Sequence[WrappedModel], data: ImageDataset,
+                 group_size: int) -> dict:
     """The part of run.json that must be equal for a folder to be resumed."""
     identity = job_record(job)
     identity.pop("weights")
@@ -277,7 +322,7 @@ def run_identity(job: AttackJob, models: Sequence[WrappedModel], data: ImageData
     identity["weights_sha256"] = [m.config.weights_sha256 for m in models]
     identity["data"] = data.spec
     identity["channels"] = data.channels
-    identity["group_size"] = GROUP_SIZE
+    identity["group_size"] = group_size
     record = backward_record(job, models) if job.attack.backward is not None else None
     identity["backward"] = record if record and any(record) else None
     for key, default in _OPTIONAL_IDENTITY.items():
@@ -394,10 +439,8 @@ def prepare_folder(out: Path, identity: dict, env: dict) -> None:
     claim_folder(out, identity, env)
 
 
-def image_groups(samples: Sequence[Sample], size: int | None = None) -> list[list[Sample]]:
-    """Samples grouped by ``id // size`` (default ``GROUP_SIZE``), in id order: the fixed units
-    every attack call gets."""
-    size = size or GROUP_SIZE
+def image_groups(samples: Sequence[Sample], size: int) -> list[list[Sample]]:
+    """Samples grouped by ``id // size``, in id order: the fixed units every attack call gets."""
     groups: dict[int, list[Sample]] = {}
     for sample in sorted(samples, key=lambda s: s.id):
         groups.setdefault(sample.id // size, []).append(sample)
@@ -430,11 +473,10 @@ def run_attack_job(job: AttackJob, out: Path, opts: RunOptions = RunOptions(),
                    log: Callable[[str], None] = print) -> RunSummary:
     """Attack every image of ``job.data`` not yet finished in ``out``; see the module docstring."""
     check_job(job)
-    if opts.batch_size < 1:
-        raise UserError(f"--batch-size must be a positive integer, got {opts.batch_size}")
-    if opts.prefetch < 0:
+    if opts.prefetch is not None and opts.prefetch < 0:
         raise UserError(f"--prefetch must be 0 or more image groups, got {opts.prefetch}")
     device = distributed.device_for(resolve_device(opts.device))
+    group_size = resolve_group_size(out, opts.batch_size, device)  # before any model is loaded
     data = open_dataset(job.data, limit=opts.limit, channels=job.channels, class_map=job.class_map)
     if job.attack.targeted and not data.has_targets():
         raise UserError(f"--targeted needs target labels, and {job.data} has none "
@@ -442,13 +484,14 @@ def run_attack_job(job: AttackJob, out: Path, opts: RunOptions = RunOptions(),
     models = load_sources(job, device)
     _check_labels(data, models, job.attack.targeted)
     _check_sgm(job, models)  # SGM's own message first; the backward methods are checked next
-    identity, env = run_identity(job, models, data), environment(models, data, opts, device)
+    identity = run_identity(job, models, data, group_size)
+    env = environment(models, data, opts, device)
     with outdir.exclusive(out):  # one live run per folder; SIGINT/SIGTERM stop after a group
         distributed.on_main(lambda: prepare_folder(out, identity, env))
         if distributed.world().is_main:
             log(f"data: {data.spec}: {len(data)} images, {data.channels} channel(s), "
                 f"{data.size[1]}x{data.size[0]}; {data.convention}")
-        return _attack_missing(job, out, opts, data, models, device)
+        return _attack_missing(job, out, opts, data, models, device, group_size, log)
 
 
 def _check_labels(data: ImageDataset, models: Sequence[WrappedModel], targeted: bool) -> None:
@@ -472,19 +515,20 @@ def _check_sgm(job: AttackJob, models: Sequence[WrappedModel]) -> None:
 
 
 def _attack_missing(job: AttackJob, out: Path, opts: RunOptions, data: ImageDataset,
-                    models: Sequence[WrappedModel], device: torch.device) -> RunSummary:
+                    models: Sequence[WrappedModel], device: torch.device, group_size: int,
+                    log: Callable[[str], None]) -> RunSummary:
     from skipgrad.progress import progress_bar
 
     world = distributed.world()
     done = {row["file"]: row for row in read_manifest(out)}
-    todo = [g for g in image_groups(data.samples) if any(image_file(s) not in done for s in g)]
+    todo = [g for g in image_groups(data.samples, group_size)
+            if any(image_file(s) not in done for s in g)]
     mine = distributed.shard(todo)
     skipped = len(data) - sum(image_file(s) not in done for g in todo for s in g)
     started = time.perf_counter()
     bar = progress_bar(len(data), "attack", opts.quiet or not world.is_main, initial=skipped)
     new_rows: dict[str, dict[str, object]] = {}
-    # The next groups are read while this one is attacked; on a GPU they arrive page-locked.
-    loaded = prefetched(mine, data.load, opts.prefetch, pin_memory=device.type == "cuda")
+    loaded = _loaded_groups(mine, data, opts, device, log)
     try:
         for group, clean in loaded:
             missing = [s for s in group if image_file(s) not in done]
@@ -500,6 +544,24 @@ def _attack_missing(job: AttackJob, out: Path, opts: RunOptions, data: ImageData
     wanted = {image_file(s) for s in data.samples}
     success = distributed.on_main(lambda: _finish_manifest(out, wanted, job.attack.targeted))
     return RunSummary(out, len(data), skipped, attacked, time.perf_counter() - started, success)
+
+
+def _loaded_groups(groups: list[list[Sample]], data: ImageDataset, opts: RunOptions,
+                   device: torch.device, log: Callable[[str], None]):
+    """``(group, images)`` in order; the next groups are read while one is attacked when that
+    pays (``--prefetch``, or decided after the first group); on a GPU they arrive page-locked."""
+    pin = device.type == "cuda"
+    if opts.prefetch is not None:
+        return prefetched(groups, data.load, opts.prefetch, pin_memory=pin)
+
+    def choose(load_seconds: float, attack_seconds: float) -> int:
+        depth = choose_depth(load_seconds, attack_seconds, device)
+        if distributed.world().is_main:
+            log(f"prefetch: {depth} group(s) ahead (a group took {1000 * load_seconds:.1f} ms to "
+                f"load and {attack_seconds:.2f} s to attack)")
+        return depth
+
+    return adaptively_prefetched(groups, data.load, choose, pin_memory=pin)
 
 
 def _save_progress(out: Path, done: dict[str, dict], new_rows: dict[str, dict]) -> None:
@@ -537,9 +599,8 @@ def _attack_group(job: AttackJob, out: Path, models: Sequence[WrappedModel], bat
     for sample, adv_levels, image in zip(batch, levels, clean):
         check_bound(adv_levels, to_uint8(image), job, sample.name)
     wanted = {s.id for s in missing}
-    for sample, adv_levels in zip(batch, levels):
-        if sample.id in wanted:
-            write_png(adv_levels, outdir.inside(out, image_file(sample)))
+    write_pngs([(adv_levels, outdir.inside(out, image_file(sample)))
+                for sample, adv_levels in zip(batch, levels) if sample.id in wanted])
     preds = predict(models, _from_levels(levels, adv.shape, device))
     return [{"id": s.id, "file": image_file(s), "label": s.label,
              "target_label": "" if s.target is None else s.target, "source_pred": int(p)}

@@ -9,11 +9,18 @@ main process, which stops after the current group as usual.
 from __future__ import annotations
 
 import collections
+import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
+
+# Loading ahead must save more than it costs: on a CPU the loading thread takes a core (and the
+# GIL) from the compute threads, so it runs only when loading is a real share of the work.
+PREFETCH_MIN_SHARE = 0.05
+PREFETCH_DEPTH = 2
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -55,3 +62,31 @@ def _pinned(value: R) -> R:
     if isinstance(value, torch.Tensor) and torch.cuda.is_available():
         return value.pin_memory()
     return value
+
+
+def adaptively_prefetched(items: Iterable[T], load: Callable[[T], R],
+                          choose: Callable[[float, float], int],
+                          pin_memory: bool = False) -> Iterator[tuple[T, R]]:
+    """:func:`prefetched` with the depth decided from the data: the first item is loaded in turn,
+    then ``choose(load_seconds, use_seconds)`` -- how long that item took to load, and how long
+    the consumer took with it before asking for the next -- gives the depth for the rest."""
+    source = iter(items)
+    for first in source:
+        work = (lambda item: _pinned(load(item))) if pin_memory else load
+        started = time.perf_counter()
+        value = work(first)
+        loaded = time.perf_counter()
+        yield first, value
+        depth = choose(loaded - started, time.perf_counter() - loaded)
+        yield from prefetched(source, load, depth, pin_memory)
+        return
+
+
+def choose_depth(load_seconds: float, use_seconds: float, device: torch.device) -> int:
+    """Items to load ahead, from how long one took to load and to be used: ``PREFETCH_DEPTH``
+    when loading is at least ``PREFETCH_MIN_SHARE`` of the use and a core is free for it (the
+    device is a GPU, or this process computes on fewer threads than there are cores), else 0."""
+    if load_seconds < PREFETCH_MIN_SHARE * use_seconds:
+        return 0
+    spare_core = device.type == "cuda" or (os.cpu_count() or 1) > torch.get_num_threads()
+    return PREFETCH_DEPTH if spare_core else 0
