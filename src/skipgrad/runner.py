@@ -77,6 +77,7 @@ class AttackJob:
     # of the run's identity (recorded only when not the default, so older folders still resume).
     amp: str = "off"  # "off" (float32) or "bf16" (autocast to bfloat16)
     channels_last: bool = False
+    compile: bool = False  # torch.compile the sources (attacks.compiled)
 
 
 # Attack settings as the command line and the TOML plans spell them; eps and step_size are pixel
@@ -84,7 +85,7 @@ class AttackJob:
 ATTACK_SETTINGS = ("eps", "step_size", "steps", "norm", "loss", "targeted", "seed", "decay",
                    "di_prob", "di_scale", "ti_kernel", "sgm_official")
 # Settings of the job rather than of the attack (data decoding and numerics).
-JOB_SETTINGS = ("channels", "class_map", "amp", "channels_last")
+JOB_SETTINGS = ("channels", "class_map", "amp", "channels_last", "compile")
 _LEVEL_SETTINGS = ("eps", "step_size")
 
 
@@ -138,7 +139,7 @@ def job_record(job: AttackJob) -> dict:
 
 
 # Attack settings that enter run.json only when they differ from these defaults.
-_OPTIONAL_IDENTITY = {"amp": "off", "channels_last": False, "backward": None}
+_OPTIONAL_IDENTITY = {"amp": "off", "channels_last": False, "compile": False, "backward": None}
 AMP_MODES = ("off", "bf16")
 
 
@@ -167,6 +168,10 @@ class RunSummary:
     attacked: int
     seconds: float
     source_success: float = field(default=float("nan"))
+    compile_seconds: float = 0.0  # --compile: the warm-up that compiled the sources, not in seconds
+    # CPU time of this process over ``seconds`` (all threads): on a shared machine wall time
+    # depends on the neighbours, CPU time much less.
+    cpu_seconds: float = 0.0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -477,6 +482,10 @@ def run_attack_job(job: AttackJob, out: Path, opts: RunOptions = RunOptions(),
         raise UserError(f"--prefetch must be 0 or more image groups, got {opts.prefetch}")
     device = distributed.device_for(resolve_device(opts.device))
     group_size = resolve_group_size(out, opts.batch_size, device)  # before any model is loaded
+    if job.compile:
+        from skipgrad.attacks.compiled import check_compile
+
+        check_compile(device)
     data = open_dataset(job.data, limit=opts.limit, channels=job.channels, class_map=job.class_map)
     if job.attack.targeted and not data.has_targets():
         raise UserError(f"--targeted needs target labels, and {job.data} has none "
@@ -525,25 +534,65 @@ def _attack_missing(job: AttackJob, out: Path, opts: RunOptions, data: ImageData
             if any(image_file(s) not in done for s in g)]
     mine = distributed.shard(todo)
     skipped = len(data) - sum(image_file(s) not in done for g in todo for s in g)
-    started = time.perf_counter()
-    bar = progress_bar(len(data), "attack", opts.quiet or not world.is_main, initial=skipped)
     new_rows: dict[str, dict[str, object]] = {}
-    loaded = _loaded_groups(mine, data, opts, device, log)
-    try:
-        for group, clean in loaded:
-            missing = [s for s in group if image_file(s) not in done]
-            new_rows.update((r["file"], r) for r in _attack_group(job, out, models, group, clean,
-                                                                  missing, device))
-            _save_progress(out, done, new_rows)
-            bar.update(len(missing) * world.size)  # rank 0 speaks for all: shares are equal
-            outdir.check_stop()
-    finally:
-        loaded.close()
-        bar.close()
+    with _attack_sources(job, models, mine, data, device) as (sources, spec, compile_seconds):
+        started, cpu_started = time.perf_counter(), time.process_time()
+        bar = progress_bar(len(data), "attack", opts.quiet or not world.is_main, initial=skipped)
+        loaded = _loaded_groups(mine, data, opts, device, log)
+        try:
+            for group, clean in loaded:
+                missing = [s for s in group if image_file(s) not in done]
+                rows = _attack_group(job, out, (sources, spec), models, group, clean, missing,
+                                     device)
+                new_rows.update((r["file"], r) for r in rows)
+                _save_progress(out, done, new_rows)
+                bar.update(len(missing) * world.size)  # rank 0 speaks for all: shares are equal
+                outdir.check_stop()
+        finally:
+            loaded.close()
+            bar.close()
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     attacked = distributed.total(len(new_rows))  # also waits for every rank's last part
     wanted = {image_file(s) for s in data.samples}
     success = distributed.on_main(lambda: _finish_manifest(out, wanted, job.attack.targeted))
-    return RunSummary(out, len(data), skipped, attacked, time.perf_counter() - started, success)
+    return RunSummary(out, len(data), skipped, attacked, seconds, success, compile_seconds,
+                      cpu_seconds)
+
+
+@contextlib.contextmanager
+def _attack_sources(job: AttackJob, models: Sequence[WrappedModel], groups: list[list[Sample]],
+                    data: ImageDataset, device: torch.device):
+    """``(modules, spec, compile seconds)`` for the attack calls: the loaded models and the job's
+    spec; with ``--compile``, the compiled models with the spec's SGM and backward-pass contexts
+    attached for the whole run (see :mod:`skipgrad.attacks.compiled`), compiled by a warm-up at
+    every group size of this run before the attack is timed."""
+    if not job.compile or not groups:
+        yield list(models), job.attack, 0.0
+        return
+    from skipgrad.attacks.compiled import compiled_sources, warm_up
+
+    with compiled_sources(models, job.attack) as (sources, spec):
+        clean = _on_device(data.load(groups[0]), job, device)
+        labels = _labels(groups[0], job.attack.targeted, device)
+        try:
+            with numerics(job, device):
+                seconds = warm_up(sources, clean, labels, spec, [len(g) for g in groups])
+        except Exception as exc:  # noqa: BLE001 - before any image: refuse, never crash mid-run
+            raise UserError(f"--compile failed on {', '.join(m.config.spec for m in models)} "
+                            f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}); "
+                            f"run without --compile") from exc
+        yield sources, spec, seconds
+
+
+def _on_device(images: torch.Tensor, job: AttackJob, device: torch.device) -> torch.Tensor:
+    images = images.to(device, non_blocking=True)
+    if job.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
+def _labels(samples: Sequence[Sample], targeted: bool, device: torch.device) -> torch.Tensor:
+    return torch.tensor([s.target if targeted else s.label for s in samples], device=device)
 
 
 def _loaded_groups(groups: list[list[Sample]], data: ImageDataset, opts: RunOptions,
@@ -579,22 +628,22 @@ def _finish_manifest(out: Path, wanted: set[str], targeted: bool) -> float:
     return _source_success({r["file"]: r for r in read_manifest(out)}, wanted, targeted)
 
 
-def _attack_group(job: AttackJob, out: Path, models: Sequence[WrappedModel], batch: list[Sample],
-                  clean: torch.Tensor, missing: list[Sample],
-                  device: torch.device) -> list[dict[str, object]]:
-    """Attack one fixed group whole (its members set the float results), check the bound on the
-    8-bit levels, write the PNGs of its ``missing`` images and return their manifest rows.
-    Finished images keep their files and rows: after a crash they hold these same bytes; after
-    a ``--limit`` change they were made in a smaller group and are kept rather than redone."""
+def _attack_group(job: AttackJob, out: Path, attacker: tuple[list[torch.nn.Module], AttackSpec],
+                  models: Sequence[WrappedModel], batch: list[Sample], clean: torch.Tensor,
+                  missing: list[Sample], device: torch.device) -> list[dict[str, object]]:
+    """Attack one fixed group whole (its members set the float results) with ``attacker``'s
+    modules and spec (see :func:`_attack_sources`), check the bound on the 8-bit levels, write
+    the PNGs of its ``missing`` images and return their manifest rows (the source prediction by
+    the loaded ``models``). Finished images keep their files and rows: after a crash they hold
+    these same bytes; after a ``--limit`` change they were made in a smaller group and are kept
+    rather than redone."""
     from skipgrad.attacks.loop import attack_with
 
-    clean = clean.to(device, non_blocking=True)
-    if job.channels_last:
-        clean = clean.contiguous(memory_format=torch.channels_last)
-    labels = torch.tensor([s.target if job.attack.targeted else s.label for s in batch],
-                          device=device)
+    sources, spec = attacker
+    clean = _on_device(clean, job, device)
+    labels = _labels(batch, job.attack.targeted, device)
     with outdir.naming_images([str(s.path or s.name) for s in batch]), numerics(job, device):
-        adv = attack_with(list(models), clean, labels, job.attack, ids=[s.id for s in batch])
+        adv = attack_with(sources, clean, labels, spec, ids=[s.id for s in batch])
     levels = [to_uint8(a) for a in adv]
     for sample, adv_levels, image in zip(batch, levels, clean):
         check_bound(adv_levels, to_uint8(image), job, sample.name)
