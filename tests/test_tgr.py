@@ -311,3 +311,18 @@ def test_equals_the_release_hook_mechanics_at_batch_size_one():
     assert relative_difference(release[0], plain) > 0.1  # the release's hooks did fire
     for mine, theirs in zip(ours, release):
         assert torch.allclose(mine, theirs, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [pna, tgr], ids=["pna", "tgr"])
+def test_torch_compiled_with_the_context_attached_equals_eager(method):
+    # attack --compile enters the contexts once, then compiles (skipgrad.attacks.compiled): the
+    # mode inside the attention forward and TGR's autograd functions must survive tracing.
+    model = timm_vit()
+    images, labels = images_for(model)
+    _, eager = input_gradient(model, images, labels, method(model))
+    with method(model):
+        _, compiled = input_gradient(torch.compile(model, backend="aot_eager"), images, labels)
+    torch._dynamo.reset()
+    assert torch.allclose(compiled, eager, atol=1e-7)
+    assert relative_difference(compiled, input_gradient(model, images, labels)[1]) > 1e-4
