@@ -19,17 +19,19 @@ def source_and_batch(arch: str, batch: int, size: int) -> tuple[torch.nn.Module,
     return model, images, labels
 
 
-def alternate(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time of each variant, run in turn ``repeats`` times after one warm-up each, so
-    that machine noise affects every variant alike."""
+def alternate(variants: dict[str, Callable[[], object]], repeats: int,
+              clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median time of each variant, run in turn ``repeats`` times after one warm-up each, so
+    that machine noise affects every variant alike. ``clock`` is wall time by default;
+    ``time.process_time`` (this process's CPU time) is steadier on a machine shared with others."""
     for run in variants.values():
         run()
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, run in variants.items():
-            start = time.perf_counter()
+            start = clock()
             run()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
