@@ -19,10 +19,10 @@ def source_and_batch(arch: str, batch: int, size: int) -> tuple[torch.nn.Module,
     return model, images, labels
 
 
-def alternate(variants: dict[str, Callable[[], object]], repeats: int,
-              clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
-    """Median time of each variant, run in turn ``repeats`` times after one warm-up each, so
-    that machine noise affects every variant alike. ``clock`` is wall time by default;
+def alternate_times(variants: dict[str, Callable[[], object]], repeats: int,
+                    clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Times of each variant, run in turn ``repeats`` times after one warm-up each, so that
+    machine noise affects every variant alike. ``clock`` is wall time by default;
     ``time.process_time`` (this process's CPU time) is steadier on a machine shared with others."""
     for run in variants.values():
         run()
@@ -32,6 +32,13 @@ def alternate(variants: dict[str, Callable[[], object]], repeats: int,
             start = clock()
             run()
             times[name].append(clock() - start)
+    return times
+
+
+def alternate(variants: dict[str, Callable[[], object]], repeats: int,
+              clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median time of each variant (see :func:`alternate_times`)."""
+    times = alternate_times(variants, repeats, clock)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
