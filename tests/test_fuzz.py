@@ -66,8 +66,10 @@ def attack_calls(draw) -> dict:
         st.sampled_from(_TOKENS), min_size=1, max_size=3).map("+".join))
     hostile = st.sampled_from([0.0, -1 / 255, 1.5, float("nan"), float("inf")])
     return dict(images=images, labels=labels, method=name,
-                eps=_mostly(draw, st.floats(0.5 / 255, 32 / 255), hostile),
-                step_size=_mostly(draw, st.floats(0.1 / 255, 8 / 255), hostile),
+                # L-inf sizes that cannot move a saved pixel are refused (issue 16.1): draw valid
+                # ones at least one level (eps) and half a level (the step) large.
+                eps=_mostly(draw, st.floats(1 / 255, 32 / 255), hostile),
+                step_size=_mostly(draw, st.floats(0.5 / 255, 8 / 255), hostile),
                 steps=_mostly(draw, st.integers(1, 2), st.sampled_from([0, -1, 1.5, True])),
                 sgm=_mostly(draw, st.one_of(st.none(), st.floats(0.05, 1.0)),
                             st.sampled_from([0.0, -0.2, 1.5, float("nan")])),

@@ -1,7 +1,8 @@
 """The ``skipgrad`` command line: thin argument handling over the library.
 
 User errors print one line (``skipgrad: error: ...``) and exit with code 2; Ctrl-C exits with 130
-(SIGTERM 143) and leaves only whole files behind. Perturbation sizes are pixel levels out of 255 (``--eps 16``).
+(SIGTERM 143) and leaves only whole files behind. Perturbation sizes are pixel levels out of 255
+for L-inf (``--eps 16``) and [0, 1] units for L2 (``--norm l2 --eps 1.5``); see skipgrad.units.
 """
 from __future__ import annotations
 
@@ -28,18 +29,21 @@ class _Parser(argparse.ArgumentParser):
 # ---------------------------------------------------------------- value parsers
 
 def levels(text: str) -> float:
-    """A perturbation size in pixel levels: ``16``, ``2.5``, or a fraction such as ``16/255``
-    (a fraction is read in [0, 1] pixel units and converted to levels). Never ``eval``."""
+    """A perturbation size: ``16``, ``2.5`` (pixel levels out of 255 for L-inf, [0, 1] units for
+    L2, see :mod:`skipgrad.units`), or a fraction such as ``16/255``, always read in [0, 1] pixel
+    units. Never ``eval``."""
+    from skipgrad.units import Fraction
+
     try:
         if "/" in text:
             num, den = text.split("/", 1)
-            value = float(num) / float(den) * 255
+            value: float = Fraction(float(num) / float(den))
         else:
             value = float(text)
     except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of pixel levels") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of pixel levels")
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
     return value
 
 
@@ -182,10 +186,14 @@ def _add_data_options(p: argparse.ArgumentParser, required: bool) -> None:
 
 def _add_attack_settings(p: argparse.ArgumentParser) -> None:
     """Attack settings; defaults are None so a transfer config file is never overridden silently."""
-    p.add_argument("--eps", type=levels, help="L-inf radius in pixel levels /255 (default 16)")
-    p.add_argument("--step-size", type=levels, help="step in pixel levels /255 (default 2)")
+    p.add_argument("--eps", type=levels, help="radius: L-inf in pixel levels out of 255 (default "
+                   "16); with --norm l2 the L2 norm of the whole perturbation in [0, 1] pixel "
+                   "units (default 1.5 up to 32x32 pixels, 3.0 above)")
+    p.add_argument("--step-size", type=levels, help="step, in the unit of --eps (default 2 "
+                   "levels for L-inf, eps/6 for L2)")
     p.add_argument("--steps", type=positive_int, help="iterations (default 10)")
-    p.add_argument("--norm", choices=("linf", "l2"))
+    p.add_argument("--norm", choices=("linf", "l2"), help="linf (default) or l2; sets the unit "
+                   "of --eps and --step-size")
     p.add_argument("--loss", choices=("ce", "margin"))
     p.add_argument("--targeted", action="store_true", default=None,
                    help="aim for the data's target labels (labels.csv targeted_label)")
@@ -420,7 +428,8 @@ def _job(args: argparse.Namespace, sgm):
     settings = _settings(args)
     spec = attack_from_settings(args.attack, sgm,
                                 {k: v for k, v in settings.items() if k in ATTACK_SETTINGS},
-                                per_source_backward(args.backward, len(args.source)))
+                                per_source_backward(args.backward, len(args.source)),
+                                data=args.data)
     return AttackJob(sources=tuple(args.source), data=args.data, attack=spec,
                      weights=tuple(args.weights or ()),
                      **{k: v for k, v in settings.items() if k in JOB_SETTINGS})

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from skipgrad import distributed, outdir
+from skipgrad import distributed, outdir, units
 from skipgrad.attacks.config import AttackSpec
 from skipgrad.data.datasets import ImageDataset, Sample, open_dataset
 from skipgrad.data.images import atomic_write_text, to_uint8, write_pngs
@@ -91,23 +91,29 @@ _LEVEL_SETTINGS = ("eps", "step_size")
 
 def attack_from_settings(method: str = "ifgsm", sgm: float | None | tuple = None,
                          settings: dict | None = None,
-                         backward: str | None | tuple[str | None, ...] = None) -> AttackSpec:
+                         backward: str | None | tuple[str | None, ...] = None,
+                         data: str | None = None) -> AttackSpec:
     """The AttackSpec of command-line/plan ``settings`` (keys of ``ATTACK_SETTINGS``, unset ones
-    left out; eps and step size in pixel levels out of 255) with the composed attack ``method``,
-    the SGM gamma(s) and the backward-pass method(s). Bad values are a UserError."""
+    left out; eps and step size in the units of :mod:`skipgrad.units`: levels for L-inf, [0, 1]
+    for L2) with the composed attack ``method``, the SGM gamma(s) and the backward-pass
+    method(s). ``data`` sizes the L2 defaults. Bad values are a UserError."""
     import skipgrad
 
     values = dict(settings or {})
     unknown = sorted(set(values) - set(ATTACK_SETTINGS))
     if unknown:
         raise ValueError(f"not attack settings: {', '.join(unknown)}")  # a caller's bug
+    norm = values.get("norm", "linf")
     for key in _LEVEL_SETTINGS:
         if key in values:
-            _positive(key.replace("_", " "), values[key])
-            values[key] = values[key] / 255
-    if values.get("norm", "linf") == "linf" and values.get("eps", 0) > 1:
-        raise UserError(f"--eps is in pixel levels out of 255; {values['eps'] * 255:g} is larger "
-                        f"than 255")
+            _positive(f"--{key.replace('_', '-')}", values[key])
+    if norm == "linf":
+        _check_linf_levels(values)
+    elif not all(k in values for k in _LEVEL_SETTINGS):
+        values = {**units.l2_defaults(_pixels(data)), **values}
+    for key in _LEVEL_SETTINGS:
+        if key in values:
+            values[key] = units.to_library(values[key], norm)
     try:
         return skipgrad.AttackSpec.parse(method, sgm=sgm, backward=backward, **values)
     except UserError:
@@ -116,15 +122,43 @@ def attack_from_settings(method: str = "ifgsm", sgm: float | None | tuple = None
         raise UserError(str(exc)) from None
 
 
+def _check_linf_levels(values: dict) -> None:
+    """L-inf sizes are levels out of 255: a size that cannot move a saved pixel was almost surely
+    typed in [0, 1] units; say what it probably meant."""
+    eps = values.get("eps", units.LINF_DEFAULTS["eps"])
+    step = values.get("step_size", units.LINF_DEFAULTS["step_size"])
+    steps = values.get("steps", 10)
+    if eps > 255:
+        raise UserError(f"--eps is in {units.LINF_UNIT}; {eps:g} is larger than 255")
+    if eps < 1 - 1e-6:
+        raise UserError(f"--eps {eps:g} is below one 8-bit level, so no pixel can change (--eps "
+                        f"is in {units.LINF_UNIT}); did you mean --eps {units.nearest_levels(eps)}?")
+    if isinstance(steps, int) and steps * step < 0.5 - 1e-6:
+        raise UserError(f"--step-size {step:g} x {steps} steps moves a pixel by less than half a "
+                        f"level, so no pixel can change (--step-size is in {units.LINF_UNIT}); "
+                        f"did you mean --step-size {units.nearest_levels(step)}?")
+
+
+def _pixels(data: str | None) -> int:
+    """Height x width of ``data``'s images (Fashion-MNIST without opening it)."""
+    if data is None or data.startswith("fmnist:"):
+        return 28 * 28
+    width, height = open_dataset(data, limit=1).size
+    return width * height
+
+
 def attack_settings(spec: AttackSpec) -> dict:
     """The inverse of :func:`attack_from_settings`: the spec in command-line units, as run.json
-    records it (``attack`` is the canonical composed name; per-source gammas are a list)."""
+    records it (``attack`` is the canonical composed name; per-source gammas are a list). An L2
+    run also records its ``eps_unit``: its sizes were levels before they were [0, 1] units, so a
+    folder made then must not be resumed as if they were the same."""
     record: dict = {"attack": spec.name,
                     "sgm": list(spec.sgm) if isinstance(spec.sgm, tuple) else spec.sgm}
     for key in ATTACK_SETTINGS:
         value = getattr(spec, key)
-        # Rounded so that 16/255 is recorded as 16.0 levels, as older run.json files hold it.
-        record[key] = round(value * 255, 9) if key in _LEVEL_SETTINGS else value
+        record[key] = units.to_command_line(value, spec.norm) if key in _LEVEL_SETTINGS else value
+    if spec.norm != "linf":
+        record["eps_unit"] = units.unit_of(spec.norm)
     if spec.backward is not None:  # only when set, so folders made before it still resume
         record["backward"] = ([None if p is None else p.label for p in spec.backward]
                               if isinstance(spec.backward, tuple) else spec.backward.label)
@@ -495,6 +529,7 @@ def run_attack_job(job: AttackJob, out: Path, opts: RunOptions = RunOptions(),
     _check_sgm(job, models)  # SGM's own message first; the backward methods are checked next
     identity = run_identity(job, models, data, group_size)
     env = environment(models, data, opts, device)
+    env["eps_unit"] = units.unit_of(job.attack.norm)  # what the numbers in "config" mean
     with outdir.exclusive(out):  # one live run per folder; SIGINT/SIGTERM stop after a group
         distributed.on_main(lambda: prepare_folder(out, identity, env))
         if distributed.world().is_main:

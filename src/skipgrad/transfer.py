@@ -227,5 +227,6 @@ def template_from(settings: dict, data: str) -> AttackJob:
         raise UserError(f"unknown transfer setting(s): {', '.join(unknown)} "
                         f"(known: {', '.join(sorted(_TEMPLATE_KEYS))})")
     job_settings = {k: settings[k] for k in JOB_SETTINGS if k in settings}
-    spec = attack_from_settings(settings={k: settings[k] for k in ATTACK_SETTINGS if k in settings})
+    spec = attack_from_settings(settings={k: settings[k] for k in ATTACK_SETTINGS if k in settings},
+                                data=data)
     return AttackJob(sources=(), data=data, attack=spec, **job_settings)

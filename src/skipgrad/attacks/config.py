@@ -105,6 +105,8 @@ class AttackSpec:
             raise ValueError(f"eps is in [0, 1] pixel units for the L-inf norm, got {self.eps}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        if self.norm == "linf":
+            self._check_levels()
         if not (isinstance(self.decay, (int, float)) and math.isfinite(self.decay)
                 and self.decay >= 0):
             raise ValueError(f"decay must be a finite number >= 0, got {self.decay!r}")
@@ -118,6 +120,17 @@ class AttackSpec:
             _check_gamma(gamma)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    def _check_levels(self) -> None:
+        """An L-inf attack whose radius, or whose whole walk, stays under one 8-bit level cannot
+        change a saved pixel: refuse it rather than return the clean images."""
+        if self.eps * 255 < 1 - 1e-6:
+            raise ValueError(f"eps {self.eps:.4g} is below one 8-bit level (1/255), so no pixel can "
+                             f"change; eps is in [0, 1] pixel units (16/255 in the paper)")
+        if self.steps * self.step_size * 255 < 0.5 - 1e-6:
+            raise ValueError(f"step_size {self.step_size:.4g} x {self.steps} steps moves a pixel by "
+                             f"less than half an 8-bit level, so no pixel can change; step_size is "
+                             f"in [0, 1] pixel units (2/255 in the paper)")
 
     @property
     def name(self) -> str:

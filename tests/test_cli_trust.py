@@ -1,0 +1,100 @@
+"""Issue 16: a command line a researcher can trust with an afternoon's work (units, fail fast,
+per-source settings, file permissions, messages)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import skipgrad
+from skipgrad.cli import main
+
+SOURCE = "zoo:fmnist-resnet20"
+
+
+def _attack(out: Path, *extra: str) -> int:
+    return main(["attack", "--source", SOURCE, "--data", "fmnist:test", "--limit", "2",
+                 "--steps", "2", "--out", str(out), "--quiet", *extra])
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+# ---------------------------------------------------------------- 16.1 sizes below one level
+
+@pytest.mark.parametrize("flags, hint", [
+    (["--eps", "0.03"], "did you mean --eps 8?"),
+    (["--step-size", "0.0078", "--steps", "10"], "did you mean --step-size 2?"),
+])
+def test_sizes_that_cannot_move_a_pixel_are_refused_with_the_intended_value(
+        tmp_path: Path, capsys, flags: list[str], hint: str) -> None:
+    assert _attack(tmp_path / "out", *flags) == 2
+    assert hint in _error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(eps=0.5 / 255), "eps .* below one 8-bit level"),
+    (dict(step_size=0.01 / 255, steps=10), "less than half an 8-bit level"),
+])
+def test_the_api_refuses_a_no_op_linf_attack(tiny_resnet, tiny_batch, kwargs, message) -> None:
+    images, labels = tiny_batch
+    with pytest.raises(ValueError, match=message):
+        skipgrad.attack(tiny_resnet, images, labels, **kwargs)
+
+
+def test_one_level_is_still_accepted(tiny_resnet, tiny_batch) -> None:
+    images, labels = tiny_batch
+    adv = skipgrad.attack(tiny_resnet, images, labels, eps=1 / 255, step_size=1 / 255, steps=1)
+    assert ((adv - images).abs() * 255).round().max() == 1
+
+
+# ---------------------------------------------------------------- 16.5 L2 units
+
+def _perturbation_l2(out: Path) -> list[float]:
+    """L2 norms in [0, 1] units of the saved PNGs against the clean test images."""
+    from skipgrad.data.fmnist import load_fmnist
+
+    clean, _ = load_fmnist("test", limit=2)
+    norms = []
+    for i, path in enumerate(sorted((out / "images").glob("*.png"))):
+        adv = torch.from_numpy(np.asarray(Image.open(path), dtype=np.float64) / 255)
+        norms.append(float((adv - clean[i, 0].double()).norm()))
+    return norms
+
+
+def test_l2_eps_is_the_whole_image_norm_in_unit_pixels(tmp_path: Path) -> None:
+    out = tmp_path / "l2"
+    assert _attack(out, "--norm", "l2", "--eps", "1.5", "--step-size", "0.5") == 0
+    norms = _perturbation_l2(out)
+    # Read as levels (the old behaviour) 1.5 would allow at most 1.5/255 = 0.006.
+    assert all(0.5 < n <= 1.5 + 1e-9 for n in norms), norms
+    run = json.loads((out / "run.json").read_text())
+    assert (run["config"]["norm"], run["config"]["eps"], run["config"]["step_size"]) == (
+        "l2", 1.5, 0.5)
+    assert "[0, 1] pixel units" in run["config"]["eps_unit"]
+    assert "[0, 1] pixel units" in run["environment"]["eps_unit"]
+
+
+def test_l2_has_its_own_defaults_and_linf_records_levels(tmp_path: Path) -> None:
+    assert _attack(tmp_path / "l2", "--norm", "l2") == 0
+    config = json.loads((tmp_path / "l2" / "run.json").read_text())["config"]
+    assert (config["eps"], config["step_size"]) == (1.5, 0.25)
+    assert _attack(tmp_path / "linf", "--eps", "16/255") == 0
+    run = json.loads((tmp_path / "linf" / "run.json").read_text())
+    assert run["config"]["eps"] == 16.0 and "eps_unit" not in run["config"]  # older folders resume
+    assert run["environment"]["eps_unit"] == "pixel levels out of 255"
+
+
+def test_help_says_which_unit_applies(capsys) -> None:
+    assert main(["attack", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "L-inf in pixel levels out of 255" in text
+    assert "--norm l2 the L2 norm of the whole perturbation in [0, 1] pixel units" in text
