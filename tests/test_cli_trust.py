@@ -3,6 +3,7 @@ per-source settings, file permissions, messages)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +99,34 @@ def test_help_says_which_unit_applies(capsys) -> None:
     text = " ".join(capsys.readouterr().out.split())
     assert "L-inf in pixel levels out of 255" in text
     assert "--norm l2 the L2 norm of the whole perturbation in [0, 1] pixel units" in text
+
+
+# ---------------------------------------------------------------- 16.9 file permissions
+
+@pytest.fixture
+def umask_002():
+    old = os.umask(0o002)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_output_files_get_the_mode_open_would_give_under_the_umask(tmp_path: Path,
+                                                                   umask_002) -> None:
+    out = tmp_path / "shared"
+    assert _attack(out) == 0
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"run.json", "manifest.csv"} and len(files) >= 4
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o664)}
+
+
+def test_atomic_writes_follow_the_umask(tmp_path: Path) -> None:
+    from skipgrad.data.images import atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "report.md", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o640

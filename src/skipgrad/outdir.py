@@ -94,7 +94,7 @@ def _is_stale(record: dict) -> bool:
 
 def _try_create(path: Path, record: dict) -> bool:
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # minus the umask
     except FileExistsError:
         return False
     with os.fdopen(fd, "w", encoding="utf-8") as handle:

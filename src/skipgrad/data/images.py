@@ -152,6 +152,21 @@ def write_pngs(images: Sequence[tuple[np.ndarray, Path]]) -> None:
         atomic_write_many([(path, png_bytes(levels)) for levels, path in images])
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (``os.umask`` sets it and
+    would race with threads that create files meanwhile)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never half."""
     atomic_write_many([(Path(path), data)])
@@ -186,6 +201,9 @@ def _write_temporary(path: Path, data: bytes, fsync: bool) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600; give the file what open() would (0666 minus the umask) so that
+        # colleagues reading results on shared storage can, as they could with any other tool.
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
