@@ -130,3 +130,64 @@ def test_atomic_writes_follow_the_umask(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o640
+
+
+# ---------------------------------------------------------------- 16.6 per-source --sgm
+
+def _ensemble(out: Path, *extra: str) -> int:
+    return main(["attack", "--source", SOURCE, "--source", "zoo:fmnist-cnn", "--data",
+                 "fmnist:test", "--limit", "2", "--steps", "2", "--out", str(out), "--quiet",
+                 *extra])
+
+
+def test_sgm_once_per_source_with_none_for_a_plain_cnn(tmp_path: Path) -> None:
+    assert _ensemble(tmp_path / "out", "--sgm", "0.5", "--sgm", "none") == 0
+    config = json.loads((tmp_path / "out" / "run.json").read_text())["config"]
+    assert config["sgm"] == [0.5, None]
+
+
+def test_a_plain_cnn_under_one_sgm_names_the_per_source_fix(tmp_path: Path, capsys) -> None:
+    assert _ensemble(tmp_path / "out", "--sgm", "0.5") == 2
+    assert "--sgm none for this source" in _error(capsys)
+
+
+@pytest.mark.parametrize("run, counts", [
+    (lambda out: _attack(out, "--sgm", "0.5", "--sgm", "none"), "2 --sgm for 1 --source"),
+    (lambda out: _ensemble(out, "--sgm", "0.5", "--sgm", "0.2", "--sgm", "none"),
+     "3 --sgm for 2 --source"),
+])
+def test_sgm_counts_that_do_not_match_the_sources_are_refused(tmp_path: Path, capsys, run,
+                                                              counts: str) -> None:
+    assert run(tmp_path / "out") == 2
+    assert counts in _error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- 16.10 flags never ignored
+
+def test_calibration_options_without_sgm_auto_are_refused(tmp_path: Path, capsys) -> None:
+    assert _attack(tmp_path / "out", "--sgm", "0.5", "--calibrate-on", "zoo:fmnist-vgg") == 2
+    assert "--calibrate-on only apply to --sgm auto" in _error(capsys)
+
+
+def test_a_smaller_limit_keeps_run_json_true_to_the_folder(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert _attack(out) == 0
+    assert main(["attack", "--source", SOURCE, "--data", "fmnist:test", "--limit", "1",
+                 "--steps", "2", "--out", str(out), "--quiet"]) == 0
+    env = json.loads((out / "run.json").read_text())["environment"]
+    assert (env["limit"], env["images"]) == (2, 2)
+    assert env["elapsed_seconds"] >= 0 and env["total_elapsed_seconds"] >= env["elapsed_seconds"]
+    assert env["finished"]
+
+
+def test_transfer_limit_scores_only_the_limited_images_of_a_reused_folder(tmp_path: Path,
+                                                                          capsys) -> None:
+    def transfer(limit: str) -> dict:
+        assert main(["transfer", "--source", SOURCE, "--target", "zoo:fmnist-cnn", "--data",
+                     "fmnist:test", "--limit", limit, "--steps", "1", "--out",
+                     str(tmp_path / "t"), "--quiet"]) == 0
+        return json.loads((tmp_path / "t" / "transfer.json").read_text())
+
+    assert {r["n"] for r in transfer("3")["rows"]} == {3}
+    assert {r["n"] for r in transfer("2")["rows"]} == {2}

@@ -253,8 +253,10 @@ def _add_attack(sub) -> None:
     p.add_argument("--weights", action="append", metavar="FILE",
                    help="local weights, one per --source in the same order")
     p.add_argument("--attack", default="ifgsm", help="ifgsm, pgd, mi, ni, di, ti joined by +")
-    p.add_argument("--sgm", type=sgm_choice, help="SGM gamma in (0, 1] (0.2 ResNet, 0.5 "
-                   "DenseNet), or auto: calibrated on held-out models (docs/autogamma.md)")
+    p.add_argument("--sgm", type=sgm_choice, action="append", metavar="GAMMA",
+                   help="SGM gamma in (0, 1] (0.2 ResNet, 0.5 DenseNet), or auto: calibrated on "
+                        "held-out models (docs/autogamma.md); once for every source, or once per "
+                        "--source in order (none: no SGM for that source)")
     p.add_argument("--out", type=Path, required=True)
     _add_data_options(p, required=True)
     _add_attack_settings(p)
@@ -270,13 +272,41 @@ def _add_auto_options(p: argparse.ArgumentParser) -> None:
                         "Fashion-MNIST data only)")
     p.add_argument("--calibrate-weights", action="append", metavar="FILE",
                    help="local weights, one per --calibrate-on in the same order")
-    p.add_argument("--calibrate-images", type=positive_int, default=200,
+    p.add_argument("--calibrate-images", type=positive_int,
                    help="--sgm auto: calibration images (default 200)")
     p.add_argument("--calibrate-data", metavar="DATA", help="--sgm auto: where calibration "
                    "images come from (default: fmnist:train for fmnist:test, else the images "
                    "after the --limit attacked ones)")
-    p.add_argument("--calibrate-gammas", type=gamma_list, default=DEFAULT_GAMMAS,
+    p.add_argument("--calibrate-gammas", type=gamma_list,
                    help="--sgm auto: gamma grid (default 0.1,0.2,...,1.0)")
+
+
+_AUTO_OPTIONS = ("calibrate_on", "calibrate_weights", "calibrate_images", "calibrate_data",
+                 "calibrate_gammas")
+
+
+def per_source_sgm(values: list | None, n_sources: int) -> float | str | None | tuple:
+    """Repeated ``--sgm`` against the number of ``--source``: once for every source, or exactly
+    once per source in order (``none``: no SGM for that source); other counts are refused."""
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    if len(values) != n_sources:
+        raise UserError(f"{len(values)} --sgm for {n_sources} --source; give one --sgm for all "
+                        f"sources or one per --source, in order (none for a source without)")
+    if "auto" in values:
+        raise UserError("--sgm auto calibrates one gamma for the whole ensemble; give it once")
+    return None if all(v is None for v in values) else tuple(values)
+
+
+def _check_auto_options(args: argparse.Namespace, auto: bool) -> None:
+    """The --calibrate-* options only mean something with --sgm auto: refuse them otherwise
+    rather than ignore them."""
+    given = [f"--{name.replace('_', '-')}" for name in _AUTO_OPTIONS
+             if getattr(args, name, None) is not None]
+    if given and not auto:
+        raise UserError(f"{', '.join(given)} only apply to --sgm auto; drop them or use --sgm auto")
 
 
 def _add_evaluate(sub) -> None:
@@ -400,8 +430,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
     """``skipgrad attack``."""
     from skipgrad.runner import run_attack_job
 
-    auto = args.sgm == "auto"
-    job = _job(args, sgm=None if auto else args.sgm)
+    sgm = per_source_sgm(args.sgm, len(args.source))
+    auto = sgm == "auto"
+    _check_auto_options(args, auto)
+    job = _job(args, sgm=None if auto else sgm)
     record = None
     if auto:  # gamma is resolved before the runner sees the job: run.json holds a plain float
         job, record = _auto_gamma(args, job)
@@ -439,14 +471,16 @@ def _auto_gamma(args: argparse.Namespace, job):
     """``--sgm auto``: (job with the calibrated gamma, the run.json record)."""
     import dataclasses
 
-    from skipgrad.autogamma import AutoGammaRequest, format_calibration, resolve_auto_gamma
+    from skipgrad.autogamma import (DEFAULT_CALIBRATION_IMAGES, AutoGammaRequest,
+                                    format_calibration, resolve_auto_gamma)
     from skipgrad.runner import check_job, resolve_device, resolve_group_size
 
     check_job(job)  # bad settings fail before the (long) calibration
     device = resolve_device(args.device)
     held = _refs(args.calibrate_on, args.calibrate_weights, "calibrate")
-    request = AutoGammaRequest(tuple((r.spec, r.weights) for r in held), args.calibrate_images,
-                               args.calibrate_gammas, args.calibrate_data,
+    request = AutoGammaRequest(tuple((r.spec, r.weights) for r in held),
+                               args.calibrate_images or DEFAULT_CALIBRATION_IMAGES,
+                               args.calibrate_gammas or DEFAULT_GAMMAS, args.calibrate_data,
                                resolve_group_size(args.out, args.batch_size, device))
     chosen, record = resolve_auto_gamma(job, args.out, request, args.limit, device,
                                         _log(args.quiet))

@@ -86,14 +86,17 @@ class AttackOutput:
     targeted: bool
 
 
-def open_attack_output(folder: Path, data_override: str | None = None) -> AttackOutput:
-    """Read run.json + manifest and find each adversarial image's clean original."""
+def open_attack_output(folder: Path, data_override: str | None = None,
+                       limit: int | None = None) -> AttackOutput:
+    """Read run.json + manifest and find each adversarial image's clean original; ``limit``
+    keeps the images of the first ``limit`` inputs (those an ``attack --limit`` run made), so a
+    folder that holds more is scored on exactly what was asked for."""
     run = read_run(folder)
     if run is None:
         raise UserError(f"{folder} is not an attack output folder (no run.json); "
                         f"run `skipgrad attack ... --out {folder}` first")
     config = run["config"]
-    rows = read_manifest(folder)
+    rows = [r for r in read_manifest(folder) if limit is None or int(r["id"]) < limit]
     if not rows:
         raise UserError(f"{folder} has no finished images yet (manifest.csv is empty or missing)")
     data = _clean_data(config, data_override)

@@ -405,8 +405,23 @@ def claim_folder(out: Path, identity: dict, env: dict) -> None:
     if existing is not None and existing.get("config") != identity and read_manifest(out):
         raise UserError(f"output folder {out} holds another run ({_differences(existing, identity)}); "
                         f"use another --out or remove it")
+    if existing is not None:  # what the folder already holds stays true in run.json
+        env = _carried_over(existing.get("environment") or {}, env, bool(read_manifest(out)))
     record = {"format": RUN_FORMAT, "config": identity, "environment": env}
     atomic_write_text(out / "run.json", json.dumps(record, indent=2) + "\n")
+
+
+def _carried_over(old: dict, env: dict, has_images: bool) -> dict:
+    """The new environment, keeping from the old one what still describes the folder: the total
+    time spent on it and, when it holds images made with a larger ``--limit`` (None = all), that
+    limit rather than the smaller one of a resumption that has nothing to add."""
+    env = dict(env)
+    if "total_elapsed_seconds" in old:
+        env["total_elapsed_seconds"] = old["total_elapsed_seconds"]
+    if has_images and "limit" in old and env.get("limit") is not None and (
+            old["limit"] is None or old["limit"] > env["limit"]):
+        env["limit"] = old["limit"]
+    return env
 
 
 def _differences(existing: dict, identity: dict) -> str:
@@ -554,8 +569,10 @@ def _check_sgm(job: AttackJob, models: Sequence[WrappedModel]) -> None:
 
     for model, gamma in zip(models, job.attack.sgm_per_source(len(models))):
         if gamma is not None and not skipgrad.find_blocks(model):
+            fix = ("drop --sgm" if len(models) == 1 else "give one --sgm per --source, in "
+                   "order, with --sgm none for this source")
             raise UserError(f"--sgm needs residual or dense blocks and {model.config.spec} has "
-                            f"none; drop --sgm for this source")
+                            f"none; {fix}")
 
 
 def _attack_missing(job: AttackJob, out: Path, opts: RunOptions, data: ImageDataset,
@@ -589,7 +606,8 @@ def _attack_missing(job: AttackJob, out: Path, opts: RunOptions, data: ImageData
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     attacked = distributed.total(len(new_rows))  # also waits for every rank's last part
     wanted = {image_file(s) for s in data.samples}
-    success = distributed.on_main(lambda: _finish_manifest(out, wanted, job.attack.targeted))
+    success = distributed.on_main(lambda: _finish_manifest(out, wanted, job.attack.targeted,
+                                                           seconds))
     return RunSummary(out, len(data), skipped, attacked, seconds, success, compile_seconds,
                       cpu_seconds)
 
@@ -658,9 +676,25 @@ def _save_progress(out: Path, done: dict[str, dict], new_rows: dict[str, dict]) 
         write_manifest(out, list({**done, **new_rows}.values()))
 
 
-def _finish_manifest(out: Path, wanted: set[str], targeted: bool) -> float:
+def _finish_manifest(out: Path, wanted: set[str], targeted: bool, seconds: float) -> float:
     merge_manifest_parts(out)
-    return _source_success({r["file"]: r for r in read_manifest(out)}, wanted, targeted)
+    rows = read_manifest(out)
+    record_finish(out, len(rows), seconds)
+    return _source_success({r["file"]: r for r in rows}, wanted, targeted)
+
+
+def record_finish(out: Path, images: int, seconds: float) -> None:
+    """Add to run.json what the folder holds now and how long this invocation attacked: the
+    ``images`` count, ``finished`` time, ``elapsed_seconds`` of this invocation and
+    ``total_elapsed_seconds`` over every invocation that worked on the folder."""
+    run = read_run(out)
+    if run is None:
+        return
+    env = run.setdefault("environment", {})
+    total = float(env.get("total_elapsed_seconds") or 0) + seconds
+    env.update(images=images, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               elapsed_seconds=round(seconds, 3), total_elapsed_seconds=round(total, 3))
+    atomic_write_text(out / "run.json", json.dumps(run, indent=2) + "\n")
 
 
 def _attack_group(job: AttackJob, out: Path, attacker: tuple[list[torch.nn.Module], AttackSpec],

@@ -173,7 +173,7 @@ def evaluate_cells(plan: TransferPlan, folders: list, opts: RunOptions,
     cache: dict = {}
     rows, outcomes = [], {}
     for source, attack, gamma, backward, folder in folders:
-        output = open_attack_output(folder)
+        output = open_attack_output(folder, limit=opts.limit)  # a reused folder may hold more
         results = evaluate_output(output, models, batch_size=opts.batch_size, quiet=opts.quiet,
                                   prefetch=opts.prefetch, clean_cache=cache)
         names = tuple(parse_backward(backward).names) if backward is not None else ()
