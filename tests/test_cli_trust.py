@@ -191,3 +191,68 @@ def test_transfer_limit_scores_only_the_limited_images_of_a_reused_folder(tmp_pa
 
     assert {r["n"] for r in transfer("3")["rows"]} == {3}
     assert {r["n"] for r in transfer("2")["rows"]} == {2}
+
+
+# ---------------------------------------------------------------- 16.2 transfer checks first
+
+def _transfer(tmp_path: Path, *extra: str) -> int:
+    return main(["transfer", "--data", "fmnist:test", "--limit", "2", "--steps", "1", "--out",
+                 str(tmp_path / "t"), "--quiet", *extra])
+
+
+def test_transfer_reports_every_problem_before_any_attack(tmp_path: Path, capsys) -> None:
+    code = _transfer(tmp_path, "--source", SOURCE, "--source", "file:/nonexistent.safetensors",
+                     "--target", "zoo:fmnist-cnn", "--target", "timm:resnet18", "--sgm", "0.5")
+    error = _error(capsys)
+    assert code == 2 and "2 problems" in error
+    assert "source file:/nonexistent.safetensors" in error and "target timm:resnet18" in error
+    assert not (tmp_path / "t" / "attacks").exists()
+
+
+def test_a_preset_source_without_blocks_runs_the_baseline_only_and_the_title_says_so(
+        tmp_path: Path, capsys) -> None:
+    assert _transfer(tmp_path, "--source", SOURCE, "--source", "zoo:fmnist-cnn", "--target",
+                     "zoo:fmnist-vgg", "--sgm", "0.5") == 0
+    rows = json.loads((tmp_path / "t" / "transfer.json").read_text())["rows"]
+    assert {(r["source"], r["sgm"]) for r in rows} == {
+        (SOURCE, None), (SOURCE, 0.5), ("zoo:fmnist-cnn", None)}
+    table = (tmp_path / "t" / "transfer.md").read_text()
+    assert "zoo:fmnist-cnn baseline only" in table
+
+
+# ---------------------------------------------------------------- 16.6 / 16.8 plans
+
+def _plan(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "plan.toml"
+    path.write_text(f'data = "fmnist:test"\nlimit = 2\nsteps = 1\nout = "{tmp_path / "p"}"\n'
+                    f'targets = ["zoo:fmnist-cnn"]\nquiet = true\n{text}\n')
+    return path
+
+
+def test_a_plan_gives_each_source_its_own_gamma(tmp_path: Path) -> None:
+    plan = _plan(tmp_path, 'sources = ["zoo:fmnist-resnet20", "zoo:fmnist-densenet"]\n'
+                           'baseline = false\n'
+                           'sgm = {"zoo:fmnist-resnet20" = 0.2, "zoo:fmnist-densenet" = 0.5}')
+    assert main(["transfer", "--config", str(plan)]) == 0
+    rows = json.loads((tmp_path / "p" / "transfer.json").read_text())["rows"]
+    assert {(r["source"], r["sgm"]) for r in rows} == {
+        ("zoo:fmnist-resnet20", 0.2), ("zoo:fmnist-densenet", 0.5)}
+
+
+@pytest.mark.parametrize("text, message", [
+    ('sources = ["zoo:fmnist-resnet20"]\nsgm = ["half"]', "'half' is not a gamma"),
+    ('sources = ["zoo:fmnist-resnet20"]\nlimitt = 16', "unknown key limitt; known keys: data,"),
+    ('sources = ["zoo:fmnist-resnet20"]\ntargeted = "yes"', "targeted must be true or false"),
+    ('sources = ["zoo:fmnist-resnet20"]\nsgm = {"zoo:fmnist-vgg" = 0.5}',
+     "not a source of the plan"),
+])
+def test_plan_errors_are_one_line_exit_2(tmp_path: Path, capsys, text: str, message: str) -> None:
+    assert main(["transfer", "--config", str(_plan(tmp_path, text))]) == 2
+    assert message in _error(capsys)
+
+
+def test_plan_limit_of_the_wrong_type_is_one_line(tmp_path: Path, capsys) -> None:
+    plan = _plan(tmp_path, 'sources = ["zoo:fmnist-resnet20"]').read_text()
+    (tmp_path / "plan.toml").write_text(plan.replace("limit = 2", 'limit = "16"'))
+    assert main(["transfer", "--config", str(tmp_path / "plan.toml")]) == 2
+    assert "limit must be an integer" in _error(capsys)

@@ -524,15 +524,16 @@ _RUN_KEYS = ("limit", "batch_size", "device", "quiet")
 
 def _transfer_plan(args: argparse.Namespace, config: dict):
     """Merge flags over the TOML config: (plan, output folder, run options)."""
-    from skipgrad.transfer import TransferPlan, gammas_with_baseline, template_from
+    from skipgrad.transfer import TransferPlan, gammas_with_baseline, plan_gammas, template_from
 
     settings = dict(config)  # what remains after the plan and run keys are the attack settings
     plan_cfg = {k: settings.pop(k) for k in _PLAN_KEYS if k in settings}
     run_cfg = {k: settings.pop(k) for k in _RUN_KEYS if k in settings}
     sources, targets = _transfer_models(args, plan_cfg)
     attacks = tuple(args.attack or _as_list(plan_cfg.get("attacks", ["ifgsm"])))
-    gammas = args.sgm if args.sgm is not None else [
-        _toml_gamma(g) for g in _as_list(plan_cfg.get("sgm", []))]
+    gammas, per_source = (args.sgm, ()) if args.sgm is not None else plan_gammas(
+        plan_cfg.get("sgm", []), sources, not args.no_baseline and plan_cfg.get("baseline", True),
+        _toml_gamma)
     baseline = not args.no_baseline and bool(plan_cfg.get("baseline", True))
     out = args.out or (Path(plan_cfg["out"]) if "out" in plan_cfg else None)
     data = args.data or plan_cfg.get("data")
@@ -540,13 +541,14 @@ def _transfer_plan(args: argparse.Namespace, config: dict):
         raise UserError("transfer needs --source, --target, --data and --out "
                         "(as flags or in the --config file)")
     backward = _transfer_backward(args.backward, plan_cfg.get("backward"), len(sources))
-    if backward and not gammas and not baseline:  # the methods alone: the attack without SGM
+    if backward and not gammas and not baseline and not per_source:  # methods alone, no SGM
         gammas, baseline = [None], True
-    plan = TransferPlan(sources, attacks, gammas_with_baseline(list(gammas), baseline), targets,
+    column = gammas_with_baseline(list(gammas), baseline or bool(per_source))
+    plan = TransferPlan(sources, attacks, column, targets,
                         template_from({**settings, **_settings(args)}, data),
                         args.title or plan_cfg.get("title", "Transfer success rate"),
                         backward=backward, backward_baseline=not args.no_baseline
-                        and bool(plan_cfg.get("baseline", True)))
+                        and bool(plan_cfg.get("baseline", True)), source_gammas=per_source)
     return plan, out, _options(args, run_cfg)
 
 
@@ -597,9 +599,14 @@ def _as_list(value) -> list:
 
 
 def _toml_gamma(value) -> float | None:
-    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
-        return None if value is None else float(value)
-    return gamma(str(value))
+    """A plan's gamma: a number in (0, 1] or the string "none"; anything else is a UserError."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not 0 < value <= 1:
+            raise UserError(f"sgm in the plan: gamma must be in (0, 1], got {value:g}")
+        return float(value)
+    if isinstance(value, str) and value.strip().lower() in ("none", "off", "no"):
+        return None
+    raise UserError(f"sgm in the plan: {value!r} is not a gamma in (0, 1] (or \"none\")")
 
 
 def _refs(specs: list[str] | None, weights: list[str] | None, what: str):

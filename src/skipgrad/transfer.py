@@ -10,11 +10,18 @@ re-run reuses finished folders (and finishes interrupted ones); the matrix is wr
     sources = ["zoo:fmnist-resnet20", {spec = "zoo:fmnist-resnet56", weights = "r56.safetensors"}]
     attacks = ["ifgsm", "mi"]
     sgm = [0.2, 0.5]          # gammas; the no-SGM baseline is included unless baseline = false
+    # or per source (the paper: 0.2 for ResNets, 0.5 for DenseNets); a source left out of the
+    # table runs without SGM:  sgm = {"zoo:fmnist-resnet20" = 0.2, "zoo:fmnist-densenet" = [0.5]}
     backward = "linbp"        # backward-pass method(s) for every source, or a list with one per
                               # source ("none" for a source without); each cell then runs with
                               # and without it (without: the baseline, unless baseline = false)
     targets = ["zoo:fmnist-vgg", "zoo:fmnist-densenet"]
     eps = 16                  # pixel levels out of 255, like step_size
+
+Before the first image, :func:`preflight` checks every source (spec, weights, SGM- and
+backward-capability), every target (spec, weights), the data and the output folder, and reports
+every problem in one error. A source without residual or dense blocks (a CNN, a VGG of a preset)
+is not an error under SGM: it runs the baseline only, and the matrix title says so.
 """
 from __future__ import annotations
 
@@ -61,6 +68,9 @@ class TransferPlan:
     title: str = "Transfer success rate"
     backward: tuple[str | None, ...] = ()
     backward_baseline: bool = True
+    # Per source: its own gamma column (None: the plan's ``gammas``), e.g. from a plan's
+    # ``sgm = {SPEC = gamma}`` table or for a source without blocks (baseline only).
+    source_gammas: tuple[tuple[float | None, ...] | None, ...] = ()
 
     def __post_init__(self) -> None:
         if self.backward and len(self.backward) != len(self.sources):
@@ -74,10 +84,15 @@ class TransferPlan:
             return (None,)
         return (None, method) if self.backward_baseline else (method,)
 
+    def gammas_of(self, index: int) -> tuple[float | None, ...]:
+        """The gamma column of source ``index``."""
+        own = self.source_gammas[index] if self.source_gammas else None
+        return self.gammas if own is None else own
+
     def cells(self) -> list[Cell]:
         """Every (source, attack, gamma, backward) to run, in table order."""
         return [(s, a, g, b) for i, s in enumerate(self.sources) for a in self.attacks
-                for b in self.variants(i) for g in self.gammas]
+                for b in self.variants(i) for g in self.gammas_of(i)]
 
 
 @dataclass
@@ -133,7 +148,7 @@ def run_transfer(plan: TransferPlan, out: Path, opts: RunOptions = RunOptions(),
         raise UserError("transfer needs at least one source, one attack and one target")
     if not distributed.world().is_main:  # under torchrun rank 0 speaks and writes the matrix
         log = lambda _msg: None  # noqa: E731
-    check_backward_sources(plan, opts)
+    plan, targets = preflight(plan, out, opts, log)
     folders = []
     for i, (source, attack, gamma, backward) in enumerate(plan.cells(), start=1):
         job = cell_job(plan.template, source, attack, gamma, backward)
@@ -144,32 +159,104 @@ def run_transfer(plan: TransferPlan, out: Path, opts: RunOptions = RunOptions(),
         log(f"    {summary.skipped} reused, {summary.attacked} attacked, "
             f"source success {100 * summary.source_success:.1f}%")
         folders.append((source, attack, gamma, backward, folder))
-    rows, outcomes = evaluate_cells(plan, folders, opts, log)
+    rows, outcomes = evaluate_cells(plan, folders, opts, log, targets)
     files = distributed.on_main(lambda: write_transfer_report(rows, out, plan.title))
     return TransferResult(rows, files, outcomes)
 
 
-def check_backward_sources(plan: TransferPlan, opts: RunOptions) -> None:
-    """Every source's backward-pass methods must apply to it: a method with nothing to change in
-    a source (or two that would redefine one module's backward) fails here, in one line, before
-    the first attack. (SGM claims no module, so it cannot conflict with them.)"""
+def preflight(plan: TransferPlan, out: Path, opts: RunOptions,
+              log: Callable[[str], None] = print) -> tuple[TransferPlan, dict]:
+    """Check everything a transfer needs before the first image and report every problem in one
+    error: each source (known spec, weights present, backward methods that apply), each target
+    (known spec, weights present), the data and the output folder. Returns the plan, with
+    sources that have no residual or dense block reduced to the baseline (their title notes it),
+    and the loaded target models."""
+    device = distributed.device_for(resolve_device(opts.device))
+    problems: list[str] = []
+    plan, no_blocks = _check_sources(plan, device, problems)
+    targets = _load_checked([t.spec for t in plan.targets], [t.weights for t in plan.targets],
+                            device, problems)
+    _check_data_and_out(plan.template, out, opts, problems)
+    if problems:
+        raise UserError(f"transfer cannot start ({len(problems)} problem"
+                        f"{'s' if len(problems) > 1 else ''}): " + "; ".join(problems))
+    if no_blocks:
+        names = ", ".join(no_blocks)
+        log(f"SGM does not apply to {names} (no residual or dense blocks): baseline only")
+        plan = dataclasses.replace(plan, title=f"{plan.title} (SGM rows: residual sources only; "
+                                               f"{names} baseline only)")
+    return plan, targets
+
+
+def _check_sources(plan: TransferPlan, device, problems: list[str]
+                   ) -> tuple[TransferPlan, list[str]]:
+    """Load each source once: weights present, backward methods apply; a source without blocks
+    under SGM gets the baseline column only."""
+    import skipgrad
     from skipgrad.runner import backward_record, load_sources
 
-    device = distributed.device_for(resolve_device(opts.device))
+    own, no_blocks = [], []
     for index, source in enumerate(plan.sources):
-        method = plan.backward[index] if plan.backward else None
-        if method is not None:
-            job = cell_job(plan.template, source, plan.template.attack.name, None, method)
-            backward_record(job, load_sources(job, device))
+        job = cell_job(plan.template, source, plan.template.attack.name, None,
+                       plan.backward[index] if plan.backward else None)
+        own.append(plan.source_gammas[index] if plan.source_gammas else None)
+        try:
+            models = load_sources(job, device)
+            if job.attack.backward is not None:
+                backward_record(job, models)
+        except UserError as exc:
+            problems.append(f"source {source.spec}: {exc}")
+            continue
+        column = plan.gammas_of(index)
+        if any(g is not None for g in column) and not skipgrad.find_blocks(models[0]):
+            if None not in column:
+                problems.append(f"source {source.spec} has no residual or dense blocks for SGM "
+                                f"and the baseline is off; drop it or keep the baseline")
+                continue
+            own[index] = (None,)
+            no_blocks.append(source.spec)
+    return dataclasses.replace(plan, source_gammas=tuple(own)), no_blocks
+
+
+def _load_checked(specs: list[str], weights: list[str | None], device,
+                  problems: list[str]) -> dict:
+    """Target models by spec; a target that cannot load becomes a problem, not an exit."""
+    models = {}
+    for spec, w in zip(specs, weights):
+        try:
+            models.update(load_targets([spec], [w], device))
+        except UserError as exc:
+            problems.append(f"target {spec}: {exc}")
+    return models
+
+
+def _check_data_and_out(template: AttackJob, out: Path, opts: RunOptions,
+                        problems: list[str]) -> None:
+    import os
+
+    from skipgrad.data.datasets import open_dataset
+
+    try:
+        open_dataset(template.data, limit=opts.limit, channels=template.channels,
+                     class_map=template.class_map)
+    except UserError as exc:
+        problems.append(f"data: {exc}")
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if out.exists() and not out.is_dir():
+        problems.append(f"--out {out} is a file, not a folder")
+    elif existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        problems.append(f"--out {out}: {existing} is not writable")
 
 
 def evaluate_cells(plan: TransferPlan, folders: list, opts: RunOptions,
-                   log: Callable[[str], None]) -> tuple[list[TransferRow], dict[tuple, object]]:
+                   log: Callable[[str], None], models: dict | None = None,
+                   ) -> tuple[list[TransferRow], dict[tuple, object]]:
     """Score every target on every folder; targets load once, clean predictions are shared.
     ``folders`` holds ``(source, attack, gamma, backward, folder)``. Returns the matrix rows and
     each cell's per-image success vector."""
-    models = load_targets([t.spec for t in plan.targets], [t.weights for t in plan.targets],
-                          distributed.device_for(resolve_device(opts.device)))
+    if models is None:
+        models = load_targets([t.spec for t in plan.targets], [t.weights for t in plan.targets],
+                              distributed.device_for(resolve_device(opts.device)))
     cache: dict = {}
     rows, outcomes = [], {}
     for source, attack, gamma, backward, folder in folders:
@@ -198,9 +285,65 @@ def load_plan_file(path: Path) -> dict:
         raise UserError(f"transfer config {path} does not exist")
     try:
         with open(path, "rb") as handle:
-            return tomllib.load(handle)
+            config = tomllib.load(handle)
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"transfer config {path} is not valid TOML: {exc}") from exc
+    check_plan(config, path)
+    return config
+
+
+# Every key a plan may hold and the TOML type it takes (docs/plans.md describes each).
+_NUMBER, _INT, _BOOL, _TEXT = "a number", "an integer", "true or false", "a string"
+PLAN_SCHEMA: dict[str, str] = {
+    "data": _TEXT, "sources": "a list of specs", "targets": "a list of specs", "preset": _TEXT,
+    "attacks": "a list of attack names", "sgm": "gammas", "baseline": _BOOL, "backward": _TEXT,
+    "out": _TEXT, "title": _TEXT, "limit": _INT, "batch_size": _INT, "device": _TEXT,
+    "quiet": _BOOL, "eps": _NUMBER, "step_size": _NUMBER, "steps": _INT, "norm": _TEXT,
+    "loss": _TEXT, "targeted": _BOOL, "seed": _INT, "decay": _NUMBER, "di_prob": _NUMBER,
+    "di_scale": _NUMBER, "ti_kernel": _INT, "sgm_official": _BOOL, "amp": _TEXT,
+    "channels_last": _BOOL, "channels": _INT, "class_map": _TEXT}
+_CHECKS = {
+    _NUMBER: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    _INT: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    _BOOL: lambda v: isinstance(v, bool),
+    _TEXT: lambda v: isinstance(v, str),
+    "a list of attack names": lambda v: isinstance(v, str) or (
+        isinstance(v, list) and all(isinstance(x, str) for x in v)),
+}
+
+
+def check_plan(config: dict, path: Path | str = "the plan") -> None:
+    """Unknown keys (listed with every known one) and values of the wrong type, in one line each.
+    Model lists, gammas and backward methods are checked where they are read."""
+    unknown = sorted(set(config) - set(PLAN_SCHEMA))
+    if unknown:
+        raise UserError(f"{path}: unknown key{'s' if len(unknown) > 1 else ''} "
+                        f"{', '.join(unknown)}; known keys: {', '.join(PLAN_SCHEMA)}")
+    for key, value in config.items():
+        check = _CHECKS.get(PLAN_SCHEMA[key])
+        if check is not None and not check(value):
+            raise UserError(f"{path}: {key} must be {PLAN_SCHEMA[key]}, got {value!r}")
+
+
+def plan_gammas(value: object, sources: tuple[ModelRef, ...], baseline: bool,
+                parse: Callable[[object], float | None]
+                ) -> tuple[list[float | None], tuple[tuple[float | None, ...] | None, ...]]:
+    """A plan's ``sgm``: a gamma or list of gammas for every source, or a table ``{SPEC = gamma
+    or [gammas]}`` (sources not in it run without SGM). Returns (shared gammas, per-source
+    columns or ())."""
+    if not isinstance(value, dict):
+        return [parse(g) for g in (value if isinstance(value, list) else [value])], ()
+    specs = [s.spec for s in sources]
+    unknown = sorted(set(value) - set(specs))
+    if unknown:
+        raise UserError(f"sgm names {', '.join(unknown)}, which is not a source of the plan "
+                        f"(sources: {', '.join(specs)})")
+    columns = []
+    for spec in specs:
+        given = value.get(spec, [])
+        gammas = [parse(g) for g in (given if isinstance(given, list) else [given])]
+        columns.append(gammas_with_baseline(gammas, baseline or not gammas))
+    return [], tuple(columns)
 
 
 def model_refs(values: object, what: str) -> tuple[ModelRef, ...]:
