@@ -256,3 +256,31 @@ def test_plan_limit_of_the_wrong_type_is_one_line(tmp_path: Path, capsys) -> Non
     (tmp_path / "plan.toml").write_text(plan.replace("limit = 2", 'limit = "16"'))
     assert main(["transfer", "--config", str(tmp_path / "plan.toml")]) == 2
     assert "limit must be an integer" in _error(capsys)
+
+
+# ---------------------------------------------------------------- 16.11 smaller ones
+
+def test_help_does_not_load_torch() -> None:
+    # (``attack --help`` may load it: it lists the registered backward-pass methods.)
+    code = ("import sys\nfrom skipgrad.cli import main\nassert main(['--help']) == 0\n"
+            "assert main(['--version']) == 0\n"
+            "assert 'torch' not in sys.modules, 'skipgrad --help imported torch'\n")
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_refused_resume_names_settings_without_python_spellings(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert _attack(out) == 0
+    capsys.readouterr()
+    assert _attack(out, "--sgm", "0.5") == 2
+    error = _error(capsys)
+    assert "sgm: none there vs 0.5 now" in error and "None" not in error
+
+
+def test_transfer_table_titles_carry_n_and_eps(tmp_path: Path) -> None:
+    assert _transfer(tmp_path, "--source", SOURCE, "--target", "zoo:fmnist-cnn", "--eps", "8") == 0
+    assert "(n = 2 images, L-inf eps 8/255)" in (tmp_path / "t" / "transfer.md").read_text()

@@ -19,8 +19,29 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
+class LazyHelp(str):
+    """A help text computed only when help is shown (it may need modules that load torch, and
+    every command builds the whole parser)."""
+
+    def __new__(cls, make) -> LazyHelp:
+        text = super().__new__(cls, "...")  # non-empty: argparse hides empty help
+        text.make = make
+        return text
+
+
+class _Formatter(argparse.HelpFormatter):
+    def _expand_help(self, action: argparse.Action) -> str:
+        if isinstance(action.help, LazyHelp):
+            action.help = action.help.make().replace("%", "%%")
+        return super()._expand_help(action)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors in our format (no usage dump)."""
+    """argparse with one-line errors in our format (no usage dump) and lazy help texts."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"skipgrad: error: {message} (see `{self.prog} --help`)\n")
@@ -216,16 +237,20 @@ def _add_attack_settings(p: argparse.ArgumentParser) -> None:
 
 
 def _add_backward_option(p: argparse.ArgumentParser, demo: bool = False) -> None:
-    from skipgrad.backward.registry import known_methods
-
-    names = ", ".join(info.name for info in known_methods()) or "none registered"
     scope = ("added with and without SGM" if demo else
              "once for every source, or once per --source in order (none = without)")
     p.add_argument("--backward", action="append", type=backward_method,
                    metavar="METHOD[:key=value,...]",
-                   help=f"backward-pass method ({names}), e.g. linbp:branch_scale=0.5; {scope}; "
-                        f"repeated with one source, they compose (skipgrad inspect lists what "
-                        f"each changes)")
+                   help=LazyHelp(lambda: f"backward-pass method ({_method_names()}), e.g. "
+                                         f"linbp:branch_scale=0.5; {scope}; repeated with one "
+                                         f"source, they compose (skipgrad inspect lists what "
+                                         f"each changes)"))
+
+
+def _method_names() -> str:
+    from skipgrad.backward.registry import known_methods  # loads torch: only when help is shown
+
+    return ", ".join(info.name for info in known_methods()) or "none registered"
 
 
 def _add_demo(sub) -> None:

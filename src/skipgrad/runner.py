@@ -427,7 +427,19 @@ def _carried_over(old: dict, env: dict, has_images: bool) -> dict:
 def _differences(existing: dict, identity: dict) -> str:
     old = existing.get("config") or {}
     keys = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
-    return "; ".join(f"{k}: {old.get(k)!r} there vs {identity.get(k)!r} now" for k in keys[:4])
+    return "; ".join(f"{k}: {shown(old.get(k))} there vs {shown(identity.get(k))} now"
+                     for k in keys[:4])
+
+
+def shown(value: object) -> str:
+    """A setting as a user reads it: ``none`` / ``true`` rather than Python's None / True."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(shown(v) for v in value) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def read_manifest(out: Path) -> list[dict[str, str]]:

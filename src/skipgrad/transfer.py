@@ -154,14 +154,27 @@ def run_transfer(plan: TransferPlan, out: Path, opts: RunOptions = RunOptions(),
         job = cell_job(plan.template, source, attack, gamma, backward)
         folder = cell_folder(out, source, attack, gamma, backward)
         extra = "" if backward is None else f" backward={backward}"
-        log(f"[{i}/{len(plan.cells())}] {source.spec} {attack} sgm={gamma}{extra} -> {folder}")
+        sgm = "no SGM" if gamma is None else f"SGM {gamma:g}"
+        log(f"[{i}/{len(plan.cells())}] {source.spec} {attack}, {sgm}{extra} -> {folder}")
         summary = run_attack_job(job, folder, opts, log=lambda _msg: None)
         log(f"    {summary.skipped} reused, {summary.attacked} attacked, "
             f"source success {100 * summary.source_success:.1f}%")
         folders.append((source, attack, gamma, backward, folder))
     rows, outcomes = evaluate_cells(plan, folders, opts, log, targets)
-    files = distributed.on_main(lambda: write_transfer_report(rows, out, plan.title))
+    title = f"{plan.title} ({setting_text(plan.template, rows[0].n if rows else 0)})"
+    files = distributed.on_main(lambda: write_transfer_report(rows, out, title))
     return TransferResult(rows, files, outcomes)
+
+
+def setting_text(template: AttackJob, n: int) -> str:
+    """What a matrix title states besides its name: images and the perturbation size, in the
+    command line's unit, e.g. ``n = 1000 images, L-inf eps 16/255``."""
+    from skipgrad.runner import attack_settings
+
+    eps = attack_settings(template.attack)["eps"]
+    size = (f"L-inf eps {eps:g}/255" if template.attack.norm == "linf"
+            else f"L2 eps {eps:g}")
+    return f"n = {n} images, {size}"
 
 
 def preflight(plan: TransferPlan, out: Path, opts: RunOptions,
