@@ -284,3 +284,59 @@ def test_refused_resume_names_settings_without_python_spellings(tmp_path: Path, 
 def test_transfer_table_titles_carry_n_and_eps(tmp_path: Path) -> None:
     assert _transfer(tmp_path, "--source", SOURCE, "--target", "zoo:fmnist-cnn", "--eps", "8") == 0
     assert "(n = 2 images, L-inf eps 8/255)" in (tmp_path / "t" / "transfer.md").read_text()
+
+
+# ---------------------------------------------------------------- 16.3 paired comparisons
+
+def test_evaluate_keeps_per_image_outcomes_settings_and_show_lists_them(tmp_path: Path,
+                                                                       capsys) -> None:
+    out = tmp_path / "a"
+    assert _attack(out, "--steps", "3") == 0
+    assert main(["evaluate", str(out), "--target", "zoo:fmnist-cnn", "--quiet", "--json",
+                 str(tmp_path / "e.json")]) == 0
+    document = json.loads((tmp_path / "e.json").read_text())
+    target = document["targets"]["zoo:fmnist-cnn"]
+    assert len(target["per_image_success"]) == 2 and set(target["per_image_success"]) <= {"0", "1"}
+    assert target["per_image_success"].count("1") == round(target["success_rate"] * 2)
+    assert document["image_ids"] == [0, 1] and document["settings"]["steps"] == 3
+    assert "per_image_success" in json.loads((out / "evaluations.json").read_text())[
+        "targets"]["zoo:fmnist-cnn"]
+    capsys.readouterr()
+    assert main(["show", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "2 finished; complete" in text and "zoo:fmnist-cnn: success" in text
+    assert "None" not in text
+
+
+def test_compare_pairs_two_folders_and_refuses_different_images(tmp_path: Path, capsys) -> None:
+    assert _attack(tmp_path / "a", "--steps", "1") == 0
+    assert _attack(tmp_path / "b", "--steps", "4") == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--target",
+                 "zoo:fmnist-cnn", "--target", "zoo:fmnist-vgg", "--quiet", "--json",
+                 str(tmp_path / "c.json")]) == 0
+    text = capsys.readouterr().out
+    assert "steps: 1 (A) vs 4 (B)" in text and "McNemar p | BH q" in text
+    result = json.loads((tmp_path / "c.json").read_text())["targets"]["zoo:fmnist-vgg"]
+    assert result["n"] == 2 and {"difference", "ci95", "mcnemar_p", "bh_q"} <= set(result)
+    assert main(["attack", "--source", SOURCE, "--data", "fmnist:test", "--limit", "3",
+                 "--steps", "1", "--out", str(tmp_path / "c3"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "c3"), "--target",
+                 "zoo:fmnist-cnn", "--quiet"]) == 2
+    assert "not the same ones" in _error(capsys)
+
+
+def test_transfer_and_sweep_write_the_paired_effects_table(tmp_path: Path, capsys) -> None:
+    assert _transfer(tmp_path, "--source", SOURCE, "--target", "zoo:fmnist-cnn", "--sgm",
+                     "0.5") == 0
+    table = (tmp_path / "t" / "paired_effects.md").read_text()
+    assert "McNemar p | BH q |" in table and "fmnist-cnn" in table
+    effects = json.loads((tmp_path / "t" / "paired_effects.json").read_text())["effects"]
+    assert [(e["sgm"], e["target"]) for e in effects] == [(0.5, "zoo:fmnist-cnn")]
+    assert effects[0]["bh_q"] is not None
+    capsys.readouterr()
+    assert main(["sweep", "--source", SOURCE, "--gammas", "0.5", "--target", "zoo:fmnist-cnn",
+                 "--data", "fmnist:test", "--limit", "2", "--steps", "1", "--out",
+                 str(tmp_path / "s"), "--quiet"]) == 0
+    assert (tmp_path / "s" / "paired_effects.md").is_file()

@@ -173,8 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"skipgrad {skipgrad.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=_Parser)
-    for add in (_add_demo, _add_attack, _add_evaluate, _add_transfer, _add_models, _add_zoo,
-                _add_inspect, _add_sweep):
+    for add in (_add_demo, _add_attack, _add_evaluate, _add_compare, _add_transfer, _add_models,
+                _add_zoo, _add_inspect, _add_sweep, _add_show):
         add(sub)
     return parser
 
@@ -346,6 +346,19 @@ def _add_evaluate(sub) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="paired comparison of two attack folders on the same "
+                                       "images (Δ, 95% CI, McNemar p, Benjamini-Hochberg q)")
+    p.add_argument("folder_a", type=Path, metavar="DIR_A", help="the reference attack folder")
+    p.add_argument("folder_b", type=Path, metavar="DIR_B", help="the folder compared with it")
+    p.add_argument("--target", action="append", required=True, metavar="SPEC")
+    p.add_argument("--weights", action="append", metavar="FILE",
+                   help="local weights, one per --target in the same order")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the comparison as JSON")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_compare)
+
+
 def _add_transfer(sub) -> None:
     p = sub.add_parser("transfer", help="sources x attacks x targets matrix (flags or --config)")
     p.add_argument("--config", type=Path, help="TOML file with the plan (flags override it)")
@@ -407,6 +420,21 @@ def _add_inspect(sub) -> None:
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the analysis as JSON")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_inspect)
+
+
+def _add_show(sub) -> None:
+    p = sub.add_parser("show", help="what an output folder holds: settings, images, "
+                                    "completeness, evaluations")
+    p.add_argument("folder", type=Path, metavar="DIR")
+    p.set_defaults(func=cmd_show)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """``skipgrad show DIR``."""
+    from skipgrad.show import describe_folder
+
+    print(describe_folder(args.folder))
+    return 0
 
 
 def _add_sweep(sub) -> None:
@@ -516,14 +544,30 @@ def _auto_gamma(args: argparse.Namespace, job):
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``skipgrad evaluate``."""
-    from skipgrad.evaluate import evaluate_folder, format_table, write_results_json
+    from skipgrad.evaluate import (evaluate_folder, format_table, record_evaluation,
+                                   write_results_json)
 
     results = evaluate_folder(args.folder, args.target, weights=args.weights, device=args.device,
                               batch_size=args.batch_size, quiet=args.quiet, data=args.data,
                               prefetch=args.prefetch)
     print(format_table(results, title=f"transfer success of {args.folder}"))
+    record_evaluation(args.folder, results)
     if args.json:
-        write_results_json(results, args.json)
+        write_results_json(results, args.json, args.folder)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """``skipgrad compare DIR_A DIR_B --target ...``: paired effect of B over A on each target."""
+    from skipgrad.compare import compare_folders, comparison_json, comparison_markdown
+    from skipgrad.data.images import atomic_write_text
+
+    comparison = compare_folders(args.folder_a, args.folder_b, args.target, weights=args.weights,
+                                 device=args.device, batch_size=args.batch_size, quiet=args.quiet)
+    print(comparison_markdown(comparison))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(comparison_json(comparison), indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 

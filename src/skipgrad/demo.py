@@ -140,14 +140,17 @@ def backward_effects(outcomes: dict[tuple, torch.Tensor]) -> list[BackwardEffect
     return effects
 
 
-def effects_markdown(effects: Sequence[SGMEffect | BackwardEffect]) -> str:
+def effects_markdown(effects: Sequence[SGMEffect | BackwardEffect],
+                     q_values: dict[int, float] | None = None) -> str:
     """A table of paired effects (SGM, or a backward-pass method): percentage points, 95%
-    interval, McNemar p."""
+    interval, McNemar p, and with ``q_values`` (from :func:`transfer_q_values`) the
+    Benjamini-Hochberg q (``-`` for white-box cells, outside the family)."""
     sgm = all(isinstance(e, SGMEffect) for e in effects)
     what = "SGM" if sgm else "method"
+    q_head, q_rule = (" BH q |", "---:|") if q_values is not None else ("", "")
     lines = [f"| source | attack | {'γ' if sgm else 'method'} | target | without {what} | "
-             f"with {what} | Δ (points) | 95% CI | only w/o / only with | McNemar p |",
-             "|---|---|---:|---|---:|---:|---:|---|---:|---:|"]
+             f"with {what} | Δ (points) | 95% CI | only w/o / only with | McNemar p |{q_head}",
+             f"|---|---|---:|---|---:|---:|---:|---|---:|---:|{q_rule}"]
     for e in effects:
         c = e.comparison
         lo, hi = c.ci95
@@ -155,8 +158,15 @@ def effects_markdown(effects: Sequence[SGMEffect | BackwardEffect]) -> str:
         lines.append(f"| {short_name(e.source)} | {e.variant} | {key} | {short_name(e.target)} "
                      f"| {100 * c.rate_a:.1f} | {100 * c.rate_b:.1f} | {100 * c.difference:+.1f} "
                      f"| [{100 * lo:+.1f}, {100 * hi:+.1f}] | {c.only_a} / {c.only_b} "
-                     f"| {c.p_value:.2g} |")
+                     f"| {c.p_value:.2g} |" + _q_cell(q_values, e))
     return "\n".join(lines) + "\n"
+
+
+def _q_cell(q_values: dict[int, float] | None, effect: object) -> str:
+    if q_values is None:
+        return ""
+    q = q_values.get(id(effect))
+    return f" {q:.2g} |" if q is not None else " - |"
 
 
 def transfer_q_values(effects: Sequence[SGMEffect]) -> dict[int, float]:

@@ -47,6 +47,8 @@ class TargetResult:
     successes_on_correct: int
     # Per-image success (bool, in manifest order): what paired comparisons between attacks need.
     per_image: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    # The image ids those outcomes belong to, in the same order.
+    ids: tuple[int, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def success_rate(self) -> float:
@@ -71,7 +73,19 @@ class TargetResult:
         lo, hi = self.ci95
         return {"success_rate": self.success_rate, "n": self.n, "ci95": [lo, hi],
                 "clean_accuracy": self.clean_accuracy,
-                "success_rate_on_correct": self.success_rate_on_correct}
+                "success_rate_on_correct": self.success_rate_on_correct,
+                **({"per_image_success": outcome_bits(self.per_image)}
+                   if self.per_image is not None else {})}
+
+
+def outcome_bits(success: torch.Tensor) -> str:
+    """Per-image outcomes as a compact string, one ``0``/``1`` per image in id order."""
+    return "".join("1" if s else "0" for s in success.bool().tolist())
+
+
+def bits_outcomes(bits: str) -> torch.Tensor:
+    """The inverse of :func:`outcome_bits`."""
+    return torch.tensor([c == "1" for c in bits], dtype=torch.bool)
 
 
 @dataclass
@@ -183,7 +197,8 @@ def score(target: str, output: AttackOutput, clean: torch.Tensor, adv: torch.Ten
     else:  # an abstaining (smoothed) target was not fooled: the attack failed on that image
         success = (adv != labels) & (adv != ABSTAIN)
     return TargetResult(target, len(labels), int(success.sum()), int(correct.sum()),
-                        int((success & correct).sum()), per_image=success)
+                        int((success & correct).sum()), per_image=success,
+                        ids=tuple(s.id for s in output.samples))
 
 
 def evaluate_folder(folder: Path, targets: Sequence[str], *,
@@ -233,17 +248,50 @@ def evaluate_output(output: AttackOutput, models: dict[str, WrappedModel], *,
     return {spec: score(spec, output, cache[keys[spec]], adversarial[spec]) for spec in models}
 
 
-def results_json(results: dict[str, TargetResult]) -> dict:
-    """The ``evaluate --json`` document."""
-    return {"targets": {spec: r.to_json() for spec, r in results.items()}}
+def results_json(results: dict[str, TargetResult], folder: Path | None = None) -> dict:
+    """The ``evaluate --json`` document: ``targets`` as DESIGN section 3 fixes it (each with its
+    ``per_image_success`` bits), plus ``image_ids`` (the order of those bits) and, given the
+    attack ``folder``, its path and attack ``settings`` (run.json's config)."""
+    document: dict = {"targets": {spec: r.to_json() for spec, r in results.items()}}
+    first = next(iter(results.values()), None)
+    if first is not None and first.ids:
+        document["image_ids"] = list(first.ids)
+    if folder is not None:
+        document["folder"] = str(folder)
+        document["settings"] = (read_run(folder) or {}).get("config", {})
+    return document
 
 
-def write_results_json(results: dict[str, TargetResult], path: Path) -> None:
+EVALUATIONS_FILE = "evaluations.json"
+
+
+def record_evaluation(folder: Path, results: dict[str, TargetResult]) -> None:
+    """Keep each target's latest result, with its per-image outcomes, in the attack folder's
+    ``evaluations.json`` (``{"targets": {SPEC: {... as evaluate --json, "image_ids": [...],
+    "evaluated": time}}}``), so ``skipgrad show`` and later paired comparisons find them."""
+    import time
+
+    if not distributed.world().is_main:
+        return
+    path = Path(folder) / EVALUATIONS_FILE
+    try:
+        document = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except ValueError:
+        document = {}  # a damaged record is replaced, never trusted
+    targets = document.setdefault("targets", {})
+    when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    for spec, result in results.items():
+        targets[spec] = {**result.to_json(), "image_ids": list(result.ids), "evaluated": when}
+    atomic_write_text(path, json.dumps(document, indent=2) + "\n")
+
+
+def write_results_json(results: dict[str, TargetResult], path: Path,
+                       folder: Path | None = None) -> None:
     """Write the ``--json`` file atomically (rank 0 only under torchrun: every rank holds the
     same gathered results)."""
     if not distributed.world().is_main:
         return
-    atomic_write_text(path, json.dumps(results_json(results), indent=2) + "\n")
+    atomic_write_text(path, json.dumps(results_json(results, folder), indent=2) + "\n")
 
 
 def format_table(results: dict[str, TargetResult], title: str = "") -> str:

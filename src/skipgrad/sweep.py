@@ -57,6 +57,8 @@ class SweepResult:
     gammas: tuple[float, ...]
     curves: dict[str, dict[float, SweepPoint]]
     files: dict[str, Path] = field(default_factory=dict)
+    # Paired SGM effects (skipgrad.demo.SGMEffect) of every gamma against no SGM, same images.
+    effects: list = field(default_factory=list)
 
     def transfer_targets(self) -> list[str]:
         """Targets other than the source (the white-box row says nothing about transfer)."""
@@ -108,9 +110,11 @@ def run_sweep(source: ModelRef, attack: str, gammas: Sequence[float],
     plan = sweep_plan(source, attack, gammas, targets, template, backward)
     transfer = run_transfer(plan, out, opts, log)
     label = attack if backward is None else f"{attack}+{backward}"
+    from skipgrad.demo import sgm_effects
+
     result = SweepResult(source.spec, label, template.data, sweep_gammas(gammas),
-                         curves_from_rows(transfer.rows))
-    result.files = write_sweep(result, out)
+                         curves_from_rows(transfer.rows), effects=sgm_effects(transfer.outcomes))
+    result.files = {**transfer.files, **write_sweep(result, out)}
     return result
 
 
@@ -196,4 +200,24 @@ def format_best(result: SweepResult) -> str:
     lines.append(f"best gamma on average over {len(result.transfer_targets())} transfer target(s): "
                  f"{best_gamma(mean):g} ({100 * max(mean.values()):.1f}% vs "
                  f"{100 * mean[1.0]:.1f}% without SGM)")
-    return "\n".join(lines)
+    return "\n".join(lines + _best_paired(result, best_gamma(mean)))
+
+
+def _best_paired(result: SweepResult, gamma: float) -> list[str]:
+    """The paired test behind the best gamma: per transfer target, SGM at ``gamma`` against no
+    SGM on the same images (Δ, 95% CI, McNemar p, Benjamini-Hochberg q over these targets)."""
+    from skipgrad.stats import benjamini_hochberg
+
+    chosen = [e for e in result.effects if e.gamma == gamma and e.target in
+              result.transfer_targets() and e.target != result.source]
+    if gamma == 1.0 or not chosen:
+        return []
+    q_values = benjamini_hochberg([e.comparison.p_value for e in chosen])
+    lines = [f"paired, gamma {gamma:g} vs no SGM on the same images (all gammas in "
+             f"paired_effects.md):"]
+    for effect, q in zip(chosen, q_values):
+        c = effect.comparison
+        lo, hi = c.ci95
+        lines.append(f"  {short_name(effect.target)}: {100 * c.difference:+.1f} points "
+                     f"[{100 * lo:+.1f}, {100 * hi:+.1f}], McNemar p {c.p_value:.2g}, BH q {q:.2g}")
+    return lines

@@ -34,7 +34,8 @@ from pathlib import Path
 from skipgrad import distributed
 from skipgrad.backward.registry import parse_backward
 from skipgrad.errors import UserError
-from skipgrad.evaluate import evaluate_output, load_targets, open_attack_output
+from skipgrad.evaluate import (evaluate_output, load_targets, open_attack_output,
+                               record_evaluation)
 from skipgrad.report import TransferRow, write_transfer_report
 from skipgrad.runner import (ATTACK_SETTINGS, JOB_SETTINGS, AttackJob, RunOptions,
                              attack_from_settings, resolve_device, run_attack_job)
@@ -162,8 +163,37 @@ def run_transfer(plan: TransferPlan, out: Path, opts: RunOptions = RunOptions(),
         folders.append((source, attack, gamma, backward, folder))
     rows, outcomes = evaluate_cells(plan, folders, opts, log, targets)
     title = f"{plan.title} ({setting_text(plan.template, rows[0].n if rows else 0)})"
-    files = distributed.on_main(lambda: write_transfer_report(rows, out, title))
+    files = distributed.on_main(lambda: {**write_transfer_report(rows, out, title),
+                                         **write_paired_effects(out, outcomes)})
     return TransferResult(rows, files, outcomes)
+
+
+def write_paired_effects(out: Path, outcomes: dict[tuple, object]) -> dict[str, Path]:
+    """``paired_effects.md``/``.json``: every SGM cell against the same attack without SGM, and
+    every backward-pass method cell against the cell without it, on the same images: Δ, 95% CI,
+    McNemar p and the Benjamini-Hochberg q over the transfer comparisons (the demo's helpers).
+    Nothing is written when the plan has no such pair (e.g. no baseline)."""
+    import json
+
+    from skipgrad.data.images import atomic_write_text
+    from skipgrad.demo import backward_effects, effects_markdown, sgm_effects, transfer_q_values
+
+    families = [f for f in (sgm_effects(outcomes), backward_effects(outcomes)) if f]
+    if not families:
+        return {}
+    paths = {"effects_markdown": out / "paired_effects.md",
+             "effects_json": out / "paired_effects.json"}
+    parts, records = ["# Paired effects (same images)\n"], []
+    for effects in families:
+        q_values = transfer_q_values(effects)
+        parts.append(effects_markdown(effects, q_values))
+        records += [{**e.to_json(), "bh_q": q_values.get(id(e))} for e in effects]
+    parts.append("Δ is success with minus without, in percentage points; McNemar's exact test on "
+                 "the images fooled by one variant only; BH q: Benjamini-Hochberg over the "
+                 "transfer comparisons of each table (white-box cells excluded).\n")
+    atomic_write_text(paths["effects_markdown"], "\n".join(parts))
+    atomic_write_text(paths["effects_json"], json.dumps({"effects": records}, indent=2) + "\n")
+    return paths
 
 
 def setting_text(template: AttackJob, n: int) -> str:
@@ -281,6 +311,7 @@ def evaluate_cells(plan: TransferPlan, folders: list, opts: RunOptions,
                  for spec, r in results.items()]
         outcomes.update({(source.spec, attack, gamma, backward, spec): r.per_image
                          for spec, r in results.items()})
+        distributed.on_main(lambda: record_evaluation(folder, results))
     log(f"evaluated {len(folders)} attack folders on {len(models)} targets")
     return rows, outcomes
 

@@ -1,0 +1,95 @@
+"""``skipgrad compare DIR_A DIR_B``: the paired effect of attack B over attack A on each target.
+
+Both folders must hold the same images (same clean data, same image ids and files); each target
+scores both, and the per-image outcomes are compared pair by pair: Δ (B minus A, percentage
+points) with its 95% interval, McNemar's exact p and the Benjamini-Hochberg q over the targets
+(:mod:`skipgrad.stats`, as the demo reports SGM effects).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from skipgrad import distributed
+from skipgrad.errors import UserError
+from skipgrad.evaluate import AttackOutput, evaluate_output, load_targets, open_attack_output
+from skipgrad.runner import resolve_device, shown
+from skipgrad.stats import PairedComparison, benjamini_hochberg, paired_comparison
+
+
+@dataclass(frozen=True)
+class FolderComparison:
+    """B against A on each target, on the same images."""
+
+    folder_a: Path
+    folder_b: Path
+    settings_a: dict
+    settings_b: dict
+    comparisons: dict[str, PairedComparison]
+    q_values: dict[str, float]
+
+    def differing_settings(self) -> dict[str, tuple[object, object]]:
+        """The run.json config keys whose values differ between A and B."""
+        keys = sorted(set(self.settings_a) | set(self.settings_b))
+        return {k: (self.settings_a.get(k), self.settings_b.get(k)) for k in keys
+                if self.settings_a.get(k) != self.settings_b.get(k)}
+
+
+def same_images(a: AttackOutput, b: AttackOutput) -> None:
+    """Refuse two folders that do not hold the same images (a paired test needs pairs)."""
+    if a.data.spec != b.data.spec:
+        raise UserError(f"{a.folder} and {b.folder} were made from different data ({a.data.spec} "
+                        f"vs {b.data.spec}); a paired comparison needs the same images")
+    ids_a, ids_b = [s.id for s in a.samples], [s.id for s in b.samples]
+    if ids_a != ids_b:
+        only = sorted(set(ids_a) ^ set(ids_b))
+        raise UserError(f"{a.folder} holds {len(ids_a)} images and {b.folder} {len(ids_b)}, not the "
+                        f"same ones (e.g. id {only[0] if only else ids_a[0]}); finish both runs or "
+                        f"use the same --limit")
+
+
+def compare_folders(folder_a: Path, folder_b: Path, targets: Sequence[str], *,
+                    weights: Sequence[str | None] | None = None, device: str = "auto",
+                    batch_size: int = 64, quiet: bool = False) -> FolderComparison:
+    """Evaluate every target on both folders and compare the outcomes image by image."""
+    a, b = open_attack_output(folder_a), open_attack_output(folder_b)
+    same_images(a, b)
+    models = load_targets(list(targets), weights, distributed.device_for(resolve_device(device)))
+    cache: dict = {}  # the clean predictions are shared: same images
+    results_a = evaluate_output(a, models, batch_size=batch_size, quiet=quiet, clean_cache=cache)
+    results_b = evaluate_output(b, models, batch_size=batch_size, quiet=quiet, clean_cache=cache)
+    comparisons = {t: paired_comparison(results_a[t].per_image, results_b[t].per_image)
+                   for t in models}
+    q = benjamini_hochberg([c.p_value for c in comparisons.values()])
+    return FolderComparison(Path(folder_a), Path(folder_b), a.run.get("config", {}),
+                            b.run.get("config", {}), comparisons, dict(zip(comparisons, q)))
+
+
+def comparison_markdown(result: FolderComparison) -> str:
+    """The comparison table, with the settings that differ between the folders above it."""
+    differ = result.differing_settings()
+    lines = [f"B = {result.folder_b} vs A = {result.folder_a} "
+             f"(n = {next(iter(result.comparisons.values())).n} images, paired)",
+             "settings that differ: " + ("; ".join(
+                 f"{k}: {shown(a)} (A) vs {shown(b)} (B)" for k, (a, b) in differ.items())
+                 or "none"), "",
+             "| target | A | B | Δ (points) | 95% CI | only A / only B | McNemar p | BH q |",
+             "|---|---:|---:|---:|---|---:|---:|---:|"]
+    for target, c in result.comparisons.items():
+        lo, hi = c.ci95
+        lines.append(f"| {target} | {100 * c.rate_a:.1f} | {100 * c.rate_b:.1f} "
+                     f"| {100 * c.difference:+.1f} | [{100 * lo:+.1f}, {100 * hi:+.1f}] "
+                     f"| {c.only_a} / {c.only_b} | {c.p_value:.2g} | {result.q_values[target]:.2g} |")
+    return "\n".join(lines) + "\n"
+
+
+def comparison_json(result: FolderComparison) -> dict:
+    """The ``compare --json`` document."""
+    return {"folder_a": str(result.folder_a), "folder_b": str(result.folder_b),
+            "settings_a": result.settings_a, "settings_b": result.settings_b,
+            "targets": {t: {"n": c.n, "success_a": c.rate_a, "success_b": c.rate_b,
+                            "difference": c.difference, "ci95": list(c.ci95),
+                            "only_a": c.only_a, "only_b": c.only_b, "mcnemar_p": c.p_value,
+                            "bh_q": result.q_values[t]}
+                        for t, c in result.comparisons.items()}}
