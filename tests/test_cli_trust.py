@@ -340,3 +340,43 @@ def test_transfer_and_sweep_write_the_paired_effects_table(tmp_path: Path, capsy
                  "--data", "fmnist:test", "--limit", "2", "--steps", "1", "--out",
                  str(tmp_path / "s"), "--quiet"]) == 0
     assert (tmp_path / "s" / "paired_effects.md").is_file()
+
+
+# ---------------------------------------------------------------- 16.7 labels that do not match
+
+@pytest.fixture(scope="module")
+def named_folders(tmp_path_factory) -> tuple[Path, Path]:
+    """30 Fashion-MNIST test images in folders named after their classes ("Ankle boot", ...),
+    which sort into labels that are not the model's, and the class map that fixes them."""
+    from skipgrad.data.fmnist import FMNIST_CLASSES, load_fmnist
+
+    root = tmp_path_factory.mktemp("named")
+    names = [c.replace("/", "-") for c in FMNIST_CLASSES]
+    images, labels = load_fmnist("test", limit=30)
+    for i, (image, label) in enumerate(zip(images, labels.tolist())):
+        folder = root / "data" / names[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image[0] * 255).round().byte().numpy()).save(folder / f"{i:03d}.png")
+    (root / "classes.txt").write_text("\n".join(names) + "\n")
+    return root / "data", root / "classes.txt"
+
+
+def _folder_attack(data: Path, out: Path, *extra: str) -> int:
+    return main(["attack", "--source", SOURCE, "--data", str(data), "--steps", "1", "--out",
+                 str(out), "--quiet", *extra])
+
+
+def test_labels_that_do_not_match_the_model_are_warned_about(tmp_path: Path, named_folders,
+                                                             capsys) -> None:
+    data, class_map = named_folders
+    assert _folder_attack(data, tmp_path / "sorted") == 0
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "--class-map FILE" in err
+    assert _folder_attack(data, tmp_path / "mapped", "--class-map", str(class_map)) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_attack_reports_the_source_clean_accuracy(tmp_path: Path, capsys) -> None:
+    assert main(["attack", "--source", SOURCE, "--data", "fmnist:test", "--limit", "2",
+                 "--steps", "1", "--out", str(tmp_path / "o")]) == 0
+    assert "source clean accuracy on the first 2 images: 100.0%" in capsys.readouterr().err

@@ -562,6 +562,10 @@ def run_attack_job(job: AttackJob, out: Path, opts: RunOptions = RunOptions(),
         if distributed.world().is_main:
             log(f"data: {data.spec}: {len(data)} images, {data.channels} channel(s), "
                 f"{data.size[1]}x{data.size[0]}; {data.convention}")
+            accuracy, warning = clean_accuracy_report(data, models, device)
+            log(accuracy)
+            if warning:  # shown with --quiet too: it says the results would be meaningless
+                print(warning, file=sys.stderr)
         return _attack_missing(job, out, opts, data, models, device, group_size, log)
 
 
@@ -573,6 +577,36 @@ def _check_labels(data: ImageDataset, models: Sequence[WrappedModel], targeted: 
             if not 0 <= label < classes:
                 raise UserError(f"label {label} of {sample.name} is outside the {classes} classes "
                                 f"of {model.config.spec}")
+
+
+# Images the source's clean accuracy is measured on before attacking (one forward pass each).
+CLEAN_CHECK_IMAGES = 64
+# Below this clean accuracy the labels are suspect: a trained classifier on its own task does far
+# better (the zoo: 89-93%; ImageNet models: 70-85% top-1).
+SUSPECT_ACCURACY = 0.5
+
+
+def clean_accuracy_report(data: ImageDataset, models: Sequence[WrappedModel],
+                          device: torch.device) -> tuple[str, str | None]:
+    """The source's clean accuracy on the first attacked images and, when it is below
+    ``SUSPECT_ACCURACY`` (or near chance for a many-class model), a one-line warning: labels that
+    do not match the model's classes (class folders sorted by name: Fashion-MNIST's named
+    folders give 30-40%, with three classes matching by accident) make every later number
+    meaningless."""
+    samples = sorted(data.samples, key=lambda s: s.id)[:CLEAN_CHECK_IMAGES]
+    images = data.load(samples).to(device)
+    preds = predict(models, images)
+    accuracy = float((preds == torch.tensor([s.label for s in samples])).double().mean())
+    classes = min(m.config.num_classes for m in models)
+    report = f"source clean accuracy on the first {len(samples)} images: {100 * accuracy:.1f}%"
+    warning = None
+    if accuracy < max(SUSPECT_ACCURACY, 1.5 / classes):
+        warning = (f"skipgrad: warning: the source classifies only {100 * accuracy:.1f}% of the "
+                     f"first {len(samples)} clean images correctly (chance: {100 / classes:.0f}%), "
+                     f"so success rates would mean little: "
+                     f"the labels probably do not match the model's classes; map class folder "
+                     f"names to the model's indices with --class-map FILE")
+    return report, warning
 
 
 def _check_sgm(job: AttackJob, models: Sequence[WrappedModel]) -> None:
