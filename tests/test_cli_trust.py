@@ -380,3 +380,28 @@ def test_attack_reports_the_source_clean_accuracy(tmp_path: Path, capsys) -> Non
     assert main(["attack", "--source", SOURCE, "--data", "fmnist:test", "--limit", "2",
                  "--steps", "1", "--out", str(tmp_path / "o")]) == 0
     assert "source clean accuracy on the first 2 images: 100.0%" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- 16.4 --sgm auto and evaluation
+
+def test_auto_gamma_default_leaves_zoo_targets_for_evaluation() -> None:
+    from skipgrad.autogamma import default_held_out
+    from skipgrad.demo import zoo_targets
+
+    held = default_held_out([SOURCE], "fmnist:test")
+    left = [t for t in zoo_targets() if t != SOURCE and t not in held]
+    assert held and len(left) >= len(held) - 1 and SOURCE not in held
+
+
+def test_evaluating_on_a_calibration_model_warns(tmp_path: Path, capsys) -> None:
+    from skipgrad.autogamma import record_calibration
+
+    out = tmp_path / "auto"
+    assert _attack(out) == 0
+    record_calibration(out, {"chosen_gamma": 0.5, "held_out": ["zoo:fmnist-vgg"]})
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--target", "zoo:fmnist-vgg", "--target",
+                 "zoo:fmnist-cnn", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: zoo:fmnist-vgg chose the --sgm auto gamma" in err
+    assert "fmnist-cnn" not in err

@@ -551,11 +551,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                               batch_size=args.batch_size, quiet=args.quiet, data=args.data,
                               prefetch=args.prefetch)
     print(format_table(results, title=f"transfer success of {args.folder}"))
+    _warn_calibration([args.folder], args.target)
     record_evaluation(args.folder, results)
     if args.json:
         write_results_json(results, args.json, args.folder)
         print(f"wrote {args.json}")
     return 0
+
+
+def _warn_calibration(folders: Sequence[Path], targets: Sequence[str]) -> None:
+    """Say when a target chose a folder's ``--sgm auto`` gamma (its number is optimistic)."""
+    from skipgrad.autogamma import calibration_warning
+
+    for folder in folders:
+        warning = calibration_warning(folder, targets)
+        if warning:
+            print(warning, file=sys.stderr)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -566,6 +577,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     comparison = compare_folders(args.folder_a, args.folder_b, args.target, weights=args.weights,
                                  device=args.device, batch_size=args.batch_size, quiet=args.quiet)
     print(comparison_markdown(comparison))
+    _warn_calibration([args.folder_a, args.folder_b], args.target)
     if args.json:
         atomic_write_text(args.json, json.dumps(comparison_json(comparison), indent=2) + "\n")
         print(f"wrote {args.json}")

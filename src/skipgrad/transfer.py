@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,6 +313,11 @@ def evaluate_cells(plan: TransferPlan, folders: list, opts: RunOptions,
         outcomes.update({(source.spec, attack, gamma, backward, spec): r.per_image
                          for spec, r in results.items()})
         distributed.on_main(lambda: record_evaluation(folder, results))
+        from skipgrad.autogamma import calibration_warning  # autogamma imports this module
+
+        warning = calibration_warning(folder, list(results))
+        if warning and distributed.world().is_main:
+            print(warning, file=sys.stderr)
     log(f"evaluated {len(folders)} attack folders on {len(models)} targets")
     return rows, outcomes
 
