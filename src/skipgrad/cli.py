@@ -496,7 +496,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
         from skipgrad.autogamma import record_calibration
 
         distributed.on_main(lambda: record_calibration(args.out, record))
-        print(f"--sgm auto chose gamma {job.attack.sgm:g} (calibration curve in {args.out}/run.json)")
+        print(f"--sgm auto chose gamma {job.attack.sgm:g} "
+              f"(calibration curve in {args.out}/run.json)")
     compiled = (f", after {summary.compile_seconds:.1f} s compiling"
                 if summary.compile_seconds else "")
     print(f"{summary.total} images in {args.out} ({summary.skipped} already done, "

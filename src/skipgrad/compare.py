@@ -44,8 +44,8 @@ def same_images(a: AttackOutput, b: AttackOutput) -> None:
     ids_a, ids_b = [s.id for s in a.samples], [s.id for s in b.samples]
     if ids_a != ids_b:
         only = sorted(set(ids_a) ^ set(ids_b))
-        raise UserError(f"{a.folder} holds {len(ids_a)} images and {b.folder} {len(ids_b)}, not the "
-                        f"same ones (e.g. id {only[0] if only else ids_a[0]}); finish both runs or "
+        raise UserError(f"{a.folder} holds {len(ids_a)} images and {b.folder} {len(ids_b)}, "
+                        f"not the same ones (e.g. id {only[0] if only else ids_a[0]}); finish both runs or "
                         f"use the same --limit")
 
 
@@ -80,7 +80,8 @@ def comparison_markdown(result: FolderComparison) -> str:
         lo, hi = c.ci95
         lines.append(f"| {target} | {100 * c.rate_a:.1f} | {100 * c.rate_b:.1f} "
                      f"| {100 * c.difference:+.1f} | [{100 * lo:+.1f}, {100 * hi:+.1f}] "
-                     f"| {c.only_a} / {c.only_b} | {c.p_value:.2g} | {result.q_values[target]:.2g} |")
+                     f"| {c.only_a} / {c.only_b} | {c.p_value:.2g} "
+                     f"| {result.q_values[target]:.2g} |")
     return "\n".join(lines) + "\n"
 
 

@@ -132,7 +132,8 @@ def _check_linf_levels(values: dict) -> None:
         raise UserError(f"--eps is in {units.LINF_UNIT}; {eps:g} is larger than 255")
     if eps < 1 - 1e-6:
         raise UserError(f"--eps {eps:g} is below one 8-bit level, so no pixel can change (--eps "
-                        f"is in {units.LINF_UNIT}); did you mean --eps {units.nearest_levels(eps)}?")
+                        f"is in {units.LINF_UNIT}); did you mean "
+                        f"--eps {units.nearest_levels(eps)}?")
     if isinstance(steps, int) and steps * step < 0.5 - 1e-6:
         raise UserError(f"--step-size {step:g} x {steps} steps moves a pixel by less than half a "
                         f"level, so no pixel can change (--step-size is in {units.LINF_UNIT}); "

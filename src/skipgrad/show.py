@@ -23,7 +23,8 @@ def describe_folder(folder: Path) -> str:
         return "\n\n".join([f"{folder}: {len(cells)} attack folders under attacks/; files: "
                             f"{', '.join(files) or 'none yet'}"]
                            + [_attack_folder(c) for c in cells])
-    raise UserError(f"{folder} is not a skipgrad output folder (no run.json, no attacks/*/run.json)")
+    raise UserError(f"{folder} is not a skipgrad output folder (no run.json, no "
+                    f"attacks/*/run.json)")
 
 
 def _attack_folder(folder: Path) -> str:

@@ -125,12 +125,12 @@ class AttackSpec:
         """An L-inf attack whose radius, or whose whole walk, stays under one 8-bit level cannot
         change a saved pixel: refuse it rather than return the clean images."""
         if self.eps * 255 < 1 - 1e-6:
-            raise ValueError(f"eps {self.eps:.4g} is below one 8-bit level (1/255), so no pixel can "
-                             f"change; eps is in [0, 1] pixel units (16/255 in the paper)")
+            raise ValueError(f"eps {self.eps:.4g} is below one 8-bit level (1/255), so no pixel "
+                             f"can change; eps is in [0, 1] pixel units (16/255 in the paper)")
         if self.steps * self.step_size * 255 < 0.5 - 1e-6:
-            raise ValueError(f"step_size {self.step_size:.4g} x {self.steps} steps moves a pixel by "
-                             f"less than half an 8-bit level, so no pixel can change; step_size is "
-                             f"in [0, 1] pixel units (2/255 in the paper)")
+            raise ValueError(f"step_size {self.step_size:.4g} x {self.steps} steps moves a pixel "
+                             f"by less than half an 8-bit level, so no pixel can change; "
+                             f"step_size is in [0, 1] pixel units (2/255 in the paper)")
 
     @property
     def name(self) -> str:
