@@ -45,8 +45,8 @@ def same_images(a: AttackOutput, b: AttackOutput) -> None:
     if ids_a != ids_b:
         only = sorted(set(ids_a) ^ set(ids_b))
         raise UserError(f"{a.folder} holds {len(ids_a)} images and {b.folder} {len(ids_b)}, "
-                        f"not the same ones (e.g. id {only[0] if only else ids_a[0]}); finish both runs or "
-                        f"use the same --limit")
+                        f"not the same ones (e.g. id {only[0] if only else ids_a[0]}); finish "
+                        f"both runs or use the same --limit")
 
 
 def compare_folders(folder_a: Path, folder_b: Path, targets: Sequence[str], *,
