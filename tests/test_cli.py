@@ -153,8 +153,9 @@ def test_evaluate_json_has_the_documented_keys(work: Path, capsys) -> None:
     doc = json.loads(report.read_text())
     assert set(doc["targets"]) == {f"file:{work / 'source.safetensors'}", "timm:test_efficientnet"}
     for entry in doc["targets"].values():
+        # The documented keys, plus the per-image outcomes added for paired comparisons.
         assert set(entry) == {"success_rate", "n", "ci95", "clean_accuracy",
-                              "success_rate_on_correct"}
+                              "success_rate_on_correct", "per_image_success"}
         assert entry["n"] == N_IMAGES and 0 <= entry["ci95"][0] <= entry["ci95"][1] <= 1
     assert "timm:test_efficientnet" in capsys.readouterr().out
 
@@ -256,7 +257,8 @@ def test_transfer_from_flags_and_bad_config_keys(work: Path, capsys) -> None:
     bad.write_text('epsilon = 3\n')
     capsys.readouterr()
     assert main(["transfer", "--config", str(bad), *argv[1:]]) == 2
-    assert "unknown transfer setting(s): epsilon" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the unknown key and every known one (issue 16.8)
+    assert "unknown key epsilon; known keys: data, sources, targets" in err
 
 
 def test_targeted_attack_uses_labels_csv_targets(work: Path) -> None:

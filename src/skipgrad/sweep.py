@@ -108,6 +108,7 @@ def run_sweep(source: ModelRef, attack: str, gammas: Sequence[float],
     """Run (or resume) every gamma's attack folder, evaluate the targets, write sweep.json/.png.
     ``backward``: backward-pass methods added to every gamma (``METHOD[:key=value,...]``)."""
     plan = sweep_plan(source, attack, gammas, targets, template, backward)
+    _require_blocks(source)
     transfer = run_transfer(plan, out, opts, log)
     label = attack if backward is None else f"{attack}+{backward}"
     from skipgrad.demo import sgm_effects
@@ -116,6 +117,17 @@ def run_sweep(source: ModelRef, attack: str, gammas: Sequence[float],
                          curves_from_rows(transfer.rows), effects=sgm_effects(transfer.outcomes))
     result.files = {**transfer.files, **write_sweep(result, out)}
     return result
+
+
+def _require_blocks(source: ModelRef) -> None:
+    """A sweep of gamma means nothing on a source SGM cannot change: refuse it before any work
+    (a transfer matrix would instead run such a source's baseline only)."""
+    import skipgrad
+    from skipgrad.models import load_model
+
+    if not skipgrad.find_blocks(load_model(source.spec, weights=source.weights)):
+        raise UserError(f"sweep needs a source with residual or dense blocks for SGM, and "
+                        f"{source.spec} has none")
 
 
 def curves_from_rows(rows: Sequence[TransferRow]) -> dict[str, dict[float, SweepPoint]]:

@@ -346,7 +346,7 @@ def load_plan_file(path: Path) -> dict:
 _NUMBER, _INT, _BOOL, _TEXT = "a number", "an integer", "true or false", "a string"
 PLAN_SCHEMA: dict[str, str] = {
     "data": _TEXT, "sources": "a list of specs", "targets": "a list of specs", "preset": _TEXT,
-    "attacks": "a list of attack names", "sgm": "gammas", "baseline": _BOOL, "backward": _TEXT,
+    "attacks": "a list of attack names", "sgm": "gammas", "baseline": _BOOL, "backward": "backward-pass methods",
     "out": _TEXT, "title": _TEXT, "limit": _INT, "batch_size": _INT, "device": _TEXT,
     "quiet": _BOOL, "eps": _NUMBER, "step_size": _NUMBER, "steps": _INT, "norm": _TEXT,
     "loss": _TEXT, "targeted": _BOOL, "seed": _INT, "decay": _NUMBER, "di_prob": _NUMBER,
