@@ -42,7 +42,7 @@ def test_run_json_config_keeps_the_keys_older_folders_hold() -> None:
         "sgm": None, "sgm_official": False, "weights": [], "eps": 16.0, "step_size": 2.0,
         "steps": 10, "norm": "linf", "loss": "ce", "targeted": False, "seed": 0, "decay": 1.0,
         "di_prob": 0.5, "di_scale": 1.1, "ti_kernel": 7, "channels": None, "class_map": None,
-        "amp": "off", "channels_last": False}
+        "amp": "off", "channels_last": False, "compile": False}
 
 
 def test_a_plan_template_carries_its_settings_into_every_cell() -> None:

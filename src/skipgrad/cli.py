@@ -181,18 +181,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_run_options(p: argparse.ArgumentParser, defaults: bool = True,
                      evaluate: bool = False) -> None:
-    from skipgrad.runner import DEFAULT_GROUP_SIZE
-
-    cpu, cuda = DEFAULT_GROUP_SIZE["cpu"], DEFAULT_GROUP_SIZE["cuda"]
     p.add_argument("--batch-size", type=positive_int, help=(
         "images per prediction batch (default: 128 on CPU, 512 on CUDA)" if evaluate else
-        f"images attacked together: the attack's fixed group size, part of the run (default: "
-        f"the folder's own when resuming, else {cpu} on CPU, {cuda} on CUDA)"))
+        LazyHelp(_group_size_help)))
     p.add_argument("--device", default="auto" if defaults else None, help="auto, cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--prefetch", type=non_negative_int,
                    help="batches loaded ahead in a background thread (0 = off; default: decided "
                         "from how long the first one takes to load and to process)")
+
+
+def _group_size_help() -> str:
+    from skipgrad.runner import DEFAULT_GROUP_SIZE  # loads torch: only when help is shown
+
+    cpu, cuda = DEFAULT_GROUP_SIZE["cpu"], DEFAULT_GROUP_SIZE["cuda"]
+    return (f"images attacked together: the attack's fixed group size, part of the run (default: "
+            f"the folder's own when resuming, else {cpu} on CPU, {cuda} on CUDA)")
 
 
 def _add_data_options(p: argparse.ArgumentParser, required: bool) -> None:
@@ -348,7 +352,7 @@ def _add_evaluate(sub) -> None:
 
 def _add_compare(sub) -> None:
     p = sub.add_parser("compare", help="paired comparison of two attack folders on the same "
-                                       "images (Δ, 95% CI, McNemar p, Benjamini-Hochberg q)")
+                                       "images (Δ, 95%% CI, McNemar p, Benjamini-Hochberg q)")
     p.add_argument("folder_a", type=Path, metavar="DIR_A", help="the reference attack folder")
     p.add_argument("folder_b", type=Path, metavar="DIR_B", help="the folder compared with it")
     p.add_argument("--target", action="append", required=True, metavar="SPEC")
