@@ -141,6 +141,7 @@ def main() -> None:
     # Every part run so far, this one included (also from --collect-from folders, e.g. a part
     # run on fewer images because the CPU budget ran out).
     rows, effects, skipped = collect([args.out, *args.collect_from])
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "backward_study.json").write_text(json.dumps(
         {"limit": args.limit, "gamma": STUDY_GAMMA, "skipped": skipped,
          "rows": [r.to_json() for r in rows], "effects": [e.to_json() for e in effects]},
