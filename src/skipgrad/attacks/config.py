@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from skipgrad.backward.registry import BackwardPlan, as_plan, per_source
+from skipgrad.errors import InputError
 
 UPDATE_RULES = ("ifgsm", "mi", "ni")
 MODIFIERS = ("pgd", "di", "ti")
@@ -82,7 +83,7 @@ class AttackSpec:
         if not isinstance(self.sgm, tuple):
             return (self.sgm,) * count
         if len(self.sgm) != count:
-            raise ValueError(f"sgm has {len(self.sgm)} entries for {count} source models")
+            raise InputError(f"sgm has {len(self.sgm)} entries for {count} source models")
         return self.sgm
 
     def backward_per_source(self, count: int) -> tuple[BackwardPlan | None, ...]:
@@ -102,33 +103,33 @@ class AttackSpec:
         _check_positive("eps", self.eps)
         _check_positive("step_size", self.step_size)
         if self.norm == "linf" and self.eps > 1:
-            raise ValueError(f"eps is in [0, 1] pixel units for the L-inf norm, got {self.eps}")
+            raise InputError(f"eps is in [0, 1] pixel units for the L-inf norm, got {self.eps}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+            raise InputError(f"steps must be a positive integer, got {self.steps!r}")
         if self.norm == "linf":
             self._check_levels()
         if not (isinstance(self.decay, (int, float)) and math.isfinite(self.decay)
                 and self.decay >= 0):
-            raise ValueError(f"decay must be a finite number >= 0, got {self.decay!r}")
+            raise InputError(f"decay must be a finite number >= 0, got {self.decay!r}")
         if not 0 <= self.di_prob <= 1:
-            raise ValueError(f"di_prob must be in [0, 1], got {self.di_prob}")
+            raise InputError(f"di_prob must be in [0, 1], got {self.di_prob}")
         if not self.di_scale >= 1:
-            raise ValueError(f"di_scale must be >= 1, got {self.di_scale}")
+            raise InputError(f"di_scale must be >= 1, got {self.di_scale}")
         if not (isinstance(self.ti_kernel, int) and self.ti_kernel >= 1 and self.ti_kernel % 2):
-            raise ValueError(f"ti_kernel must be a positive odd integer, got {self.ti_kernel!r}")
+            raise InputError(f"ti_kernel must be a positive odd integer, got {self.ti_kernel!r}")
         for gamma in self.sgm if isinstance(self.sgm, tuple) else (self.sgm,):
             _check_gamma(gamma)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+            raise InputError(f"seed must be an integer, got {self.seed!r}")
 
     def _check_levels(self) -> None:
         """An L-inf attack whose radius, or whose whole walk, stays under one 8-bit level cannot
         change a saved pixel: refuse it rather than return the clean images."""
         if self.eps * 255 < 1 - 1e-6:
-            raise ValueError(f"eps {self.eps:.4g} is below one 8-bit level (1/255), so no pixel "
+            raise InputError(f"eps {self.eps:.4g} is below one 8-bit level (1/255), so no pixel "
                              f"can change; eps is in [0, 1] pixel units (16/255 in the paper)")
         if self.steps * self.step_size * 255 < 0.5 - 1e-6:
-            raise ValueError(f"step_size {self.step_size:.4g} x {self.steps} steps moves a pixel "
+            raise InputError(f"step_size {self.step_size:.4g} x {self.steps} steps moves a pixel "
                              f"by less than half an 8-bit level, so no pixel can change; "
                              f"step_size is in [0, 1] pixel units (2/255 in the paper)")
 
@@ -150,17 +151,17 @@ def parse_attack_name(name: str) -> dict[str, object]:
     modifiers ``pgd`` (random start), ``di``, ``ti``. ``"pgd"`` alone is I-FGSM with a random start.
     """
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"attack name must be a non-empty string such as 'mi+di', got {name!r}")
+        raise InputError(f"attack name must be a non-empty string such as 'mi+di', got {name!r}")
     tokens = [t.strip().lower() for t in name.split("+")]
     for token in tokens:
         if token not in ATTACK_TOKENS:
-            raise ValueError(f"unknown attack {token!r} in {name!r}; "
+            raise InputError(f"unknown attack {token!r} in {name!r}; "
                              f"known: {', '.join(ATTACK_TOKENS)} (combine with '+')")
     if len(set(tokens)) != len(tokens):
-        raise ValueError(f"attack {name!r} names a component twice")
+        raise InputError(f"attack {name!r} names a component twice")
     rules = [t for t in tokens if t in UPDATE_RULES]
     if len(rules) > 1:
-        raise ValueError(f"attack {name!r} has several update rules ({', '.join(rules)}); pick one")
+        raise InputError(f"attack {name!r} has several update rules ({', '.join(rules)}); pick one")
     return {"update": rules[0] if rules else "ifgsm", "random_start": "pgd" in tokens,
             "input_diversity": "di" in tokens, "translation_invariance": "ti" in tokens}
 
@@ -169,15 +170,15 @@ def _check_gamma(gamma: object) -> None:
     if gamma is None:
         return
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
-        raise ValueError(f"SGM gamma must be a number in (0, 1] or None, got {gamma!r}")
+        raise InputError(f"SGM gamma must be a number in (0, 1] or None, got {gamma!r}")
 
 
 def _check_choice(what: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(choices)}")
+        raise InputError(f"unknown {what} {value!r}; expected one of {', '.join(choices)}")
 
 
 def _check_positive(what: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value <= 0:
-        raise ValueError(f"{what} must be a finite number > 0, got {value!r}")
+        raise InputError(f"{what} must be a finite number > 0, got {value!r}")

@@ -22,11 +22,13 @@ from skipgrad.attacks.updates import (l1_normalise, per_sample_norm, project, qu
                                       steepest_direction)
 from skipgrad.backward import BackwardContext, check_gamma, skip_gradient
 from skipgrad.backward.registry import BackwardPlan
+from skipgrad.errors import InputError
 
 
-class NonFiniteGradientError(FloatingPointError):
+class NonFiniteGradientError(InputError, FloatingPointError):
     """A source model produced NaN or inf logits or gradients for some images; the attribute
-    ``positions`` lists their indices in the batch."""
+    ``positions`` lists their indices in the batch. An input error (the model given, e.g. a broken
+    checkpoint), and still a ``FloatingPointError`` as before."""
 
     positions: list[int] = []
 
@@ -185,7 +187,7 @@ def evaluation_mode(models: Sequence[nn.Module]) -> Iterator[None]:
 def _as_sources(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
     sources = [model] if isinstance(model, nn.Module) else list(model)
     if not sources:
-        raise ValueError("attack needs at least one source model")
+        raise InputError("attack needs at least one source model")
     for m in sources:
         if not isinstance(m, nn.Module):
             raise TypeError(f"source models must be nn.Module, got {type(m).__name__}")
@@ -209,34 +211,34 @@ def backward_contexts(sources: Sequence[nn.Module], spec: AttackSpec) -> list[Ba
 
 def _check_images(images: object) -> None:
     if not isinstance(images, torch.Tensor) or not images.is_floating_point():
-        raise ValueError("images must be a floating-point tensor (N, C, H, W) in [0, 1]")
+        raise InputError("images must be a floating-point tensor (N, C, H, W) in [0, 1]")
     if images.dim() != 4 or images.shape[0] == 0:
-        raise ValueError(f"images must have shape (N, C, H, W) with N >= 1, got {tuple(images.shape)}")
-    _check_finite(images, "images", ValueError)
+        raise InputError(f"images must have shape (N, C, H, W) with N >= 1, got {tuple(images.shape)}")
+    _check_finite(images, "images", InputError)
     low, high = images.min().item(), images.max().item()
     if low < 0 or high > 1:
-        raise ValueError(f"images must be in [0, 1] (normalise inside the model); "
+        raise InputError(f"images must be in [0, 1] (normalise inside the model); "
                          f"got values in [{low:.4g}, {high:.4g}]")
 
 
 def _check_labels(labels: object, images: torch.Tensor) -> None:
     if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
-        raise ValueError("labels must be an integer tensor of shape (N,)")
+        raise InputError("labels must be an integer tensor of shape (N,)")
     if labels.shape != (images.shape[0],):
-        raise ValueError(f"labels must have shape ({images.shape[0]},) to match the images, "
+        raise InputError(f"labels must have shape ({images.shape[0]},) to match the images, "
                          f"got {tuple(labels.shape)}")
     if labels.device != images.device:
-        raise ValueError(f"labels are on {labels.device} but images on {images.device}")
+        raise InputError(f"labels are on {labels.device} but images on {images.device}")
     if labels.numel() and labels.min().item() < 0:
-        raise ValueError("labels must be >= 0")
+        raise InputError("labels must be >= 0")
 
 
 def _check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
     if logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
-        raise ValueError(f"a source model returned shape {tuple(logits.shape)}; expected logits "
+        raise InputError(f"a source model returned shape {tuple(logits.shape)}; expected logits "
                          f"(N={labels.shape[0]}, num_classes)")
     if labels.max().item() >= logits.shape[1]:
-        raise ValueError(f"label {labels.max().item()} is out of range for a model with "
+        raise InputError(f"label {labels.max().item()} is out of range for a model with "
                          f"{logits.shape[1]} classes")
     _check_finite(logits, "logits")
 
@@ -259,5 +261,5 @@ def _check_ids(ids: Sequence[int] | torch.Tensor | None, n: int) -> list[int]:
         return list(range(n))
     ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
     if len(ids) != n:
-        raise ValueError(f"ids has {len(ids)} entries for {n} images")
+        raise InputError(f"ids has {len(ids)} entries for {n} images")
     return [int(i) for i in ids]

@@ -22,6 +22,8 @@ from typing import Callable, ClassVar, Iterable, Protocol
 
 from torch import nn
 
+from skipgrad.errors import InputError
+
 
 class Removable(Protocol):
     """Anything with ``remove()``: a hook handle or a group of them."""
@@ -32,11 +34,11 @@ class Removable(Protocol):
 Attacher = Callable[[], Removable]
 
 
-class NothingToChangeError(ValueError):
+class NothingToChangeError(InputError):
     """The model holds nothing that a backward-pass method applies to."""
 
 
-class BackwardConflictError(ValueError):
+class BackwardConflictError(InputError):
     """Two active backward-pass methods would redefine the backward of the same module."""
 
 

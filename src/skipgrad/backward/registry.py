@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 from torch import nn
 
 from skipgrad.backward.base import BackwardContext
+from skipgrad.errors import InputError
 
 Factory = Callable[..., BackwardContext]
 Value = float | int | str | None
@@ -33,7 +34,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _METHOD_SEPARATOR = re.compile(r"\+(?=\s*[A-Za-z_])")
 
 
-class BackwardSpecError(ValueError):
+class BackwardSpecError(InputError):
     """A ``METHOD[:key=value,...]`` text or a method's settings cannot be used (one-line reason)."""
 
 

@@ -15,13 +15,14 @@ from torch import nn
 from skipgrad.backward.base import (Attacher, BackwardContext, Change, HandleGroup,
                                     NothingToChangeError, Removable, model_label)
 from skipgrad.backward.blocks import BLOCKS
+from skipgrad.errors import InputError
 
 
 class NoResidualBlockError(NothingToChangeError):
     """The model holds no block that skip_gradient knows how to decay."""
 
 
-class UnsupportedOfficialModelError(ValueError):
+class UnsupportedOfficialModelError(InputError):
     """``official=True`` was asked for a model the authors' release does not cover."""
 
 
@@ -63,9 +64,9 @@ def scale_gradient(value: Any, gamma: float) -> Any:
 def check_gamma(gamma: float) -> float:
     """Validate a decay factor: a real number in (0, 1]."""
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
-        raise ValueError(f"gamma must be a number in (0, 1], got {gamma!r}")
+        raise InputError(f"gamma must be a number in (0, 1], got {gamma!r}")
     if not 0.0 < float(gamma) <= 1.0:
-        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+        raise InputError(f"gamma must be in (0, 1], got {gamma}")
     return float(gamma)
 
 

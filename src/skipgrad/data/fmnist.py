@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from skipgrad.errors import InputError
+
 FMNIST_CLASSES: tuple[str, ...] = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -38,13 +40,13 @@ def load_fmnist(split: str = "test", limit: int | None = None) -> tuple[torch.Te
         images float32 ``(N, 1, 28, 28)`` in [0, 1] and labels int64 ``(N,)``; fresh tensors the
         caller may modify.
     Raises:
-        ValueError: unknown split, or an IDX file that is corrupt (the message names the file).
+        InputError (a ValueError): unknown split, or an IDX file that is corrupt (the message names the file).
         FileNotFoundError: the files are nowhere and cannot be downloaded.
     """
     if split not in SPLITS:
-        raise ValueError(f"unknown Fashion-MNIST split {split!r} (use 'train' or 'test')")
+        raise InputError(f"unknown Fashion-MNIST split {split!r} (use 'train' or 'test')")
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+        raise InputError(f"limit must be >= 0, got {limit}")
     images, labels = _decoded(split, _find_dir(split))
     images, labels = images[:limit], labels[:limit]
     as_float = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
@@ -94,10 +96,10 @@ def _decoded(split: str, folder: Path) -> tuple[np.ndarray, np.ndarray]:
     images = read_idx(folder / image_name, _IMAGE_MAGIC, (28, 28))
     labels = read_idx(folder / label_name, _LABEL_MAGIC, ())
     if len(images) != len(labels):
-        raise ValueError(f"{folder / image_name} holds {len(images)} images but "
+        raise InputError(f"{folder / image_name} holds {len(images)} images but "
                          f"{folder / label_name} holds {len(labels)} labels")
     if labels.size and labels.max() > 9:
-        raise ValueError(f"{folder / label_name}: label {labels.max()} is not a Fashion-MNIST class")
+        raise InputError(f"{folder / label_name}: label {labels.max()} is not a Fashion-MNIST class")
     images.flags.writeable = labels.flags.writeable = False  # shared by every caller
     return images, labels
 
@@ -113,7 +115,7 @@ def read_idx(path: Path, magic: int, item_shape: tuple[int, ...]) -> np.ndarray:
         with opener(path, "rb") as fh:
             raw = fh.read()
     except (OSError, EOFError) as exc:  # gzip raises BadGzipFile (an OSError) or EOFError
-        raise ValueError(f"corrupt Fashion-MNIST file {path}: {exc}") from exc
+        raise InputError(f"corrupt Fashion-MNIST file {path}: {exc}") from exc
     return _parse_idx(raw, path, magic, item_shape)
 
 
@@ -121,17 +123,17 @@ def _parse_idx(raw: bytes, path: Path, magic: int, item_shape: tuple[int, ...]) 
     ndim = 1 + len(item_shape)
     header = 4 * (1 + ndim)
     if len(raw) < header:
-        raise ValueError(f"corrupt Fashion-MNIST file {path}: {len(raw)} bytes, shorter than its header")
+        raise InputError(f"corrupt Fashion-MNIST file {path}: {len(raw)} bytes, shorter than its header")
     found = int.from_bytes(raw[:4], "big")
     if found != magic:
-        raise ValueError(f"corrupt Fashion-MNIST file {path}: magic number {found:#010x}, "
+        raise InputError(f"corrupt Fashion-MNIST file {path}: magic number {found:#010x}, "
                          f"expected {magic:#010x}")
     dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     if dims[1:] != item_shape:
-        raise ValueError(f"corrupt Fashion-MNIST file {path}: items of shape {dims[1:]}, "
+        raise InputError(f"corrupt Fashion-MNIST file {path}: items of shape {dims[1:]}, "
                          f"expected {item_shape}")
     expected = header + int(np.prod(dims))
     if len(raw) != expected:
-        raise ValueError(f"corrupt Fashion-MNIST file {path}: {len(raw)} bytes, expected {expected} "
+        raise InputError(f"corrupt Fashion-MNIST file {path}: {len(raw)} bytes, expected {expected} "
                          f"for dimensions {dims}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)

@@ -17,6 +17,8 @@ from typing import TypeVar
 
 import torch
 
+from skipgrad.errors import InputError
+
 # Loading ahead must save more than it costs: on a CPU the loading thread takes a core (and the
 # GIL) from the compute threads, so it runs only when loading is a real share of the work.
 PREFETCH_MIN_SHARE = 0.05
@@ -35,7 +37,7 @@ def prefetched(items: Iterable[T], load: Callable[[T], R], depth: int = 2,
     loop early (``break``, an exception) cancels what was not started and waits for the rest.
     """
     if depth < 0:
-        raise ValueError(f"prefetch depth must be >= 0, got {depth}")
+        raise InputError(f"prefetch depth must be >= 0, got {depth}")
     work = (lambda item: _pinned(load(item))) if pin_memory else load
     if depth == 0:
         for item in items:
