@@ -1,6 +1,8 @@
 """The ``skipgrad`` command line: thin argument handling over the library.
 
-User errors print one line (``skipgrad: error: ...``) and exit with code 2; Ctrl-C exits with 130
+User errors (:class:`skipgrad.errors.InputError`: ``UserError`` and the library's documented input
+errors) print one line (``skipgrad: error: ...``) and exit with code 2; any other exception is a bug
+and keeps its traceback (exit code 1). Ctrl-C exits with 130
 (SIGTERM 143) and leaves only whole files behind. Perturbation sizes are pixel levels out of 255
 for L-inf (``--eps 16``) and [0, 1] units for L2 (``--norm l2 --eps 1.5``); see skipgrad.units.
 """
@@ -13,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from skipgrad.errors import UserError
+from skipgrad.errors import InputError, UserError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -529,11 +531,13 @@ def _auto_gamma(args: argparse.Namespace, job):
     """``--sgm auto``: (job with the calibrated gamma, the run.json record)."""
     import dataclasses
 
+    from skipgrad import outdir
     from skipgrad.autogamma import (DEFAULT_CALIBRATION_IMAGES, AutoGammaRequest,
                                     format_calibration, resolve_auto_gamma)
     from skipgrad.runner import check_job, resolve_device, resolve_group_size
 
-    check_job(job)  # bad settings fail before the (long) calibration
+    check_job(job)  # bad settings and a bad --out fail before the (long) calibration
+    outdir.refuse_data_overlap(args.out, job.data)
     device = resolve_device(args.device)
     held = _refs(args.calibrate_on, args.calibrate_weights, "calibrate")
     request = AutoGammaRequest(tuple((r.spec, r.weights) for r in held),
@@ -852,8 +856,9 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- entry point
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0 ok, 2 user error, 130 interrupted,
-    143 stopped by SIGTERM)."""
+    """Run the command line; returns the exit code (0 ok, 2 input error, 130 interrupted,
+    143 stopped by SIGTERM). Any exception other than an :class:`InputError` propagates (a bug:
+    ``python -m skipgrad`` then prints its traceback and exits with 1)."""
     try:
         args = build_parser().parse_args(argv)
         from skipgrad.distributed import silence_other_ranks
@@ -866,8 +871,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("skipgrad: interrupted; finished files are kept, re-run the same command to resume",
               file=sys.stderr)
         return getattr(exc, "exit_code", EXIT_INTERRUPTED)  # 143 after SIGTERM
-    except (UserError, ValueError, FileNotFoundError, FloatingPointError) as exc:
-        print(f"skipgrad: error: {_one_line(exc)}", file=sys.stderr)
+    except InputError as exc:  # documented input errors only: anything else is a bug, and
+        print(f"skipgrad: error: {_one_line(exc)}", file=sys.stderr)  # keeps its traceback (1)
         return EXIT_USAGE
 
 

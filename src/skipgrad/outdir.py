@@ -37,6 +37,28 @@ def inside(out: Path, relfile: str) -> Path:
     return target
 
 
+def refuse_data_overlap(out: Path, data: str | None) -> None:
+    """Refuse an output folder equal to, inside, or containing the data folder ``data`` (compared
+    after resolving symlinks), before anything is written: adversarial images written into the
+    data would be read back as more images (``images/`` as an extra class) by the next run."""
+    if not data or data.startswith("fmnist:"):
+        return
+    folder = Path(data).expanduser()
+    if not folder.is_dir():
+        return  # not a folder: opening the data reports it
+    here, there = Path(out).expanduser().resolve(), folder.resolve()
+    if here == there:
+        where = "is the data folder"
+    elif here.is_relative_to(there):
+        where = "is inside the data folder"
+    elif there.is_relative_to(here):
+        where = "contains the data folder"
+    else:
+        return
+    raise UserError(f"output folder {out} {where} {data}; adversarial images written there would "
+                    f"be read as data by later runs; choose an --out outside it")
+
+
 # ---------------------------------------------------------------- the lock
 
 def _proc_stat(pid: int) -> list[str] | None:

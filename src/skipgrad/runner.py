@@ -540,6 +540,7 @@ def run_attack_job(job: AttackJob, out: Path, opts: RunOptions = RunOptions(),
                    log: Callable[[str], None] = print) -> RunSummary:
     """Attack every image of ``job.data`` not yet finished in ``out``; see the module docstring."""
     check_job(job)
+    outdir.refuse_data_overlap(out, job.data)
     if opts.prefetch is not None and opts.prefetch < 0:
         raise UserError(f"--prefetch must be 0 or more image groups, got {opts.prefetch}")
     device = distributed.device_for(resolve_device(opts.device))

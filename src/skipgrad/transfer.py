@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from skipgrad import distributed
+from skipgrad import distributed, outdir
 from skipgrad.backward.registry import parse_backward
 from skipgrad.errors import UserError
 from skipgrad.evaluate import (evaluate_output, load_targets, open_attack_output,
@@ -148,6 +148,7 @@ def run_transfer(plan: TransferPlan, out: Path, opts: RunOptions = RunOptions(),
     """Run (or resume) every attack folder, evaluate every target, write the matrix files."""
     if not plan.sources or not plan.targets or not plan.attacks:
         raise UserError("transfer needs at least one source, one attack and one target")
+    outdir.refuse_data_overlap(out, plan.template.data)  # before the first attack folder
     if not distributed.world().is_main:  # under torchrun rank 0 speaks and writes the matrix
         log = lambda _msg: None  # noqa: E731
     plan, targets = preflight(plan, out, opts, log)

@@ -9,6 +9,7 @@ with full pickle (which runs whatever code it contains), with a warning on stder
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -41,6 +42,30 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of bytes already in memory."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_checkpoint_bytes(data: bytes, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict held by a weight file's ``data``, with the same safe loaders and refusals as
+    :func:`read_checkpoint` (``path`` gives the format by its suffix and names the file)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load
+
+            return load(data)
+        return _read_torch(path, io.BytesIO(data))[0]
+    except UserError:
+        raise
+    except Exception as exc:  # corrupt or foreign files: name the file, not the parser's internals
+        raise UserError(f"cannot read weights file {path}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Return (state dict, metadata) of a weights file; raises :class:`UserError` when unreadable."""
     path = Path(path)
@@ -53,8 +78,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     except UserError:
         raise
     except Exception as exc:  # corrupt or foreign files: name the file, not the parser's internals
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot read weights file {path}: {first}") from exc
+        raise UserError(f"cannot read weights file {path}: {_first_line(exc)}") from exc
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -66,8 +90,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return state, meta
 
 
-def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    obj = _unpickle(path)
+def _read_torch(path: Path, source: io.BytesIO | None = None
+                ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    obj = _unpickle(path, source)
     if not isinstance(obj, dict):
         raise UserError(f"weights file {path} holds a {type(obj).__name__}, not a state dict")
     meta = {k: str(v) for k, v in obj.items() if k in ARCH_KEYS and isinstance(v, str)}
@@ -81,16 +106,18 @@ def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return state, meta
 
 
-def _unpickle(path: Path) -> object:
-    """torch.load with the weights-only unpickler; arbitrary objects are refused, not built."""
+def _unpickle(path: Path, source: io.BytesIO | None = None) -> object:
+    """torch.load (of ``source``, else of ``path``) with the weights-only unpickler; arbitrary
+    objects are refused, not built."""
+    source = source if source is not None else str(path)
     if os.environ.get(TRUST_PICKLE_ENV) == "1":
         print(f"skipgrad: WARNING: {TRUST_PICKLE_ENV}=1: loading {path} with full pickle, which "
               f"runs any code the file contains", file=sys.stderr)
-        return torch.load(str(path), map_location="cpu", weights_only=False)
+        return torch.load(source, map_location="cpu", weights_only=False)
     try:
         with warnings.catch_warnings():  # torch's note on the pickle protocol is noise here
             warnings.filterwarnings("ignore", message=".*pickle protocol.*")
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UserError(f"cannot read weights file {path}: refused: it is a pickle that needs "
                         f"arbitrary objects ({_blocked(exc)}), and unpickling those can run "

@@ -3,18 +3,38 @@
 Weights are looked up in the caches first (torch hub's ``checkpoints/`` folder, the Hugging Face hub
 cache); a download is attempted only when they are missing and ``SKIPGRAD_OFFLINE`` is unset, and any
 failure becomes one :class:`MissingWeightsError` line that names the file and how to provide it.
+
+A cache is shared and writable by others, so a cached file is never handed to the libraries' own
+loaders (torchvision unpickles it with full pickle, which runs any code planted in it). skipgrad
+reads it itself, once: the bytes are hashed and checked against the hash in the file name where it
+has one (torch hub names end in ``-<first hex digits of the sha256>.pth``; Hugging Face cache blobs
+are named by their full sha256), then parsed with safetensors or ``torch.load(weights_only=True)``.
+A file that is present but fails any of this raises :class:`CachedWeightsError`, never "missing".
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from skipgrad.errors import MissingWeightsError, UserError
+from skipgrad.models import checkpoints
 from skipgrad.models.specs import ModelConfig
+
+# torch hub's convention: "<name>-<first 8 or more hex digits of the file's sha256>.<ext>".
+_HUB_HASH = re.compile(r"-([0-9a-f]{8,64})\.[^.]+$")
+_FULL_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class CachedWeightsError(UserError):
+    """A cached weight file is present but cannot be used: unreadable, unsafe (a pickle that would
+    run code), or its bytes do not match the hash its name carries."""
 
 
 def offline() -> bool:
@@ -41,6 +61,56 @@ def reachable(url: str, timeout: float = 3.0) -> bool:
 def _missing(spec: str, where: str) -> MissingWeightsError:
     return MissingWeightsError(f"weights for {spec} are not in the local cache ({where}); "
                                f"run once with network access or pass --weights FILE")
+
+
+def expected_sha256(path: Path) -> str | None:
+    """The sha256 (or its leading hex digits) that a cached file's name promises, if any."""
+    if _FULL_SHA256.match(path.resolve().name):  # a Hugging Face blob, reached through a symlink
+        return path.resolve().name
+    found = _HUB_HASH.search(path.name)
+    return found.group(1) if found else None
+
+
+def read_cached(path: Path, spec: str) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict, sha256) of a cached weight file, read once: the bytes that are hashed are the
+    bytes that are parsed, with the safe loaders only. Raises :class:`CachedWeightsError`."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CachedWeightsError(f"cached weights for {spec} at {path} cannot be read "
+                                 f"({exc.strerror or exc}); {_REFETCH}") from exc
+    digest = checkpoints.sha256_bytes(data)
+    promised = expected_sha256(path)
+    if promised is not None and not digest.startswith(promised):
+        raise CachedWeightsError(
+            f"cached weights for {spec} at {path} do not match the hash in their name (sha256 "
+            f"{digest[:len(promised)]}..., the name says {promised}): the file is corrupt or was "
+            f"replaced; {_REFETCH}")
+    try:
+        state = checkpoints.read_checkpoint_bytes(data, path)
+    except UserError as exc:
+        raise CachedWeightsError(f"cached weights for {spec} at {path} cannot be used: {exc}; "
+                                 f"{_REFETCH}") from exc
+    return state, digest
+
+
+_REFETCH = "delete it to download it again, or pass --weights FILE"
+
+
+def _download(url: str, path: Path, spec: str, where: str) -> Path:
+    """``path`` if cached; else download ``url`` there (hash prefix checked by torch hub)."""
+    if path.is_file():
+        return path
+    if not reachable(url):
+        raise _missing(spec, where)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        promised = _HUB_HASH.search(path.name)
+        torch.hub.download_url_to_file(url, str(path), promised.group(1) if promised else None,
+                                       progress=False)
+    except Exception as exc:  # noqa: BLE001 - any network or disk failure: one line, the file
+        raise _missing(spec, where) from exc
+    return path
 
 
 def _unknown(kind: str, name: str, known: list[str]) -> UserError:
@@ -85,23 +155,50 @@ def tv_cache_path(name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
 
 
-def tv_build(name: str, *, pretrained: bool, num_classes: int | None = None) -> nn.Module:
-    """Construct a torchvision model; with ``pretrained`` its weights must be cached or downloadable."""
+def tv_build(name: str, *, num_classes: int | None = None) -> nn.Module:
+    """Construct a torchvision architecture with random weights."""
+    import torchvision.models as tvm
+
+    arch, _ = tv_weights(name)
+    kwargs = {"num_classes": num_classes} if num_classes else {}
+    if arch in ("inception_v3", "googlenet"):
+        kwargs.update(aux_logits=False, init_weights=False)  # skip slow scipy init, unused head
+    return tvm.get_model(arch, weights=None, **kwargs)
+
+
+def tv_pretrained(name: str) -> tuple[nn.Module, Path, str]:
+    """(model, weight file, its sha256) of a torchvision spec; the file must be cached or
+    downloadable, and is read by :func:`read_cached`, never by torchvision."""
     import torchvision.models as tvm
 
     arch, weights = tv_weights(name)
-    if not pretrained:
-        kwargs = {"num_classes": num_classes} if num_classes else {}
-        if arch in ("inception_v3", "googlenet"):
-            kwargs.update(aux_logits=False, init_weights=False)  # skip slow scipy init, unused head
-        return tvm.get_model(arch, weights=None, **kwargs)
-    cached = tv_cache_path(name)
-    if not cached.is_file() and not reachable(weights.url):
-        raise _missing(f"tv:{name}", str(cached))
-    try:  # torchvision reads the cache first and only downloads when the file is absent
-        return tvm.get_model(arch, weights=weights, progress=False)
-    except Exception as exc:
-        raise _missing(f"tv:{name}", str(cached)) from exc
+    spec, cached = f"tv:{name}", tv_cache_path(name)
+    state, digest = read_cached(_download(weights.url, cached, spec, str(cached)), spec)
+    with _serving(weights, state):  # torchvision's own builder: its per-model settings and fixes
+        return tvm.get_model(arch, weights=weights, progress=False), cached, digest
+
+
+@contextlib.contextmanager
+def _serving(weights, state: dict[str, torch.Tensor]) -> Iterator[None]:
+    """For one build, make the weights enum member hand torchvision the state dict read safely.
+
+    torchvision's builders fetch their weights with ``weights.get_state_dict(...)``, which would
+    unpickle the cached file with full pickle; an instance attribute shadows that method until the
+    build returns. Should a torchvision version stop asking, the build is refused as a bug."""
+    asked: list[bool] = []
+
+    def serve(*_args: object, **_kwargs: object) -> dict[str, torch.Tensor]:
+        asked.append(True)
+        return dict(state)
+
+    weights.get_state_dict = serve
+    try:
+        yield
+    finally:
+        del weights.get_state_dict
+    if not asked:
+        raise RuntimeError(f"torchvision built {weights} without asking for its state dict; "
+                           f"skipgrad cannot vouch for how it loaded the weights")
 
 
 # ---------------------------------------------------------------- timm
@@ -166,23 +263,44 @@ def timm_where(name: str) -> str:
     return str(Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url or "?"))
 
 
-def timm_build(name: str, *, pretrained: bool, num_classes: int | None = None) -> nn.Module:
-    """Construct a timm model; pretrained weights come from the local cache (or a download)."""
+def timm_build(name: str, *, num_classes: int | None = None) -> nn.Module:
+    """Construct a timm architecture with random weights."""
     import timm
 
     kwargs = {"num_classes": num_classes} if num_classes else {}
-    if not pretrained:
-        return timm.create_model(name, pretrained=False, **kwargs)
-    cached = timm_cache_path(name)
-    if cached is not None:  # load the cached file directly: no hub round-trip
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(cached)})
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def timm_pretrained(name: str) -> tuple[nn.Module, Path, str]:
+    """(model, weight file, its sha256) of a timm spec. The file (cached, or downloaded into the
+    cache first) is read by :func:`read_cached`; timm gets the state dict, never the file, and
+    applies its own key filters to it."""
+    import timm
+
+    spec = f"timm:{name}"
+    path = timm_cache_path(name) or _timm_download(name, spec)
+    state, digest = read_cached(path, spec)
+    # source "" is timm's default branch, where a given state dict takes precedence over any hub
+    model = timm.create_model(name, pretrained=True,
+                              pretrained_cfg_overlay={"state_dict": state, "source": ""})
+    return model, path, digest
+
+
+def _timm_download(name: str, spec: str) -> Path:
+    """Fetch a timm spec's weight file into its cache (Hugging Face hub, else the torch hub URL)."""
     from timm.models import get_pretrained_cfg
 
     cfg = get_pretrained_cfg(name)
-    url = "https://huggingface.co" if cfg.hf_hub_id else (cfg.url or "")
-    if not reachable(url):
-        raise _missing(f"timm:{name}", timm_where(name))
-    try:
-        return timm.create_model(name, pretrained=True)
-    except Exception as exc:
-        raise _missing(f"timm:{name}", timm_where(name)) from exc
+    if not cfg.hf_hub_id:
+        url = cfg.url or ""
+        return _download(url, Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url),
+                          spec, timm_where(name))
+    if not reachable("https://huggingface.co"):
+        raise _missing(spec, timm_where(name))
+    from huggingface_hub import hf_hub_download
+
+    for filename in [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors",
+                                                                        "pytorch_model.bin"]:
+        with contextlib.suppress(Exception):  # the next name, then "missing" naming the cache
+            return Path(hf_hub_download(cfg.hf_hub_id, filename))
+    raise _missing(spec, timm_where(name))

@@ -47,7 +47,9 @@ def load_model(spec: str, *, weights: str | Path | None = None, pretrained: bool
         pretrained: False builds the architecture with random weights (for listings and tests).
         device: where the model lives; inputs must be on the same device.
     Raises:
-        UserError: unknown spec, unreadable checkpoint, weights that don't fit, missing weights.
+        UserError: unknown spec, unreadable checkpoint, weights that don't fit, missing weights
+            (:class:`MissingWeightsError`), a cached hub file that is unsafe, unreadable or does
+            not match its hash (:class:`~skipgrad.models.hub.CachedWeightsError`).
     """
     base, defenses = split_spec(spec)
     if defenses:  # evaluation-time defenses wrap the loaded model
@@ -69,36 +71,31 @@ def load_model(spec: str, *, weights: str | Path | None = None, pretrained: bool
 def _net_with_file(config: ModelConfig, path: Path) -> tuple[nn.Module, int | None]:
     state, _ = checkpoints.read_checkpoint(path)
     classes = _classes_in(state, config)
-    net = _build(config, pretrained=False, num_classes=classes)
+    net = _architecture(config, num_classes=classes)
     checkpoints.load_into(net, state, path, config.spec)
     return net, classes
 
 
 def _net_pretrained(config: ModelConfig, pretrained: bool) -> tuple[nn.Module, ModelConfig]:
-    net = _build(config, pretrained=pretrained)
     if not pretrained:
-        return net, config
-    path = _pretrained_path(config)
-    sha = checkpoints.sha256_file(path) if path and path.is_file() else None
-    return net, config.replace(weights=str(path) if path else None, weights_sha256=sha)
+        return _architecture(config), config
+    name = config.spec.split(":", 1)[1]
+    if config.family in ("tv", "timm"):  # hub files are hashed from the very bytes that load
+        net, path, sha = {"tv": hub.tv_pretrained, "timm": hub.timm_pretrained}[config.family](name)
+    else:
+        net, path = _zoo_build(config.arch, pretrained=True), zoo_weights_path(config.arch)
+        sha = checkpoints.sha256_file(path)
+    return net, config.replace(weights=str(path), weights_sha256=sha)
 
 
-def _build(config: ModelConfig, *, pretrained: bool, num_classes: int | None = None) -> nn.Module:
+def _architecture(config: ModelConfig, num_classes: int | None = None) -> nn.Module:
+    """The network of a config with random weights."""
     name = config.spec.split(":", 1)[1]
     if config.family == "tv":
-        return hub.tv_build(name, pretrained=pretrained, num_classes=num_classes)
+        return hub.tv_build(name, num_classes=num_classes)
     if config.family == "timm":
-        return hub.timm_build(name, pretrained=pretrained, num_classes=num_classes)
-    return _zoo_build(config.arch, pretrained=pretrained)
-
-
-def _pretrained_path(config: ModelConfig) -> Path | None:
-    name = config.spec.split(":", 1)[1]
-    if config.family == "tv":
-        return hub.tv_cache_path(name)
-    if config.family == "timm":
-        return hub.timm_cache_path(name)
-    return zoo_weights_path(config.arch)
+        return hub.timm_build(name, num_classes=num_classes)
+    return _zoo_build(config.arch, pretrained=False)
 
 
 def _classes_in(state: dict[str, torch.Tensor], config: ModelConfig) -> int | None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from skipgrad.errors import UserError
-from skipgrad.models.loading import ZOO_PREFIX, _build, resolve_config, zoo_names
+from skipgrad.models.loading import ZOO_PREFIX, _architecture, resolve_config, zoo_names
 from skipgrad.models.specs import ModelConfig
 
 
@@ -72,7 +72,7 @@ def check_builds(config: ModelConfig) -> int:
     The meta device allocates nothing, so even SENet-154 builds in a blink and offline.
     """
     with torch.device("meta"):
-        net = _build(config, pretrained=False)
+        net = _architecture(config)
     return sum(p.numel() for p in net.parameters())
 
 

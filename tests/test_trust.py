@@ -1,0 +1,182 @@
+"""Trust in every result (issue 14): no code from weight caches, data folders kept clean, verified
+adversarial files, no silent SGM no-ops. Each test is cited by docs/security.md."""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torchvision.models as tvm
+from safetensors.torch import save
+
+from skipgrad.cli import main
+from skipgrad.errors import MissingWeightsError
+from skipgrad.models import hub, load_model
+
+
+class _Payload:
+    """Unpickling this object would run ``touch MARKER``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("skipgrad: error:"), err
+    return err
+
+
+def _pickle_bytes(obj: object) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch) -> Path:
+    """An empty torch hub cache, offline: nothing may be fetched."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("SKIPGRAD_OFFLINE", "1")
+    (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+# ---------------------------------------------------------------- 1. poisoned weight caches
+
+def test_poisoned_torchvision_cache_runs_nothing_and_says_so(torch_home, tmp_path, capsys) -> None:
+    """A pickle planted under torchvision's file name for resnet18 is refused by hash, by
+    ``inspect`` and ``attack`` alike, and its code never runs."""
+    marker = tmp_path / "MARKER"
+    net = tvm.resnet18()
+    planted = torch_home / "resnet18-f37072fd.pth"
+    planted.write_bytes(_pickle_bytes({**net.state_dict(), "payload": _Payload(marker)}))
+    for argv in (["inspect", "tv:resnet18"],
+                 ["attack", "--source", "tv:resnet18", "--data", "fmnist:test", "--limit", "1",
+                  "--channels", "3", "--out", str(tmp_path / "out"), "--quiet"]):
+        assert main(argv) == 2
+        err = _one_error_line(capsys)
+        assert "resnet18-f37072fd.pth" in err and "do not match the hash in their name" in err
+        assert "not in the local cache" not in err
+    assert not marker.exists()
+
+
+def test_a_cached_pickle_that_would_run_code_is_refused_even_when_its_hash_fits(tmp_path) -> None:
+    marker = tmp_path / "MARKER"
+    data = _pickle_bytes({"w": torch.zeros(2), "payload": _Payload(marker)})
+    path = tmp_path / f"evil-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+    path.write_bytes(data)
+    with pytest.raises(hub.CachedWeightsError, match="cannot be used: .*run any code"):
+        hub.read_cached(path, "tv:evil")
+    assert not marker.exists()
+
+
+def test_a_genuine_torchvision_state_dict_under_its_hashed_name_loads(torch_home, monkeypatch
+                                                                      ) -> None:
+    torch.manual_seed(0)
+    net = tvm.resnet18().eval()
+    data = _pickle_bytes(net.state_dict())
+    digest = hashlib.sha256(data).hexdigest()
+    cached = torch_home / f"resnet18-{digest[:10]}.pth"
+    cached.write_bytes(data)
+    # torchvision's real name carries the real file's hash; point the spec at ours instead.
+    monkeypatch.setattr(hub, "tv_cache_path", lambda name: cached)
+    model = load_model("tv:resnet18")
+    assert model.config.weights_sha256 == digest and model.config.weights == str(cached)
+    x = torch.rand(1, 3, 224, 224)
+    assert torch.equal(model.net(x), net(x))
+
+
+def test_missing_and_unreadable_cached_weights_get_different_messages(torch_home) -> None:
+    with pytest.raises(MissingWeightsError, match="not in the local cache"):
+        load_model("tv:resnet18")
+    (torch_home / "resnet18-f37072fd.pth").write_bytes(b"")
+    with pytest.raises(hub.CachedWeightsError) as info:
+        load_model("tv:resnet18")
+    assert not isinstance(info.value, MissingWeightsError)
+    assert "do not match the hash" in str(info.value) and "delete it" in str(info.value)
+
+
+def _hf_cache(root: Path, repo: str, filename: str, data: bytes, blob_name: str) -> Path:
+    """A Hugging Face hub cache entry laid out as huggingface_hub writes it."""
+    folder = root / f"models--{repo.replace('/', '--')}"
+    commit = "0" * 40
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    (folder / "blobs").mkdir()
+    (folder / "blobs" / blob_name).write_bytes(data)
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / filename).symlink_to(Path("../../blobs") / blob_name)
+    return snapshot / filename
+
+
+@pytest.mark.parametrize("tampered", [False, True])
+def test_timm_weights_from_the_hugging_face_cache_are_checked_by_their_blob_hash(
+        tmp_path, monkeypatch, tampered: bool) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("SKIPGRAD_OFFLINE", "1")
+    torch.manual_seed(0)
+    net = timm.create_model("resnet10t").eval()
+    data = save(net.state_dict())
+    blob = hashlib.sha256(data + b"x" if tampered else data).hexdigest()
+    _hf_cache(tmp_path / "hf", "timm/resnet10t.c3_in1k", "model.safetensors", data, blob)
+    if tampered:
+        with pytest.raises(hub.CachedWeightsError, match="do not match the hash"):
+            load_model("timm:resnet10t")
+        return
+    model = load_model("timm:resnet10t")
+    assert model.config.weights_sha256 == blob
+    x = torch.rand(1, 3, 176, 176)
+    assert torch.equal(model.net(x), net(x))
+
+
+# ---------------------------------------------------------------- 2. --out apart from --data
+
+def _image_folder(folder: Path, count: int = 3) -> Path:
+    """A class-subfolder data set of 28x28 gray PNGs."""
+    import numpy as np
+    from PIL import Image
+
+    for i in range(count):
+        (folder / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((28, 28), 40 * i, dtype=np.uint8)).save(
+            folder / f"class{i % 2}" / f"{i}.png")
+    return folder
+
+
+@pytest.mark.parametrize("command", ["attack", "transfer", "sweep"])
+@pytest.mark.parametrize("where", ["same", "inside", "containing", "link"])
+def test_out_equal_to_inside_or_containing_the_data_is_refused(tmp_path, capsys, command,
+                                                               where) -> None:
+    work = tmp_path / "work"
+    data = _image_folder(work / "data")
+    (work / "link").symlink_to(data, target_is_directory=True)
+    out = {"same": data, "inside": data / "adv", "containing": work,
+           "link": work / "link" / "adv"}[where]
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    common = ["--data", str(data), "--out", str(out), "--steps", "1", "--quiet"]
+    argv = {"attack": ["attack", "--source", "zoo:fmnist-cnn"],
+            "transfer": ["transfer", "--source", "zoo:fmnist-cnn", "--target", "zoo:fmnist-vgg"],
+            "sweep": ["sweep", "--source", "zoo:fmnist-resnet20", "--gammas", "0.5",
+                      "--target", "zoo:fmnist-vgg"]}[command] + common
+    assert main(argv) == 2
+    err = _one_error_line(capsys)
+    assert f"output folder {out}" in err and "data folder" in err and "outside it" in err
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # nothing written
+
+
+def test_out_beside_the_data_is_fine(tmp_path) -> None:
+    data = _image_folder(tmp_path / "data")
+    assert main(["attack", "--source", "zoo:fmnist-cnn", "--data", str(data), "--out",
+                 str(tmp_path / "data-adv"), "--steps", "1", "--quiet"]) == 0
+    assert len(list((tmp_path / "data-adv" / "images").rglob("*.png"))) == 3
