@@ -38,6 +38,7 @@ from skipgrad.backward.base import (Attacher, BackwardContext, Change, ForwardSw
                                     NothingToChangeError, model_label)
 from skipgrad.backward.sgm import find_blocks
 from skipgrad.backward.units import resolve_start, trunk_relus
+from skipgrad.errors import InputError
 
 # The release's pool temperatures by window size: 10 for ResNet-50's 3x3 stem pool, 1 for VGG's
 # 2x2 pools; other sizes take 1.
@@ -97,7 +98,7 @@ def check_temperature(name: str, value: float, *, zero_ok: bool = False) -> floa
     if isinstance(value, bool) or not isinstance(value, (int, float)) \
             or not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
         bound = ">= 0" if zero_ok else "> 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+        raise InputError(f"{name} must be a finite number {bound}, got {value!r}")
     return float(value)
 
 
@@ -187,7 +188,7 @@ class bpa(BackwardContext):  # noqa: N801 - a context manager named like torch.n
 
     def _pool_attacher(self, pool: nn.MaxPool2d) -> Attacher:
         if pool.ceil_mode or pool.return_indices:
-            raise ValueError(f"bpa cannot soften the max-pool {pool} of {model_label(self.model)} "
+            raise InputError(f"bpa cannot soften the max-pool {pool} of {model_label(self.model)} "
                              "(ceil_mode / return_indices); pass a model without it")
         temperature = self._pool_temperature(pool)
 

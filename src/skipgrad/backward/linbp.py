@@ -36,6 +36,7 @@ from skipgrad.backward.base import (Attacher, BackwardContext, Change, ForwardSw
 from skipgrad.backward.blocks import BLOCKS
 from skipgrad.backward.sgm import find_blocks
 from skipgrad.backward.units import resolve_start, trunk_relus
+from skipgrad.errors import InputError
 
 
 class _Call:
@@ -123,7 +124,7 @@ def check_branch_scale(value: float) -> float:
     """A positive, finite real number."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) \
             or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"branch_scale must be a positive number, got {value!r}")
+        raise InputError(f"branch_scale must be a positive number, got {value!r}")
     return float(value)
 
 

@@ -12,6 +12,7 @@ from typing import Sequence
 from torch import nn
 
 from skipgrad.backward.base import model_label
+from skipgrad.errors import InputError
 
 def trunk_relus(model: nn.Module) -> list[tuple[str, nn.ReLU]]:
     """The ``nn.ReLU`` modules of the convolutional trunk, in module order.
@@ -39,9 +40,9 @@ def resolve_start(method: str, model: nn.Module, units: Sequence[str], start: st
     if isinstance(start, int) and not isinstance(start, bool):
         if -len(units) <= start < len(units):
             return start % len(units)
-        raise ValueError(f"{method}: start={start} is out of range: {model_label(model)} has "
+        raise InputError(f"{method}: start={start} is out of range: {model_label(model)} has "
                          f"{len(units)} {what}")
     if isinstance(start, str) and start in units:
         return list(units).index(start)
-    raise ValueError(f"{method}: start={start!r} is not one of the {what} of "
+    raise InputError(f"{method}: start={start!r} is not one of the {what} of "
                      f"{model_label(model)}; valid: {', '.join(units)}")
