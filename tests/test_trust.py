@@ -180,3 +180,165 @@ def test_out_beside_the_data_is_fine(tmp_path) -> None:
     assert main(["attack", "--source", "zoo:fmnist-cnn", "--data", str(data), "--out",
                  str(tmp_path / "data-adv"), "--steps", "1", "--quiet"]) == 0
     assert len(list((tmp_path / "data-adv" / "images").rglob("*.png"))) == 3
+
+
+# ---------------------------------------------------------------- 3. verified adversarial files
+
+def _small_attack(out: Path, *extra: str) -> None:
+    assert main(["attack", "--source", "zoo:fmnist-cnn", "--data", "fmnist:test", "--limit", "6",
+                 "--eps", "8", "--steps", "1", "--out", str(out), "--quiet", *extra]) == 0
+
+
+def _evaluate(folder: Path, *extra: str) -> int:
+    return main(["evaluate", str(folder), "--target", "zoo:fmnist-vgg", "--quiet", *extra])
+
+
+def _manifest(folder: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(folder / "manifest.csv", newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _rewrite_manifest(folder: Path, rows: list[dict[str, str]], columns: list[str]) -> None:
+    import csv
+
+    with open(folder / "manifest.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore",
+                                lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _white(path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.full((28, 28), 255, dtype=np.uint8)).save(path)
+
+
+@pytest.fixture(scope="module")
+def attacked(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("verify") / "run"
+    _small_attack(out)
+    return out
+
+
+def _copy(folder: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(folder, tmp_path / "copy"))
+
+
+def test_the_manifest_holds_the_sha256_of_every_file_and_evaluate_accepts_them(attacked,
+                                                                                capsys) -> None:
+    rows = _manifest(attacked)
+    assert len(rows) == 6
+    for row in rows:
+        assert row["sha256"] == hashlib.sha256((attacked / row["file"]).read_bytes()).hexdigest()
+    assert _evaluate(attacked) == 0
+    assert "NOT verified" not in capsys.readouterr().out
+
+
+def test_an_overwritten_file_is_named_and_nothing_is_scored(attacked, tmp_path, capsys) -> None:
+    folder = _copy(attacked, tmp_path)
+    _white(folder / "images" / "test_00001.png")
+    assert _evaluate(folder, "--json", str(tmp_path / "r.json")) == 2
+    err = _one_error_line(capsys)
+    assert "1 adversarial file(s) are not what the attack wrote" in err
+    assert "images/test_00001.png (SHA-256 differs; L-inf" in err and "--no-verify" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_a_forged_manifest_still_fails_the_eps_bound_and_many_files_are_counted(
+        attacked, tmp_path, capsys) -> None:
+    folder = _copy(attacked, tmp_path)
+    rows = _manifest(folder)
+    for row in rows[:5]:  # white images with their hashes written into the manifest
+        _white(folder / row["file"])
+        row["sha256"] = hashlib.sha256((folder / row["file"]).read_bytes()).hexdigest()
+    _rewrite_manifest(folder, rows, list(rows[0]))
+    assert _evaluate(folder) == 2
+    err = _one_error_line(capsys)
+    assert "5 adversarial file(s)" in err and "and 2 more" in err
+    assert "images/test_00000.png (L-inf" in err and "levels > 8)" in err
+
+
+def test_an_old_manifest_cannot_be_verified_and_no_verify_scores_it(attacked, tmp_path,
+                                                                    capsys) -> None:
+    folder = _copy(attacked, tmp_path)
+    rows = _manifest(folder)
+    _rewrite_manifest(folder, rows, [c for c in rows[0] if c != "sha256"])
+    assert _evaluate(folder) == 2
+    err = _one_error_line(capsys)
+    assert "6 of its adversarial files" in err and "cannot be verified" in err
+    assert "--no-verify" in err
+    assert _evaluate(folder, "--no-verify") == 0
+    assert "NOT verified" in capsys.readouterr().out
+
+
+def test_transfer_evaluates_verified_folders_only(tmp_path, capsys) -> None:
+    argv = ["transfer", "--source", "zoo:fmnist-cnn", "--target", "zoo:fmnist-vgg", "--data",
+            "fmnist:test", "--limit", "4", "--steps", "1", "--out", str(tmp_path / "t"), "--quiet"]
+    assert main(argv) == 0
+    (png,) = [p for p in (tmp_path / "t").rglob("test_00002.png")]
+    _white(png)
+    capsys.readouterr()
+    assert main(argv) == 2  # the re-run reuses the folder, and its evaluation refuses the file
+    assert "images/test_00002.png (SHA-256 differs" in _one_error_line(capsys)
+
+
+# ---------------------------------------------------------------- 4. SGM never a silent no-op
+
+def test_sgm_refuses_a_model_whose_every_block_is_first_in_its_stage(tmp_path, capsys) -> None:
+    """timm resnet10t has one block per stage: the authors' rule decays none of them, so SGM
+    would return the plain gradient. The library, the CLI and inspect say so instead."""
+    import skipgrad
+
+    model = load_model("timm:resnet10t", pretrained=False)
+    assert len(skipgrad.find_blocks(model)) == 4
+    for call in (lambda: skipgrad.skip_gradient(model, 0.5), lambda: skipgrad.sgm_blocks(model),
+                 lambda: skipgrad.attack(model, torch.rand(1, 3, 32, 32), torch.tensor([1]),
+                                         sgm=0.5, steps=1)):
+        with pytest.raises(skipgrad.NoDecayedBlockError,
+                           match=r"decay none of the 4 residual blocks of timm:resnet10t\S*: "
+                                 r"each is the first block of its stage"):
+            call()
+    weights = tmp_path / "r10t.safetensors"
+    weights.write_bytes(save(timm.create_model("resnet10t").state_dict()))
+    out = tmp_path / "out"
+    assert main(["attack", "--source", "timm:resnet10t", "--weights", str(weights), "--sgm",
+                 "0.5", "--data", "fmnist:test", "--channels", "3", "--limit", "1", "--steps",
+                 "1", "--out", str(out), "--quiet"]) == 2
+    err = _one_error_line(capsys)
+    assert "--sgm cannot change timm:resnet10t" in err and "first block of its stage" in err
+    assert not out.exists()
+
+
+def test_inspect_reports_why_sgm_cannot_change_resnet10t(monkeypatch, tmp_path, capsys) -> None:
+    monkeypatch.setenv("SKIPGRAD_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    assert main(["inspect", "timm:resnet10t", "--limit", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "SGM: skip_gradient would decay none of the 4 residual blocks of timm:resnet10t" in out
+    assert "first block of its stage" in out
+
+
+def test_sgm_blocks_is_the_one_check_and_lists_what_is_decayed(tiny_resnet) -> None:
+    import re
+
+    import skipgrad
+
+    infos = skipgrad.sgm_blocks(tiny_resnet)
+    assert [i.decayed for i in infos] == [False, True, True, False, True, True]
+    with pytest.raises(skipgrad.NoResidualBlockError, match="no residual or dense block in"):
+        skipgrad.sgm_blocks(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3)))
+    # Outside the backward package nobody decides "can SGM work here" from find_blocks itself.
+    src = Path(skipgrad.__file__).parent
+    callers = [p.relative_to(src).as_posix() for p in src.rglob("*.py")
+               if "backward" not in p.parts and re.search(r"find_blocks\(", p.read_text())]
+    assert callers == []

@@ -18,10 +18,12 @@ _EXPORTS = {
     **dict.fromkeys(("AttackSpec", "NonFiniteGradientError", "attack", "parse_attack_name"),
                     "skipgrad.attacks"),
     **dict.fromkeys(("BackwardConflictError", "BackwardContext", "BlockInfo", "Change",
-                     "NoAttentionError", "NoResidualBlockError", "NothingToChangeError",
-                     "UnsupportedOfficialModelError", "bpa", "find_blocks", "linbp", "pna",
-                     "register_block", "register_method", "skip_gradient", "tgr"),
+                     "NoAttentionError", "NoDecayedBlockError", "NoResidualBlockError",
+                     "NothingToChangeError", "UnsupportedOfficialModelError", "bpa", "find_blocks",
+                     "linbp", "pna", "register_block", "register_method", "sgm_blocks",
+                     "skip_gradient", "tgr"),
                     "skipgrad.backward"),
+    "InputError": "skipgrad.errors",
 }
 
 __all__ = sorted(_EXPORTS, key=str.lower)

@@ -30,7 +30,7 @@ from skipgrad.data.datasets import ImageDataset, Sample, open_dataset
 from skipgrad.data.images import atomic_write_text
 from skipgrad.errors import UserError
 from skipgrad.runner import (LEGACY_GROUP_SIZE, AttackJob, default_group_size, image_groups,
-                             job_record, load_sources, predict, read_run)
+                             job_record, load_sources, predict, read_run, require_sgm)
 from skipgrad.sweep import best_gamma
 
 DEFAULT_CALIBRATION_IMAGES = 200
@@ -186,7 +186,7 @@ def calibrate_gamma(job: AttackJob, held_out: Sequence[tuple[str, str | None]],
         raise UserError(f"--targeted --sgm auto needs target labels on the calibration images "
                         f"too, and {split.data.spec} has none (give --calibrate-data)")
     sources = load_sources(job, device)
-    _require_blocks(sources)
+    _require_blocks(sources, job.attack.sgm_official)
     targets = load_targets([s for s, _ in held_out], [w for _, w in held_out], device)
     outcomes = transfer_outcomes(job, sources, targets, split, grid, device, log, group_size)
     scores = {t: {g: float(v.double().mean()) for g, v in c.items()} for t, c in outcomes.items()}
@@ -195,13 +195,9 @@ def calibrate_gamma(job: AttackJob, held_out: Sequence[tuple[str, str | None]],
                             scores, best_gamma(mean))
 
 
-def _require_blocks(models: Sequence[torch.nn.Module]) -> None:
-    import skipgrad
-
+def _require_blocks(models: Sequence[torch.nn.Module], official: bool) -> None:
     for model in models:
-        if not skipgrad.find_blocks(model):
-            raise UserError(f"--sgm auto needs residual or dense blocks and {model.config.spec} "
-                            f"has none; drop --sgm for this source")
+        require_sgm(model, official=official, flag="--sgm auto")
 
 
 @dataclass(frozen=True)

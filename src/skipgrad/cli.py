@@ -348,6 +348,9 @@ def _add_evaluate(sub) -> None:
                    help="local weights, one per --target in the same order")
     p.add_argument("--json", type=Path, metavar="FILE", help="write results as JSON")
     p.add_argument("--data", help="where the clean images are now, if they moved")
+    p.add_argument("--no-verify", action="store_true",
+                   help="score the files without checking them against the manifest's SHA-256 "
+                        "and the eps bound (e.g. folders made before the hashes)")
     _add_run_options(p, evaluate=True)
     p.set_defaults(func=cmd_evaluate)
 
@@ -558,8 +561,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     results = evaluate_folder(args.folder, args.target, weights=args.weights, device=args.device,
                               batch_size=args.batch_size, quiet=args.quiet, data=args.data,
-                              prefetch=args.prefetch)
-    print(format_table(results, title=f"transfer success of {args.folder}"))
+                              prefetch=args.prefetch, check=not args.no_verify)
+    title = f"transfer success of {args.folder}" + (" (files NOT verified: --no-verify)"
+                                                      if args.no_verify else "")
+    print(format_table(results, title=title))
     _warn_calibration([args.folder], args.target)
     record_evaluation(args.folder, results)
     if args.json:
@@ -733,7 +738,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     SGM's blocks and gradient split on a few images of the data."""
     import dataclasses
 
-    import skipgrad
     from skipgrad.backward.inspect import (format_method_changes, format_report, inspect_model,
                                            method_changes, report_json)
     from skipgrad.data.images import atomic_write_text
@@ -742,7 +746,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     model, missing = _inspect_model(args.spec, args.weights, resolve_device(args.device))
     spec = model.config.spec
     methods = method_changes(model, _inspect_choices(args.backward))
-    has_blocks = bool(skipgrad.find_blocks(model))
+    sgm_problem = _sgm_problem(model)
+    has_blocks = sgm_problem is None
     _check_inspectable(spec, methods, has_blocks, args.backward)  # before any note: one line
     if missing:
         print(f"skipgrad: note: {missing}; analysing the architecture with random weights "
@@ -757,8 +762,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print("\n" + format_report(report))
         record.update(images=len(labels), **report_json(report))
     else:
-        print(f"\nSGM: {spec} has no residual or dense block (e.g. VGG, Inception-v3); nothing "
-              f"for SGM to decay")
+        print(f"\nSGM: {sgm_problem}")
     if args.json:
         atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
         print(f"wrote {args.json}")
@@ -772,6 +776,20 @@ def _inspect_choices(values: list[str | None] | None):
     if not values:
         return None
     return [choice for v in values if v for choice in parse_backward(v).methods]
+
+
+def _sgm_problem(model) -> str | None:
+    """Why SGM cannot change ``model`` (:func:`skipgrad.sgm_blocks`), or None when it can."""
+    import skipgrad
+
+    try:
+        skipgrad.sgm_blocks(model)
+    except skipgrad.NoDecayedBlockError as exc:
+        return _one_line(exc)
+    except skipgrad.NoResidualBlockError:
+        return (f"{model.config.spec} has no residual or dense block (e.g. VGG, Inception-v3); "
+                f"nothing for SGM to decay")
+    return None
 
 
 def _check_inspectable(spec: str, methods: list, has_blocks: bool, asked: list | None) -> None:

@@ -214,16 +214,19 @@ def run_demo(out: Path, *, limit: int | None = None, device: str = "auto", quiet
     from skipgrad.errors import UserError
     from skipgrad.runner import AttackJob, RunOptions
     from skipgrad.models import load_model
-    from skipgrad.backward import check_gamma, find_blocks
+    from skipgrad.backward import NoResidualBlockError, check_gamma, sgm_blocks
     from skipgrad.transfer import ModelRef, TransferPlan, run_transfer
 
     targets = zoo_targets()
     if source not in targets:
         raise UserError(f"the demo source must be a bundled zoo model with weights "
                         f"({', '.join(targets)}); got {source}")
-    if not find_blocks(load_model(source)):  # before any attack runs, not after the baselines
+    try:  # before any attack runs, not after the baselines
+        sgm_blocks(load_model(source))
+    except NoResidualBlockError as exc:
         raise UserError(f"the demo source {source} has no residual or dense blocks for SGM to "
-                        f"decay; choose a residual zoo model such as {DEMO_SOURCE}")
+                        f"decay ({exc}); choose a residual zoo model such as {DEMO_SOURCE}"
+                        ) from None
     check_gamma(gamma)
     plan = TransferPlan(
         sources=(ModelRef(source),), attacks=DEMO_ATTACKS, gammas=(None, gamma),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from skipgrad import distributed
+from skipgrad import distributed, verify
 from skipgrad.data.datasets import ImageDataset, Sample, open_dataset
 from skipgrad.data.images import atomic_write_text, read_image
 from skipgrad.errors import UserError
@@ -98,6 +98,8 @@ class AttackOutput:
     samples: list[Sample]
     files: list[Path]
     targeted: bool
+    # SHA-256 of each file as the attack wrote it (manifest.csv); None in manifests made before.
+    hashes: list[str | None] = field(default_factory=list)
 
 
 def open_attack_output(folder: Path, data_override: str | None = None,
@@ -116,7 +118,8 @@ def open_attack_output(folder: Path, data_override: str | None = None,
     data = _clean_data(config, data_override)
     samples = [_match(data, row, folder) for row in rows]
     return AttackOutput(folder, run, data, samples, [folder / r["file"] for r in rows],
-                        bool(config.get("targeted")))
+                        bool(config.get("targeted")),
+                        [r.get(verify.SHA_COLUMN) or None for r in rows])
 
 
 def _clean_data(config: dict, override: str | None) -> ImageDataset:
@@ -150,15 +153,59 @@ def clean_predictions(models: dict[str, WrappedModel], output: AttackOutput, bat
 
 
 def adversarial_predictions(models: dict[str, WrappedModel], output: AttackOutput,
-                            batch_size: int, quiet: bool = True,
-                            prefetch: int | None = None) -> dict[str, torch.Tensor]:
-    """Each target's predictions on the saved adversarial PNGs, each PNG decoded once for all
-    targets."""
-    def load(batch: Sequence[Path]) -> torch.Tensor:
-        return torch.stack([read_image(p, output.data.channels) for p in batch])
+                            batch_size: int, quiet: bool = True, prefetch: int | None = None,
+                            check: bool = True) -> dict[str, torch.Tensor]:
+    """Each target's predictions on the saved adversarial PNGs, each PNG read and decoded once for
+    all targets. With ``check`` each file is verified as it is read (:mod:`skipgrad.verify`):
+    its bytes against the manifest's SHA-256, its levels against the run's eps bound around the
+    clean image; any failure raises one :class:`~skipgrad.verify.VerificationError` (on every
+    rank of a sharded run) once the pass is done."""
+    if check:
+        _require_hashes(output)
+    mismatches: list[verify.Mismatch] = []  # appended from the loading thread
 
-    return _predictions(models, _batches(output.files, batch_size), load, "adversarial", quiet,
-                        prefetch)
+    def load(batch: Sequence[int]) -> torch.Tensor:
+        contents = [output.files[i].read_bytes() for i in batch]
+        adv = torch.stack([read_image(output.files[i], output.data.channels, data)
+                           for i, data in zip(batch, contents)])
+        if check:
+            mismatches.extend(_mismatches(output, batch, contents, adv))
+        return adv
+
+    indices = list(range(len(output.files)))
+    preds = _predictions(models, _batches(indices, batch_size), load, "adversarial", quiet,
+                         prefetch)
+    found = [m for part in distributed.gather(mismatches) for m in part]
+    if found:
+        raise verify.mismatch_error(output.folder, sorted(found, key=lambda m: m.file))
+    return preds
+
+
+def _require_hashes(output: AttackOutput) -> None:
+    missing = [_name(output, i) for i, sha in enumerate(output.hashes) if not sha]
+    if missing:
+        raise verify.unverifiable(output.folder, missing)
+
+
+def _mismatches(output: AttackOutput, batch: Sequence[int], contents: Sequence[bytes],
+                adv: torch.Tensor) -> list[verify.Mismatch]:
+    """The files of ``batch`` whose bytes differ from the manifest's hash or whose levels leave
+    the run's eps ball around their clean images (one entry per file, every reason)."""
+    config = output.run.get("config", {})
+    clean = verify.levels(output.data.load([output.samples[i] for i in batch]))
+    found = []
+    for k, (i, data) in enumerate(zip(batch, contents)):
+        reasons = [] if verify.sha256_hex(data) == output.hashes[i] else ["SHA-256 differs"]
+        outside = verify.bound_violation(verify.levels(adv[k]), clean[k], float(config["eps"]),
+                                         config.get("norm", "linf"))
+        reasons += [outside] if outside else []
+        if reasons:
+            found.append(verify.Mismatch(_name(output, i), "; ".join(reasons)))
+    return found
+
+
+def _name(output: AttackOutput, index: int) -> str:
+    return str(output.files[index].relative_to(output.folder))
 
 
 def _predictions(models: dict[str, WrappedModel], batches: Sequence[Sequence], load: Callable,
@@ -204,13 +251,17 @@ def score(target: str, output: AttackOutput, clean: torch.Tensor, adv: torch.Ten
 def evaluate_folder(folder: Path, targets: Sequence[str], *,
                     weights: Sequence[str | None] | None = None, device: str = "auto",
                     batch_size: int | None = None, quiet: bool = False,
-                    data: str | None = None, prefetch: int | None = None
-                    ) -> dict[str, TargetResult]:
+                    data: str | None = None, prefetch: int | None = None,
+                    check: bool = True) -> dict[str, TargetResult]:
     """Evaluate every target spec on one attack folder (``data`` overrides where the clean images
-    are, should they have moved since the attack)."""
+    are, should they have moved since the attack); ``check=False`` skips the verification of the
+    files (``evaluate --no-verify``)."""
     output = open_attack_output(folder, data)
+    if check:
+        _require_hashes(output)  # before any model is loaded
     models = load_targets(targets, weights, distributed.device_for(resolve_device(device)))
-    return evaluate_output(output, models, batch_size=batch_size, quiet=quiet, prefetch=prefetch)
+    return evaluate_output(output, models, batch_size=batch_size, quiet=quiet, prefetch=prefetch,
+                           check=check)
 
 
 def load_targets(targets: Sequence[str], weights: Sequence[str | None] | None,
@@ -230,21 +281,23 @@ def load_targets(targets: Sequence[str], weights: Sequence[str | None] | None,
 def evaluate_output(output: AttackOutput, models: dict[str, WrappedModel], *,
                     batch_size: int | None = None, quiet: bool = False,
                     clean_cache: dict | None = None,
-                    prefetch: int | None = None) -> dict[str, TargetResult]:
+                    prefetch: int | None = None, check: bool = True) -> dict[str, TargetResult]:
     """Score each target on an opened attack output; ``clean_cache`` reuses clean predictions
     across folders that share their clean images (as in a transfer matrix). ``batch_size``
     defaults to the device's (``DEFAULT_EVAL_BATCH``); ``prefetch`` to a depth decided from the
-    first batch's load and prediction times."""
+    first batch's load and prediction times. The adversarial files are verified as they are read
+    unless ``check`` is False (see :func:`adversarial_predictions`); they are read first, so a bad
+    folder fails early."""
     device = next(next(iter(models.values())).parameters()).device if models else None
     batch_size = batch_size or DEFAULT_EVAL_BATCH["cuda" if getattr(device, "type", "") == "cuda"
                                                   else "cpu"]
     cache = clean_cache if clean_cache is not None else {}
     keys = {spec: (spec, model.config.weights_sha256, output.data.spec,
                    tuple(s.id for s in output.samples)) for spec, model in models.items()}
+    adversarial = adversarial_predictions(models, output, batch_size, quiet, prefetch, check)
     uncached = {spec: model for spec, model in models.items() if keys[spec] not in cache}
     for spec, preds in clean_predictions(uncached, output, batch_size, quiet, prefetch).items():
         cache[keys[spec]] = preds
-    adversarial = adversarial_predictions(models, output, batch_size, quiet, prefetch)
     return {spec: score(spec, output, cache[keys[spec]], adversarial[spec]) for spec in models}
 
 

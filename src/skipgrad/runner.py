@@ -3,7 +3,8 @@
 Output folder::
 
     DIR/run.json        what was run (the config that must match to resume) and the environment
-    DIR/manifest.csv    one row per finished image: id, file, label, target_label, source_pred
+    DIR/manifest.csv    one row per finished image: id, file, label, target_label, source_pred,
+                        sha256 (of the PNG as written; evaluate verifies the files against it)
     DIR/images/...      lossless 8-bit PNGs, one per input, relative paths kept, suffix .png
 
 Every file is written atomically; the manifest is rewritten after each image group, so an
@@ -38,17 +39,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from skipgrad import distributed, outdir, units
+from skipgrad import distributed, outdir, units, verify
 from skipgrad.attacks.config import AttackSpec
 from skipgrad.data.datasets import ImageDataset, Sample, open_dataset
-from skipgrad.data.images import atomic_write_text, to_uint8, write_pngs
+from skipgrad.data.images import atomic_write_many, atomic_write_text, png_bytes, to_uint8
 from skipgrad.data.prefetch import adaptively_prefetched, choose_depth, prefetched
-from skipgrad.errors import UserError
+from skipgrad.errors import InputError, UserError
 from skipgrad.models import WrappedModel, load_model, resolve_config
 from skipgrad.models.defenses import split_spec
 
 RUN_FORMAT = 1
-MANIFEST_COLUMNS = ("id", "file", "label", "target_label", "source_pred")
+# sha256: of the PNG as written, checked by evaluate (skipgrad.verify); empty in older folders.
+MANIFEST_COLUMNS = ("id", "file", "label", "target_label", "source_pred", "sha256")
 # Images per attack call when --batch-size is not given for a new folder. CPU: the fastest
 # group measured on 2 cores (docs/scale.md, "Throughput"); larger groups only add memory. CUDA:
 # a GPU is mostly idle below a few dozen images per call, and 64 ImageNet images at 224x224 fit
@@ -314,7 +316,7 @@ def backward_record(job: AttackJob, models: Sequence[WrappedModel]) -> list[list
         with contextlib.ExitStack() as stack:  # entering them all finds conflicts, then leaves
             for context in contexts:
                 stack.enter_context(context)
-    except (skipgrad.NothingToChangeError, skipgrad.BackwardConflictError, ValueError) as exc:
+    except InputError as exc:  # nothing to change, a conflict, a bad start=: the user's to fix
         raise UserError(f"--backward {_plan_text(plans, models)}: {exc}") from None
     by_method = iter(c for c in contexts if not isinstance(c, skipgrad.skip_gradient))
     return [[] if plan is None else [_method_record(choice, next(by_method))
@@ -520,20 +522,12 @@ def image_file(sample: Sample) -> str:
 
 
 def check_bound(adv: np.ndarray, clean: np.ndarray, job: AttackJob, name: str) -> None:
-    """Assert the perturbation bound on the 8-bit levels about to be saved."""
-    diff = adv.astype(np.int16) - clean.astype(np.int16)
-    eps = job.attack.eps * 255  # in levels, like the saved files
-    if job.attack.norm == "linf":
-        limit = math.floor(eps + 1e-6)
-        worst = int(np.abs(diff).max()) if diff.size else 0
-        ok = worst <= limit
-    else:
-        worst = float(np.sqrt((diff.astype(np.float64) ** 2).sum()))
-        limit = eps
-        ok = worst <= limit * (1 + 1e-6) + 1e-6
-    if not ok:
-        raise RuntimeError(f"refusing to save {name}: perturbation {worst} levels exceeds the "
-                           f"{job.attack.norm} bound {limit} (this is a bug in the attack; please report)")
+    """Assert the perturbation bound on the 8-bit levels about to be saved (the same check
+    ``evaluate`` repeats on the saved files)."""
+    why = verify.bound_violation(adv, clean, job.attack.eps * 255, job.attack.norm)
+    if why is not None:
+        raise RuntimeError(f"refusing to save {name}: perturbation {why} exceeds the bound "
+                           f"(this is a bug in the attack; please report)")
 
 
 def run_attack_job(job: AttackJob, out: Path, opts: RunOptions = RunOptions(),
@@ -612,15 +606,22 @@ def clean_accuracy_report(data: ImageDataset, models: Sequence[WrappedModel],
 
 
 def _check_sgm(job: AttackJob, models: Sequence[WrappedModel]) -> None:
-    """SGM needs residual/dense blocks; say so before the folder is claimed, not mid-run."""
+    """SGM must be able to change every source it is asked for (blocks it decays, or the
+    official placement); say so before the folder is claimed, not mid-run."""
+    for model, gamma in zip(models, job.attack.sgm_per_source(len(models))):
+        if gamma is not None:
+            require_sgm(model, official=job.attack.sgm_official)
+
+
+def require_sgm(model: WrappedModel, *, official: bool = False, flag: str = "--sgm") -> None:
+    """:func:`skipgrad.sgm_blocks` as a command-line error: one line that names the flag."""
     import skipgrad
 
-    for model, gamma in zip(models, job.attack.sgm_per_source(len(models))):
-        if gamma is not None and not skipgrad.find_blocks(model):
-            fix = ("drop --sgm" if len(models) == 1 else "give one --sgm per --source, in "
-                   "order, with --sgm none for this source")
-            raise UserError(f"--sgm needs residual or dense blocks and {model.config.spec} has "
-                            f"none; {fix}")
+    try:
+        skipgrad.sgm_blocks(model, official=official)
+    except (skipgrad.NothingToChangeError, skipgrad.UnsupportedOfficialModelError) as exc:
+        raise UserError(f"{flag} cannot change {model.config.spec}: {exc}; drop --sgm for it "
+                        f"(with several --source, give --sgm none in its place)") from None
 
 
 def _attack_missing(job: AttackJob, out: Path, opts: RunOptions, data: ImageDataset,
@@ -765,11 +766,16 @@ def _attack_group(job: AttackJob, out: Path, attacker: tuple[list[torch.nn.Modul
     for sample, adv_levels, image in zip(batch, levels, clean):
         check_bound(adv_levels, to_uint8(image), job, sample.name)
     wanted = {s.id for s in missing}
-    write_pngs([(adv_levels, outdir.inside(out, image_file(sample)))
-                for sample, adv_levels in zip(batch, levels) if sample.id in wanted])
+    encoded = {s.id: png_bytes(a) for s, a in zip(batch, levels) if s.id in wanted}
+    # The manifest records the hash of exactly the bytes written.
+    if encoded:
+        atomic_write_many([(outdir.inside(out, image_file(s)), encoded[s.id])
+                           for s in batch if s.id in wanted])
+    hashes = {i: verify.sha256_hex(data) for i, data in encoded.items()}
     preds = predict(models, _from_levels(levels, adv.shape, device))
     return [{"id": s.id, "file": image_file(s), "label": s.label,
-             "target_label": "" if s.target is None else s.target, "source_pred": int(p)}
+             "target_label": "" if s.target is None else s.target, "source_pred": int(p),
+             verify.SHA_COLUMN: hashes[s.id]}
             for s, p in zip(batch, preds.tolist()) if s.id in wanted]
 
 

@@ -30,20 +30,22 @@ from skipgrad.backward.registry import (BackwardPlan, BackwardSpecError, MethodC
                                         parse_backward, register_method)
 from skipgrad.backward.sgm import (
     BlockInfo,
+    NoDecayedBlockError,
     NoResidualBlockError,
     UnsupportedOfficialModelError,
     check_gamma,
     find_blocks,
+    sgm_blocks,
     skip_gradient,
 )
 from skipgrad.backward.tgr import TGRSettings, tgr
 
 __all__ = [
     "BLOCKS", "BackwardConflictError", "BackwardContext", "BackwardPlan", "BackwardSpecError",
-    "BlockInfo", "BlockKind", "Change", "MethodChoice", "NoAttentionError", "NoResidualBlockError",
-    "NothingToChangeError", "TGRSettings", "UnsupportedOfficialModelError", "bpa", "check_gamma",
-    "find_blocks", "linbp", "parse_backward", "pna", "register_block", "register_method",
-    "skip_gradient", "tgr",
+    "BlockInfo", "BlockKind", "Change", "MethodChoice", "NoAttentionError", "NoDecayedBlockError",
+    "NoResidualBlockError", "NothingToChangeError", "TGRSettings", "UnsupportedOfficialModelError",
+    "bpa", "check_gamma", "find_blocks", "linbp", "parse_backward", "pna", "register_block",
+    "register_method", "sgm_blocks", "skip_gradient", "tgr",
 ]
 from skipgrad.backward import families  # noqa: E402,F401  (registers the timm/torchvision families)
 from skipgrad.backward.registry import register_builtin_methods  # noqa: E402

@@ -82,8 +82,10 @@ class ForwardSwap:
 
 
 def model_label(model: nn.Module) -> str:
-    """How messages name a model: its class."""
-    return type(model).__name__
+    """How messages name a model: its spec when it is a loaded model (``zoo:fmnist-cnn``; every
+    loaded model shares one wrapper class), else its class."""
+    spec = getattr(getattr(model, "config", None), "spec", None)
+    return spec if isinstance(spec, str) else type(model).__name__
 
 
 def module_names(model: nn.Module) -> dict[int, str]:

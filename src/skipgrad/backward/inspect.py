@@ -24,6 +24,7 @@ from torch import nn
 
 from skipgrad.backward.blocks import BLOCKS
 from skipgrad.backward.sgm import find_blocks, skip_gradient
+from skipgrad.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -297,7 +298,6 @@ class MethodChanges:
 def method_changes(model: nn.Module, choices: list | None = None) -> list[MethodChanges]:
     """Build each method (``MethodChoice``; default: every registered one with its defaults) on
     ``model`` without entering it, and list what it would change or why it does not apply."""
-    from skipgrad.backward.base import NothingToChangeError
     from skipgrad.backward.registry import choose, known_methods, resolved_settings
 
     if choices is None:
@@ -307,7 +307,7 @@ def method_changes(model: nn.Module, choices: list | None = None) -> list[Method
     for choice in choices:
         try:
             context = choice.build(model)
-        except (NothingToChangeError, ValueError) as exc:
+        except InputError as exc:  # the method does not apply here: say why, list the others
             found.append(MethodChanges(choice.label, choice.info.summary, dict(choice.settings),
                                        (), " ".join(str(exc).split())))
             continue

@@ -22,6 +22,12 @@ class NoResidualBlockError(NothingToChangeError):
     """The model holds no block that skip_gradient knows how to decay."""
 
 
+class NoDecayedBlockError(NoResidualBlockError):
+    """The model holds residual blocks, but SGM's rule decays none of them: every one is the first
+    block of its stage (e.g. timm ``resnet10t``, one block per stage), which the authors' rule
+    leaves undecayed. Refused rather than run as the plain gradient under an SGM label."""
+
+
 class UnsupportedOfficialModelError(InputError):
     """``official=True`` was asked for a model the authors' release does not cover."""
 
@@ -91,6 +97,22 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module, BlockInfo]]:
     return found
 
 
+def sgm_blocks(model: nn.Module, *, official: bool = False) -> list[BlockInfo]:
+    """The blocks :func:`skip_gradient` would find in ``model`` (with whether each is decayed),
+    or the reason it cannot change the model's gradient at all.
+
+    The one "can SGM work on this model" check: the command line, ``--sgm auto``, the demo and
+    ``inspect`` all call it before any work, and it applies exactly the rules ``skip_gradient``
+    applies (it builds one; nothing is attached).
+
+    Raises:
+        NoResidualBlockError: no residual or dense block at all.
+        NoDecayedBlockError: blocks, but none that the rule decays (a subclass of the above).
+        UnsupportedOfficialModelError: ``official=True`` on a model the release does not cover.
+    """
+    return skip_gradient(model, 1.0, official=official).blocks
+
+
 class skip_gradient(BackwardContext):  # noqa: N801 - a context manager named like torch.no_grad
     """Decay the gradient through the residual branches of ``model`` by ``gamma`` (SGM).
 
@@ -108,7 +130,8 @@ class skip_gradient(BackwardContext):  # noqa: N801 - a context manager named li
 
     Raises:
         ValueError: gamma outside (0, 1].
-        NoResidualBlockError: the model holds no residual or dense block (a ``ValueError``).
+        NoResidualBlockError: the model holds no residual or dense block (a ``ValueError``), or
+            (:class:`NoDecayedBlockError`) holds only blocks the rule leaves undecayed.
         UnsupportedOfficialModelError: ``official=True`` on a model the release does not cover.
 
     Forward values are identical with and without the context. Every hook is removed on exit,
@@ -135,6 +158,13 @@ class skip_gradient(BackwardContext):  # noqa: N801 - a context manager named li
                 f"skip_gradient found no residual or dense block in {model_label(self.model)}; "
                 "SGM needs skip connections (register new block types with "
                 "skipgrad.register_block)")
+        if not any(info.decayed for info in self.blocks):
+            raise NoDecayedBlockError(
+                f"skip_gradient would decay none of the {len(self.blocks)} residual blocks of "
+                f"{model_label(self.model)}: each is the first block of its stage, which SGM "
+                f"leaves undecayed as the authors' release does, so the gradient would be the "
+                f"plain one; use a source with several blocks per stage (or official=True / "
+                f"--sgm-official on a torchvision ResNet or DenseNet)")
         return [self._decay_branch_of(module) for _, module, info in self._found if info.decayed]
 
     def _changes(self) -> list[Change]:

@@ -62,13 +62,14 @@ def peek(path: Path) -> tuple[str, tuple[int, int]]:
 
 
 @contextlib.contextmanager
-def _opened(path: Path) -> Iterator[Image.Image]:
-    """Open an image with the pixel limit checked from its header and every failure (including
-    Pillow's bomb warning, turned into an error) reported as a UserError naming the file."""
+def _opened(path: Path, data: bytes | None = None) -> Iterator[Image.Image]:
+    """Open an image (from ``data`` when given: its bytes, already read) with the pixel limit
+    checked from its header and every failure (including Pillow's bomb warning, turned into an
+    error) reported as a UserError naming the file."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(path if data is None else io.BytesIO(data)) as img:
                 if img.width * img.height > MAX_PIXELS:
                     raise UserError(f"refusing image {path}: {img.width}x{img.height} pixels is "
                                     f"above the limit of {MAX_PIXELS} (decompression bomb?)")
@@ -92,10 +93,11 @@ def is_gray_mode(mode: str) -> bool:
     return mode in _GRAY_MODES
 
 
-def read_image(path: Path, channels: int) -> torch.Tensor:
+def read_image(path: Path, channels: int, data: bytes | None = None) -> torch.Tensor:
     """Decode an image fully into a float tensor (channels, H, W) in [0, 1] on 8-bit levels,
-    with the conversions listed in the module docstring."""
-    with _opened(path) as img:
+    with the conversions listed in the module docstring (from ``data``, the file's bytes, when
+    the caller has read them already, e.g. to hash them)."""
+    with _opened(path, data) as img:
         _check_mode(path, img)
         img.load()  # decode now, so truncated files fail here with their name
         array = _to_levels(path, img, channels)

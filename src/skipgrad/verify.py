@@ -1,0 +1,86 @@
+"""Are an attack folder's PNGs the ones the attack wrote, within the attack's bound?
+
+``attack`` records each PNG's SHA-256 in manifest.csv as it writes the file. Before scoring,
+``evaluate`` (and ``transfer``, ``sweep`` and ``demo``, which evaluate the folders they made) checks
+every file: its bytes are hashed as they are read for decoding -- one read, no separate pass -- and
+compared with the manifest, and its 8-bit levels are compared with the clean image's under the
+run's eps (L-inf: at most ``floor(eps)`` levels per pixel; L2: a level-difference norm of at most
+``eps``). Any mismatch is one :class:`VerificationError` naming the first files and the count.
+``evaluate --no-verify`` skips all of this for folders one vouches for by other means (e.g. made
+by a skipgrad older than the hashes, which cannot be verified).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from skipgrad.errors import UserError
+
+SHA_COLUMN = "sha256"
+# How many offending files a one-line error names before it only counts the rest.
+_NAMED = 3
+
+
+class VerificationError(UserError):
+    """Adversarial files differ from what the attack wrote, or cannot be checked."""
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """One file that failed verification, and why."""
+
+    file: str
+    reason: str
+
+
+def sha256_hex(data: bytes) -> str:
+    """Hex SHA-256 of bytes (the manifest's ``sha256`` column)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def bound_violation(adv: np.ndarray, clean: np.ndarray, eps_levels: float,
+                    norm: str) -> str | None:
+    """Why 8-bit ``adv`` breaks the ``norm`` ball of radius ``eps_levels`` (pixel levels out of
+    255) around 8-bit ``clean``, or None when it does not. The one definition of the bound that
+    the attack checks before saving and ``evaluate`` checks again on the saved files."""
+    diff = adv.astype(np.int16) - clean.astype(np.int16)
+    if norm == "linf":
+        limit = math.floor(eps_levels + 1e-6)
+        worst = int(np.abs(diff).max()) if diff.size else 0
+        return None if worst <= limit else f"L-inf {worst} levels > {limit}"
+    worst_l2 = float(np.sqrt((diff.astype(np.float64) ** 2).sum()))
+    if worst_l2 <= eps_levels * (1 + 1e-6) + 1e-6:
+        return None
+    return f"L2 {worst_l2:.4g} levels > {eps_levels:g}"
+
+
+def levels(images: torch.Tensor) -> np.ndarray:
+    """Float images in [0, 1] on 8-bit levels -> their uint8 levels (any layout)."""
+    return images.detach().cpu().mul(255).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def unverifiable(folder: object, files: list[str]) -> VerificationError:
+    """The error for manifest rows that carry no hash (written by an older skipgrad)."""
+    return VerificationError(
+        f"{folder}: {len(files)} of its adversarial files ({_named(files)}) have no SHA-256 in "
+        f"manifest.csv (written by an older skipgrad), so they cannot be verified; re-run the "
+        f"attack into a new folder, or pass `evaluate --no-verify` to score them unverified")
+
+
+def mismatch_error(folder: object, mismatches: list[Mismatch]) -> VerificationError:
+    """One line naming the first offending files, their reasons and how many there are."""
+    shown = [f"{m.file} ({m.reason})" for m in mismatches[:_NAMED]]
+    more = f" and {len(mismatches) - _NAMED} more" if len(mismatches) > _NAMED else ""
+    return VerificationError(
+        f"{folder}: {len(mismatches)} adversarial file(s) are not what the attack wrote: "
+        f"{', '.join(shown)}{more}; re-run the attack to rewrite them (delete them first), or "
+        f"pass `evaluate --no-verify` to score them anyway")
+
+
+def _named(files: list[str]) -> str:
+    more = f" and {len(files) - _NAMED} more" if len(files) > _NAMED else ""
+    return ", ".join(files[:_NAMED]) + more
