@@ -31,6 +31,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from skipgrad.backward.base import Attacher, ForwardSwap, Removable
+from skipgrad.errors import InputError
 
 # Attention modules whose map the methods reach through scaled_dot_product_attention or softmax.
 ATTENTION_TYPES: tuple[type | str, ...] = (
@@ -206,7 +207,7 @@ def _check_plain_self_attention(mha: nn.MultiheadAttention, call: dict[str, Any]
     ]
     found = [name for name, present in problems if present]
     if found:
-        raise ValueError(f"{method} supports nn.MultiheadAttention as plain batched self-attention "
+        raise InputError(f"{method} supports nn.MultiheadAttention as plain batched self-attention "
                          f"(as torchvision's ViT calls it); this call has {', '.join(found)}")
 
 

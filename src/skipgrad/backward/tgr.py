@@ -44,6 +44,7 @@ from skipgrad.backward.attention import (AttentionMode, AttributeSwap, bind_mult
 from skipgrad.backward.base import (Attacher, BackwardContext, Change, HandleGroup, Removable,
                                     model_label)
 from skipgrad.backward.pna import require_attention
+from skipgrad.errors import InputError
 
 GradientTransform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -62,9 +63,9 @@ class TGRSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not math.isfinite(value) or value < 0:
-                raise ValueError(f"tgr {name} must be a finite number >= 0, got {value!r}")
+                raise InputError(f"tgr {name} must be a finite number >= 0, got {value!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
-            raise ValueError(f"tgr top_k must be an integer >= 1, got {self.top_k!r}")
+            raise InputError(f"tgr top_k must be an integer >= 1, got {self.top_k!r}")
 
 
 def extreme_indices(values: torch.Tensor, dim: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,14 +186,14 @@ class _TokenRegularizedAttention(AttentionMode):
 
     def attention(self, call: dict[str, Any]) -> torch.Tensor:
         if call["dropout_p"] > 0:
-            raise ValueError("tgr needs attention dropout off: put the model in eval mode")
+            raise InputError("tgr needs attention dropout off: put the model in eval mode")
         if call["query"].dim() != 4:
-            raise ValueError("tgr expects attention inputs shaped (batch, heads, tokens, "
+            raise InputError("tgr expects attention inputs shaped (batch, heads, tokens, "
                              f"features), got {tuple(call['query'].shape)}")
         return regularized_attention(call, self.settings)
 
     def softmax(self, func: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
-        raise ValueError(
+        raise InputError(
             f"tgr cannot regularize {type(self.module).__name__}: it computed its attention map "
             "with an explicit softmax, not scaled_dot_product_attention")
 
@@ -273,7 +274,7 @@ class tgr(BackwardContext):  # noqa: N801 - a context manager named like torch.n
 
         def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
             if output.dim() != 3:
-                raise ValueError("tgr expects MLP outputs shaped (batch, tokens, channels), "
+                raise InputError("tgr expects MLP outputs shaped (batch, tokens, channels), "
                                  f"got {tuple(output.shape)}")
             return _TransformGradient.apply(output, transform)
 
@@ -297,5 +298,5 @@ class tgr(BackwardContext):  # noqa: N801 - a context manager named like torch.n
 def _check_reachable(name: str, module: nn.Module) -> None:
     # TGR edits gradients inside the attention call; modules without a fused path never make one.
     if not (isinstance(module, nn.MultiheadAttention) or hasattr(module, "fused_attn")):
-        raise ValueError(f"tgr cannot regularize {name} ({type(module).__name__}): its attention "
+        raise InputError(f"tgr cannot regularize {name} ({type(module).__name__}): its attention "
                          "map is not computed by scaled_dot_product_attention")
