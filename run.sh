@@ -13,9 +13,11 @@ VENV=${VENV:-.venv}
 
 setup() {
   if [ ! -x "$VENV/bin/python" ]; then "$PYTHON" -m venv "$VENV"; fi
-  # Reinstall only when the project metadata changed since the last install.
-  if [ ! -f "$VENV/.installed" ] || [ pyproject.toml -nt "$VENV/.installed" ]; then
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check -e '.[test]'
+  # Reinstall only when the project metadata or the pinned versions changed since the last
+  # install. constraints.txt pins the exact versions the tests ran with (pyproject has ranges).
+  if [ ! -f "$VENV/.installed" ] || [ pyproject.toml -nt "$VENV/.installed" ] \
+      || [ constraints.txt -nt "$VENV/.installed" ]; then
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
     touch "$VENV/.installed"
   fi
   bash scripts/install-fashion-mnist.sh

@@ -104,7 +104,8 @@ def test_each_image_is_decoded_once_for_all_targets(tmp_path: Path, monkeypatch)
     targets = ["zoo:fmnist-cnn", "zoo:fmnist-vgg"]
     alone = {t: evaluate.evaluate_folder(out, [t], quiet=True, batch_size=4)[t] for t in targets}
     decoded, real_read = [], evaluate.read_image
-    monkeypatch.setattr(evaluate, "read_image", lambda p, c: decoded.append(p) or real_read(p, c))
+    monkeypatch.setattr(evaluate, "read_image",
+                        lambda p, c, *data: decoded.append(p) or real_read(p, c, *data))
     together = evaluate.evaluate_folder(out, targets, quiet=True, batch_size=4)
     assert sorted(decoded) == sorted((out / "images").glob("*.png"))  # 10 files, each once
     assert together == alone and all(r.n == 10 for r in together.values())

@@ -342,3 +342,114 @@ def test_sgm_blocks_is_the_one_check_and_lists_what_is_decayed(tiny_resnet) -> N
     callers = [p.relative_to(src).as_posix() for p in src.rglob("*.py")
                if "backward" not in p.parts and re.search(r"find_blocks\(", p.read_text())]
     assert callers == []
+
+
+# ---------------------------------------------------------------- 6. smaller ones
+
+def test_sgm_auto_record_is_written_while_the_folder_is_locked(tmp_path, monkeypatch) -> None:
+    """The calibration record enters run.json together with the run's claim, inside the lock."""
+    import json
+
+    import skipgrad.cli as cli
+    from skipgrad import outdir
+
+    record = {"chosen_gamma": 0.5, "mean": {"0.5": 0.1}, "held_out": ["zoo:fmnist-vgg"], "n": 1}
+    monkeypatch.setattr(cli, "_auto_gamma", lambda args, job: (_with_sgm(job, 0.5), record))
+    seen = []
+    real_claim = __import__("skipgrad.runner", fromlist=["claim_folder"]).claim_folder
+
+    def claim(out, *args, **kwargs):
+        seen.append((Path(out) / outdir.LOCK_NAME).exists())
+        return real_claim(out, *args, **kwargs)
+
+    monkeypatch.setattr("skipgrad.runner.claim_folder", claim)
+    out = tmp_path / "out"
+    assert main(["attack", "--source", "zoo:fmnist-resnet20", "--sgm", "auto", "--data",
+                 "fmnist:test", "--limit", "1", "--steps", "1", "--out", str(out),
+                 "--quiet"]) == 0
+    assert seen == [True]
+    assert json.loads((out / "run.json").read_text())["sgm_auto"] == record
+
+
+def _with_sgm(job, gamma):
+    import dataclasses
+
+    return dataclasses.replace(job, attack=dataclasses.replace(job.attack, sgm=gamma))
+
+
+def test_only_rank_zero_writes_sweep_json(tmp_path, monkeypatch) -> None:
+    from skipgrad import distributed, sweep
+    from skipgrad.report import TransferRow
+    from skipgrad.runner import AttackJob
+    from skipgrad.transfer import ModelRef, TransferResult
+
+    rows = [TransferRow("zoo:a", "ifgsm", g, "zoo:b", 0.5, 4, (0.1, 0.9)) for g in (None, 0.5)]
+    monkeypatch.setattr(sweep, "run_transfer", lambda *a, **k: TransferResult(rows))
+    for rank, written in ((1, False), (0, True)):
+        monkeypatch.setattr(distributed, "_WORLD", distributed.World(rank, 1 + rank))
+        monkeypatch.setattr(distributed, "_broadcast", lambda outcome: outcome)  # no group here
+        out = tmp_path / f"rank{rank}"
+        out.mkdir()
+        sweep.run_sweep(ModelRef("zoo:a"), "ifgsm", [0.5], [ModelRef("zoo:b")],
+                        AttackJob(sources=(), data="fmnist:test"), out)
+        assert (out / "sweep.json").exists() is written
+
+
+def test_one_eval_mode_context_serves_the_attack_loop_and_inspect(tiny_resnet) -> None:
+    import skipgrad.attacks.loop as loop
+    import skipgrad.backward.inspect as inspect_module
+    from skipgrad.backward.base import evaluation_mode
+
+    assert loop.evaluation_mode is evaluation_mode
+    assert not hasattr(inspect_module, "_eval_mode")
+    tiny_resnet.train()
+    tiny_resnet.layer1[0].eval()
+    with evaluation_mode([tiny_resnet]):
+        assert not any(m.training for m in tiny_resnet.modules())
+    assert tiny_resnet.training and not tiny_resnet.layer1[0].training
+
+
+def test_readme_lists_every_command_with_flags_that_exist() -> None:
+    import re
+
+    from skipgrad.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse has no API
+    for name in commands:
+        assert f"skipgrad {name}" in readme, f"README's command list omits `skipgrad {name}`"
+    flags = {opt for sub in commands.values() for action in sub._actions
+             for opt in action.option_strings}
+    block = readme.split("## Command line", 1)[1].split("## Python API", 1)[0]
+    unknown = sorted(set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", block)) - flags)
+    assert not unknown, f"README names flags no command has: {unknown}"
+    assert "--sgm GAMMA|auto" in block and "--source-weights" in block
+    assert "DESIGN section" not in readme  # DESIGN.md is not in the repository
+
+
+# ---------------------------------------------------------------- 7. ranges, and pins for CI
+
+def test_pyproject_declares_ranges_and_constraints_pin_versions_inside_them() -> None:
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    requirements = {Requirement(r).name: Requirement(r) for r in project["project"]["dependencies"]}
+    pins = {}
+    for line in (root / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            pin = Requirement(line)
+            (spec,) = pin.specifier
+            assert spec.operator == "==", line
+            pins[pin.name] = spec.version
+    for name in ("torch", "torchvision", "timm"):
+        assert not any(s.operator in ("==", "===") for s in requirements[name].specifier), name
+        assert requirements[name].specifier.contains(pins[name]), (name, pins[name])
+    assert pins["torch"] == "2.14.1" and pins["torchvision"] == "0.29.1"
+    run_sh = (root / "run.sh").read_text()
+    assert "-c constraints.txt" in run_sh
+    markers = " ".join(project["tool"]["pytest"]["ini_options"]["markers"])
+    assert "bash run.sh test-slow" in markers and "test-slow)" in run_sh

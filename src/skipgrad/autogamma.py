@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 from skipgrad.data.datasets import ImageDataset, Sample, open_dataset
-from skipgrad.data.images import atomic_write_text
 from skipgrad.errors import UserError
 from skipgrad.runner import (LEGACY_GROUP_SIZE, AttackJob, default_group_size, image_groups,
                              job_record, load_sources, predict, read_run, require_sgm)
@@ -241,15 +240,6 @@ def _settings(job: AttackJob, held: Sequence[tuple[str, str | None]], request: A
     return json.loads(json.dumps({
         "attack": attack, "held_out": [list(h) for h in held], "gammas": list(request.gammas),
         "calibration_data": split.data.spec, "calibration_ids": split.ids(), **groups}))
-
-
-def record_calibration(out: Path, record: dict) -> None:
-    """Add the ``sgm_auto`` record to ``out/run.json`` (written by the runner), atomically."""
-    run = read_run(out)
-    if run is None:
-        raise UserError(f"{out} has no run.json to record the --sgm auto calibration in")
-    run["sgm_auto"] = record
-    atomic_write_text(out / "run.json", json.dumps(run, indent=2) + "\n")
 
 
 def format_calibration(record: dict) -> str:

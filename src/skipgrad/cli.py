@@ -499,12 +499,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
     record = None
     if auto:  # gamma is resolved before the runner sees the job: run.json holds a plain float
         job, record = _auto_gamma(args, job)
-    summary = run_attack_job(job, args.out, _options(args), log=_log(args.quiet))
+    # The calibration record is written with run.json's claim, inside the folder's lock.
+    notes = {"sgm_auto": record} if record is not None else None
+    summary = run_attack_job(job, args.out, _options(args), log=_log(args.quiet), notes=notes)
     if record is not None:
-        from skipgrad import distributed
-        from skipgrad.autogamma import record_calibration
-
-        distributed.on_main(lambda: record_calibration(args.out, record))
         print(f"--sgm auto chose gamma {job.attack.sgm:g} "
               f"(calibration curve in {args.out}/run.json)")
     compiled = (f", after {summary.compile_seconds:.1f} s compiling"

@@ -398,9 +398,10 @@ def read_run(out: Path) -> dict | None:
         raise UserError(f"{path} is not valid JSON ({exc}); it is not a skipgrad run folder") from exc
 
 
-def claim_folder(out: Path, identity: dict, env: dict) -> None:
+def claim_folder(out: Path, identity: dict, env: dict, notes: dict | None = None) -> None:
     """Write run.json, or check that the folder holds this same run. A folder whose run has
-    finished images is refused to any other config; one with none yet is simply taken over."""
+    finished images is refused to any other config; one with none yet is simply taken over.
+    ``notes`` are further top-level records written with the claim (e.g. ``sgm_auto``)."""
     existing = read_run(out)
     if existing is None and ((out / "images").exists() or (out / "manifest.csv").exists()):
         raise UserError(f"output folder {out} holds images or a manifest but no run.json; "
@@ -410,7 +411,7 @@ def claim_folder(out: Path, identity: dict, env: dict) -> None:
                         f"use another --out or remove it")
     if existing is not None:  # what the folder already holds stays true in run.json
         env = _carried_over(existing.get("environment") or {}, env, bool(read_manifest(out)))
-    record = {"format": RUN_FORMAT, "config": identity, "environment": env}
+    record = {"format": RUN_FORMAT, "config": identity, "environment": env, **(notes or {})}
     atomic_write_text(out / "run.json", json.dumps(record, indent=2) + "\n")
 
 
@@ -499,13 +500,13 @@ def remove_stale_temp_files(out: Path) -> int:
     return len(stale)
 
 
-def prepare_folder(out: Path, identity: dict, env: dict) -> None:
+def prepare_folder(out: Path, identity: dict, env: dict, notes: dict | None = None) -> None:
     """Make ``out`` ready for this run (rank 0 only): tidy what a killed run left, claim
-    run.json."""
+    run.json (with ``notes``, see :func:`claim_folder`)."""
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out)
     merge_manifest_parts(out)
-    claim_folder(out, identity, env)
+    claim_folder(out, identity, env, notes)
 
 
 def image_groups(samples: Sequence[Sample], size: int) -> list[list[Sample]]:
@@ -531,8 +532,10 @@ def check_bound(adv: np.ndarray, clean: np.ndarray, job: AttackJob, name: str) -
 
 
 def run_attack_job(job: AttackJob, out: Path, opts: RunOptions = RunOptions(),
-                   log: Callable[[str], None] = print) -> RunSummary:
-    """Attack every image of ``job.data`` not yet finished in ``out``; see the module docstring."""
+                   log: Callable[[str], None] = print, notes: dict | None = None) -> RunSummary:
+    """Attack every image of ``job.data`` not yet finished in ``out``; see the module docstring.
+    ``notes`` (e.g. ``{"sgm_auto": record}``) enter run.json with the run's claim, while the
+    folder's lock is held."""
     check_job(job)
     outdir.refuse_data_overlap(out, job.data)
     if opts.prefetch is not None and opts.prefetch < 0:
@@ -554,7 +557,7 @@ def run_attack_job(job: AttackJob, out: Path, opts: RunOptions = RunOptions(),
     env = environment(models, data, opts, device)
     env["eps_unit"] = units.unit_of(job.attack.norm)  # what the numbers in "config" mean
     with outdir.exclusive(out):  # one live run per folder; SIGINT/SIGTERM stop after a group
-        distributed.on_main(lambda: prepare_folder(out, identity, env))
+        distributed.on_main(lambda: prepare_folder(out, identity, env, notes))
         if distributed.world().is_main:
             log(f"data: {data.spec}: {len(data)} images, {data.channels} channel(s), "
                 f"{data.size[1]}x{data.size[0]}; {data.convention}")

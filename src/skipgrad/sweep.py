@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from skipgrad import distributed
 from skipgrad.data.images import atomic_write_bytes, atomic_write_text
 from skipgrad.errors import UserError
 from skipgrad.report import TransferRow, short_name
@@ -115,7 +116,8 @@ def run_sweep(source: ModelRef, attack: str, gammas: Sequence[float],
 
     result = SweepResult(source.spec, label, template.data, sweep_gammas(gammas),
                          curves_from_rows(transfer.rows), effects=sgm_effects(transfer.outcomes))
-    result.files = {**transfer.files, **write_sweep(result, out)}
+    # Every torchrun rank holds the same rows; rank 0 alone writes the files (as for transfer).
+    result.files = {**(transfer.files or {}), **(distributed.on_main(lambda: write_sweep(result, out)) or {})}
     return result
 
 

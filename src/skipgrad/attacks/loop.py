@@ -8,7 +8,7 @@ An attack = objective (``losses``) + optional input transform (DI) + optional gr
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from skipgrad.attacks.transforms import (apply_diversity, draw_diversity, gaussi
 from skipgrad.attacks.updates import (l1_normalise, per_sample_norm, project, quantise_in_ball,
                                       steepest_direction)
 from skipgrad.backward import BackwardContext, check_gamma, skip_gradient
+from skipgrad.backward.base import evaluation_mode
 from skipgrad.backward.registry import BackwardPlan
 from skipgrad.errors import InputError
 
@@ -169,19 +170,6 @@ def _lookahead(momentum: torch.Tensor, norm: str) -> torch.Tensor:
     # L-inf: the accumulated (mean-abs normalised) momentum as in Lin et al.; L2: its unit vector,
     # so that the look-ahead is measured in the same units as the step.
     return momentum if norm == "linf" else steepest_direction(momentum, norm)
-
-
-@contextlib.contextmanager
-def evaluation_mode(models: Sequence[nn.Module]) -> Iterator[None]:
-    """Put every module in eval mode (no batch statistics, no dropout) and restore it after."""
-    states = [(m, m.training) for model in models for m in model.modules()]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for module, training in states:
-            module.training = training
 
 
 def _as_sources(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:

@@ -16,9 +16,10 @@ through a source model; forward values stay identical. Each one is a :class:`Bac
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Iterable, Protocol
+from typing import Callable, ClassVar, Iterable, Iterator, Protocol
 
 from torch import nn
 
@@ -79,6 +80,22 @@ class ForwardSwap:
             self._module.forward = self._previous
         else:
             self._module.__dict__.pop("forward", None)
+
+
+@contextlib.contextmanager
+def evaluation_mode(models: Iterable[nn.Module]) -> Iterator[None]:
+    """Put every module of ``models`` in eval mode (no batch statistics, no dropout masks) and
+    restore each module's own flag afterwards, also when the body raises. The one such context:
+    the attack loop and ``inspect`` both use it."""
+    models = list(models)
+    states = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for module, training in states:
+            module.training = training
 
 
 def model_label(model: nn.Module) -> str:

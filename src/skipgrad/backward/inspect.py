@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from skipgrad.backward.base import evaluation_mode
 from skipgrad.backward.blocks import BLOCKS
 from skipgrad.backward.sgm import find_blocks, skip_gradient
 from skipgrad.errors import InputError
@@ -168,18 +169,6 @@ def _taps(found: list, points: dict[str, dict[int, _SplitPoint]]) -> Iterator[No
             handle.remove()
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    # Analysis must not update BatchNorm statistics or sample dropout masks; restore modes after.
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.train(training)
-
-
 def _measure(model: nn.Module, found: list, images: torch.Tensor, labels: torch.Tensor,
              sgm: skip_gradient | None) -> tuple[torch.Tensor, float, dict[str, GradientSplit]]:
     """Input gradient, loss and per-block split of one pass, with SGM active if ``sgm`` is given."""
@@ -209,7 +198,7 @@ def inspect_model(model: nn.Module, gamma: float, images: torch.Tensor,
     """
     sgm = skip_gradient(model, gamma)  # validates gamma and raises for models without blocks
     found = find_blocks(model)
-    with _eval_mode(model):
+    with evaluation_mode([model]):  # analysis must not update BN statistics or draw dropout
         plain_grad, loss, plain = _measure(model, found, images, labels, None)
         sgm_grad, _, decayed = _measure(model, found, images, labels, sgm)
     blocks = tuple(BlockGradient(info.name, info.kind, info.decayed, plain[name], decayed[name])
