@@ -15,11 +15,12 @@ import pytest
 import timm
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import skipgrad
 import skipgrad.attacks.loop
 from skipgrad.cli import main
+from skipgrad.models.loading import zoo_weights_path
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 N_IMAGES = 8
@@ -47,10 +48,11 @@ def work(tmp_path_factory) -> Path:
     for i, (image, label) in enumerate(zip(images, labels)):
         (root / "data" / str(label)).mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(root / "data" / str(label) / f"img{i:02d}.png")
+    # A residual source whose blocks SGM decays (timm's test_resnet has one block per stage, so
+    # --sgm would change nothing and is refused): the zoo ResNet-20, saved as a local file.
+    save_file(load_file(str(zoo_weights_path("resnet20"))), str(root / "source.safetensors"),
+              metadata={"arch": "zoo:fmnist-resnet20"})
     torch.manual_seed(0)
-    source = timm.create_model("test_resnet", num_classes=10)
-    save_file({k: v.contiguous() for k, v in source.state_dict().items()},
-              str(root / "source.safetensors"), metadata={"arch": "timm:test_resnet"})
     torch.save(timm.create_model("test_efficientnet", num_classes=10).state_dict(),
                root / "target.pth")
     return root
@@ -83,7 +85,7 @@ def test_attack_writes_bounded_pngs_manifest_and_run_json(work: Path) -> None:
     with open(out / "manifest.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["id"] for r in rows] == [str(i) for i in range(N_IMAGES)]
-    assert set(rows[0]) == {"id", "file", "label", "target_label", "source_pred"}
+    assert set(rows[0]) == {"id", "file", "label", "target_label", "source_pred", "sha256"}
     run = json.loads((out / "run.json").read_text())
     sha = hashlib.sha256((work / "source.safetensors").read_bytes()).hexdigest()
     assert run["config"]["weights_sha256"] == [sha] and run["config"]["sgm"] == 0.5
@@ -246,7 +248,7 @@ def test_console_entry_point_prints_one_line_without_traceback(work: Path) -> No
 
 def test_transfer_from_flags_and_bad_config_keys(work: Path, capsys) -> None:
     weights = str(work / "source.safetensors")
-    argv = ["transfer", "--source", "timm:test_resnet", "--source-weights", weights,
+    argv = ["transfer", "--source", "zoo:fmnist-resnet20", "--source-weights", weights,
             "--attack", "ifgsm", "--attack", "di", "--sgm", "0.5", "--no-baseline",
             "--target", f"file:{weights}", "--data", str(work / "data"), "--limit", "2",
             "--steps", "1", "--out", str(work / "tflags"), "--quiet"]
