@@ -286,7 +286,9 @@ def test_sgm_on_a_source_without_skip_connections_is_refused_up_front(work: Path
             "--data", str(work / "data"), "--out", str(work / "nosgm"), "--limit", "1",
             "--steps", "1", "--quiet"]
     assert main([*argv, "--sgm", "0.2"]) == 2
-    assert "has none; drop --sgm" in capsys.readouterr().err
+    assert "--sgm cannot change timm:test_efficientnet" in capsys.readouterr().err
+    assert main([*argv, "--sgm", "0.2"]) == 2
+    assert "found no residual or dense block" in capsys.readouterr().err
     assert main(argv) == 0  # the folder was not claimed by the failed run
 
 
