@@ -117,7 +117,8 @@ def run_sweep(source: ModelRef, attack: str, gammas: Sequence[float],
     result = SweepResult(source.spec, label, template.data, sweep_gammas(gammas),
                          curves_from_rows(transfer.rows), effects=sgm_effects(transfer.outcomes))
     # Every torchrun rank holds the same rows; rank 0 alone writes the files (as for transfer).
-    result.files = {**(transfer.files or {}), **(distributed.on_main(lambda: write_sweep(result, out)) or {})}
+    written = distributed.on_main(lambda: write_sweep(result, out)) or {}
+    result.files = {**(transfer.files or {}), **written}
     return result
 
 
