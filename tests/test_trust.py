@@ -383,14 +383,14 @@ def test_only_rank_zero_writes_sweep_json(tmp_path, monkeypatch) -> None:
     from skipgrad.runner import AttackJob
     from skipgrad.transfer import ModelRef, TransferResult
 
-    rows = [TransferRow("zoo:a", "ifgsm", g, "zoo:b", 0.5, 4, (0.1, 0.9)) for g in (None, 0.5)]
+    rows = [TransferRow("zoo:fmnist-resnet20", "ifgsm", g, "zoo:fmnist-vgg", 0.5, 4, (0.1, 0.9)) for g in (None, 0.5)]
     monkeypatch.setattr(sweep, "run_transfer", lambda *a, **k: TransferResult(rows))
     for rank, written in ((1, False), (0, True)):
         monkeypatch.setattr(distributed, "_WORLD", distributed.World(rank, 1 + rank))
         monkeypatch.setattr(distributed, "_broadcast", lambda outcome: outcome)  # no group here
         out = tmp_path / f"rank{rank}"
         out.mkdir()
-        sweep.run_sweep(ModelRef("zoo:a"), "ifgsm", [0.5], [ModelRef("zoo:b")],
+        sweep.run_sweep(ModelRef("zoo:fmnist-resnet20"), "ifgsm", [0.5], [ModelRef("zoo:fmnist-vgg")],
                         AttackJob(sources=(), data="fmnist:test"), out)
         assert (out / "sweep.json").exists() is written
 
