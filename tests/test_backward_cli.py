@@ -51,7 +51,7 @@ def test_method_that_cannot_apply_is_refused_before_any_work(toy_methods, tmp_pa
     assert _attack(out, "--backward", "attnonly") == 2
     err = capsys.readouterr().err.strip()
     assert err == ("skipgrad: error: --backward attnonly on zoo:fmnist-cnn: attnonly found no "
-                   "attention layer in WrappedModel; it applies to transformers")
+                   "attention layer in zoo:fmnist-cnn; it applies to transformers")
     assert not out.exists()
 
 

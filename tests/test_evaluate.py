@@ -17,7 +17,7 @@ from skipgrad.stats import wilson_interval
 
 
 def _output(labels: list[int], targets: list[int] | None = None) -> SimpleNamespace:
-    samples = [SimpleNamespace(label=y, target=None if targets is None else targets[i])
+    samples = [SimpleNamespace(id=i, label=y, target=None if targets is None else targets[i])
                for i, y in enumerate(labels)]
     return SimpleNamespace(samples=samples, targeted=targets is not None)
 

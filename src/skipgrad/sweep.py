@@ -128,9 +128,11 @@ def _require_blocks(source: ModelRef) -> None:
     import skipgrad
     from skipgrad.models import load_model
 
-    if not skipgrad.find_blocks(load_model(source.spec, weights=source.weights)):
-        raise UserError(f"sweep needs a source with residual or dense blocks for SGM, and "
-                        f"{source.spec} has none")
+    try:
+        skipgrad.sgm_blocks(load_model(source.spec, weights=source.weights))
+    except skipgrad.NothingToChangeError as exc:
+        raise UserError(f"sweep needs a source whose gradient SGM can change, and "
+                        f"{source.spec} has none: {exc}") from None
 
 
 def curves_from_rows(rows: Sequence[TransferRow]) -> dict[str, dict[float, SweepPoint]]:

@@ -253,7 +253,7 @@ def _check_sources(plan: TransferPlan, device, problems: list[str]
             problems.append(f"source {source.spec}: {exc}")
             continue
         column = plan.gammas_of(index)
-        if any(g is not None for g in column) and not skipgrad.find_blocks(models[0]):
+        if any(g is not None for g in column) and not _sgm_can_change(models[0]):
             if None not in column:
                 problems.append(f"source {source.spec} has no residual or dense blocks for SGM "
                                 f"and the baseline is off; drop it or keep the baseline")
@@ -424,3 +424,14 @@ def template_from(settings: dict, data: str) -> AttackJob:
     spec = attack_from_settings(settings={k: settings[k] for k in ATTACK_SETTINGS if k in settings},
                                 data=data)
     return AttackJob(sources=(), data=data, attack=spec, **job_settings)
+
+
+def _sgm_can_change(model) -> bool:
+    """Whether SGM changes ``model``'s gradient (:func:`skipgrad.sgm_blocks`, the one check)."""
+    import skipgrad
+
+    try:
+        skipgrad.sgm_blocks(model)
+    except skipgrad.NothingToChangeError:
+        return False
+    return True
