@@ -3,7 +3,13 @@ zoo sources it applies to, alone and with SGM at the study's gamma (docs/study.m
 and MI, each against the same attack without the method on the same images, scored on every zoo
 model, with paired McNemar tests and Benjamini-Hochberg correction (as docs/study.md does).
 
-    python scripts/backward_study.py --out runs/backward [--limit 500] [--only SOURCE:METHOD,...]
+    python scripts/backward_study.py --out runs/backward [--limit 1000] [--only SOURCE:METHOD,...]
+        [--replication runs/replication]
+
+The targets are the plain zoo, its adversarially trained members and the input-transformation
+defenses of scripts/fmnist_defended.py around the plain CNN and VGG. ``--replication DIR`` scores
+the finished attack folders again, on the seed-1 retrained targets that scripts/fmnist_replication.py
+trains into DIR (nothing is attacked), and writes the replication tables of docs/backward.md.
 
 Each cell is an ordinary attack folder under OUT/SOURCE/attacks/ (the baselines without a method
 are shared by the methods of a source), so re-running resumes. Each (source, method) saves its
@@ -19,21 +25,30 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fmnist_defended import DEFENSES, PLAIN  # noqa: E402
+from fmnist_replication import REPLICATED, SEED  # noqa: E402
 from fmnist_study import effects_matrix, replace_section  # noqa: E402
 
-from skipgrad.demo import backward_effects, effects_markdown, zoo_targets  # noqa: E402
+from skipgrad.demo import (  # noqa: E402
+    backward_effects, effects_markdown, transfer_q_values, zoo_targets)
 from skipgrad.errors import UserError  # noqa: E402
 from skipgrad.report import markdown_table  # noqa: E402
 from skipgrad.runner import AttackJob, RunOptions  # noqa: E402
-from skipgrad.transfer import ModelRef, TransferPlan, run_transfer  # noqa: E402
+from skipgrad.transfer import (  # noqa: E402
+    ModelRef, TransferPlan, cell_folder, evaluate_cells, run_transfer)
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY_GAMMA = 0.5  # docs/study.md: the gamma of its MI/DI rows, the best or near it for most sources
 ATTACKS = ("ifgsm", "mi")
 # (zoo source, its methods, whether SGM applies), in the order they are run: the residual sources
-# for LinBP/BPA, the ViT for PNA/TGR, the plain VGG (no skips: no SGM) for LinBP/BPA.
+# for LinBP/BPA (LinBP refuses DenseNet and MobileNetV2: no ReLU inside a residual branch that it
+# could linearise; the refusal is recorded), the ViT for PNA/TGR, the plain VGG (no skips: no SGM)
+# for LinBP/BPA, ResNet-56 last (it costs about as much as the others together).
 GRID = [
     ("preact-resnet20", ("linbp", "bpa"), True),
+    ("resnet20", ("linbp", "bpa"), True),
+    ("densenet", ("linbp", "bpa"), True),
+    ("mobilenetv2", ("linbp", "bpa"), True),
     ("vit", ("pna", "tgr"), True),
     ("vgg", ("linbp", "bpa"), False),
     ("resnet56", ("linbp", "bpa"), True),
@@ -49,35 +64,88 @@ def study_plan(source: str, method: str, sgm: bool, targets: list[str]) -> Trans
                         title=f"{method} from {source}", backward=(method,))
 
 
-def run_study(out: Path, limit: int, only: set[str] | None) -> None:
+def study_targets() -> list[str]:
+    """Every zoo model with weights, its adversarially trained members, and each defense of
+    scripts/fmnist_defended.py around the plain CNN and VGG."""
+    from skipgrad.models.zoo import AT_NAMES, weights_path
+
+    return [*zoo_targets(), *(f"zoo:fmnist-{n}" for n in AT_NAMES if weights_path(n).exists()),
+            *(f"{plain}+{defense}" for plain in PLAIN for defense in DEFENSES)]
+
+
+def replication_targets(folder: Path) -> list[str]:
+    """``file:`` specs of the seed-1 retrained zoo models in ``folder`` (scripts/fmnist_replication.py)."""
+    paths = [folder / f"fmnist-{name}-seed{SEED}.safetensors" for name in REPLICATED]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise SystemExit(f"--replication {folder}: missing {', '.join(missing)} "
+                         "(train them with scripts/fmnist_replication.py)")
+    return [f"file:{p}" for p in paths]
+
+
+def run_study(out: Path, limit: int, only: set[str] | None, replication: Path | None) -> None:
     """Run every selected (source, method) and save each one's rows and per-image outcomes in
     ``OUT/SOURCE/METHOD.json`` (or why it did not run), so that runs of parts of the grid (in
-    parallel processes, or resumed later) are put together without scoring anything again."""
+    parallel processes, or resumed later) are put together without scoring anything again. A
+    part already saved for the same images and targets is not scored again. With ``replication``
+    the finished folders are scored on the seed-1 targets instead (``METHOD.seed1.json``)."""
     opts = RunOptions(limit=limit, batch_size=250, quiet=True)
-    targets = zoo_targets()
+    targets = replication_targets(replication) if replication else study_targets()
     for source, methods, sgm in GRID:
         for method in methods:
             if only and f"{source}:{method}" not in only:
                 continue
-            record: dict = {"source": source, "method": method, "limit": limit}
+            path = out / source / (f"{method}.seed{SEED}.json" if replication else f"{method}.json")
+            if _saved(path, limit, targets):
+                print(f"{source} × {method}: saved in {path}")
+                continue
+            record: dict = {"source": source, "method": method, "limit": limit, "targets": targets}
+            plan = study_plan(source, method, sgm, targets)
             try:
-                result = run_transfer(study_plan(source, method, sgm, targets), out / source, opts)
+                rows, outcomes = (rescore(plan, out / source, opts) if replication
+                                  else _attack_and_score(plan, out / source, opts))
             except UserError as exc:
-                if not str(exc).startswith("--backward"):  # e.g. a folder in use: not a result
+                if f": --backward {method} on " not in str(exc):  # e.g. a folder in use: not a result
                     raise
                 print(f"skipped {source} × {method}: {exc}")  # the method does not apply
                 record["skipped"] = str(exc)
+            except FileNotFoundError as exc:  # replication of a part that never ran
+                print(f"not replicated {source} × {method}: {exc}")
+                continue
             else:
-                record["rows"] = [r.to_json() for r in result.rows]
+                record["rows"] = [r.to_json() for r in rows]
                 record["outcomes"] = [[*key, [int(v) for v in success.tolist()]]
-                                      for key, success in result.outcomes.items()]
-            (out / source).mkdir(parents=True, exist_ok=True)
-            (out / source / f"{method}.json").write_text(json.dumps(record) + "\n")
+                                      for key, success in outcomes.items()]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record) + "\n")
 
 
-def collect(outs: list[Path]) -> tuple[list, list, list[str]]:
+def _saved(path: Path, limit: int, targets: list[str]) -> bool:
+    if not path.is_file():
+        return False
+    record = json.loads(path.read_text())
+    return record.get("limit") == limit and record.get("targets") == targets
+
+
+def _attack_and_score(plan: TransferPlan, root: Path, opts: RunOptions) -> tuple[list, dict]:
+    result = run_transfer(plan, root, opts)
+    return result.rows, result.outcomes
+
+
+def rescore(plan: TransferPlan, root: Path, opts: RunOptions) -> tuple[list, dict]:
+    """Score the plan's finished attack folders under ``root`` on its targets; attack nothing."""
+    folders = []
+    for source, attack, gamma, backward in plan.cells():
+        folder = cell_folder(root, source, attack, gamma, backward)
+        if not (folder / "run.json").is_file():
+            raise FileNotFoundError(f"{folder} is not a finished attack folder")
+        folders.append((source, attack, gamma, backward, folder))
+    return evaluate_cells(plan, folders, opts, print)
+
+
+def collect(outs: list[Path], suffix: str = "") -> tuple[list, list, list[str]]:
     """Rows, paired effects and skipped cells of every (source, method) saved in one of ``outs``
-    (the first folder holding it wins), in GRID order."""
+    (the first folder holding it wins), in GRID order; ``suffix`` ``.seed1`` for the replication."""
     import torch
 
     from skipgrad.report import TransferRow
@@ -85,7 +153,7 @@ def collect(outs: list[Path]) -> tuple[list, list, list[str]]:
     rows, effects, skipped = [], [], []
     for source, methods, _ in GRID:
         for method in methods:
-            paths = [out / source / f"{method}.json" for out in outs]
+            paths = [out / source / f"{method}{suffix}.json" for out in outs]
             path = next((p for p in paths if p.is_file()), None)
             if path is None:
                 continue
@@ -103,17 +171,23 @@ def collect(outs: list[Path]) -> tuple[list, list, list[str]]:
 
 
 def tables(rows: list, effects: list, skipped: list[str], command: str) -> str:
-    """Success matrix, the compact effect matrix (BH-corrected) and the full paired table."""
+    """Success matrix, the compact effect matrices (plain and defended targets, one
+    Benjamini-Hochberg family) and the full paired table."""
+    q = transfer_q_values(effects)
+    defended = [e for e in effects if _is_defended(e.target)]
+    plain = [e for e in effects if not _is_defended(e.target)]
+    matrix = lambda part: effects_matrix(part, columns=("method", "attack"), q=q,  # noqa: E731
+                                         row=lambda e: (e.method, e.variant))
     return "\n".join([
         f"Generated by `{command}`.", "",
         *([f"Not run: {s}" for s in skipped] + [""] if skipped else []),
         "#### Effect of each method: success with it minus without (points), same attack and "
         "SGM setting, same images", "",
         "Bold with `*`: significant after Benjamini-Hochberg correction over all transfer cells "
-        "of this table (McNemar exact test, q < 0.05). In parentheses: white-box (source = "
-        "target).", "",
-        effects_matrix(effects, columns=("method", "attack"), row=lambda e: (e.method, e.variant)),
-        "",
+        "of both tables below (McNemar exact test, q < 0.05). In parentheses: white-box (source = "
+        "target).", "", "Plain targets:", "", matrix(plain), "",
+        "Defended targets (adversarially trained zoo members; input transformations around the "
+        "plain CNN and VGG, see docs/defenses.md):", "", matrix(defended), "",
         "<details><summary>Transfer success (%), Wilson 95% intervals</summary>", "",
         markdown_table(rows, "Fashion-MNIST transfer success with backward-pass methods"),
         "</details>", "",
@@ -122,12 +196,29 @@ def tables(rows: list, effects: list, skipped: list[str], command: str) -> str:
         effects_markdown(effects), "</details>"])
 
 
+def _is_defended(target: str) -> bool:
+    return "+" in target or target.endswith("-at")
+
+
+def replication_tables(effects: list, command: str) -> str:
+    """The effect matrix on the seed-1 retrained targets (their own Benjamini-Hochberg family)."""
+    return "\n".join([
+        f"Generated by `{command}`: the study's attack folders scored on the seed-1 retrained "
+        "targets of docs/study.md (`-s1`: same recipe, seed 1).", "",
+        "Bold with `*`: significant after Benjamini-Hochberg correction over all cells of this "
+        "table (McNemar exact test, q < 0.05).", "",
+        effects_matrix(effects, columns=("method", "attack"),
+                       row=lambda e: (e.method, e.variant))])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/backward"))
-    parser.add_argument("--limit", type=int, default=500)
+    parser.add_argument("--limit", type=int, default=1000)
     parser.add_argument("--only", default=None,
                         help="comma-separated SOURCE:METHOD cells, e.g. vit:pna,vgg:bpa")
+    parser.add_argument("--replication", type=Path, default=None,
+                        help="score the finished folders on the seed-1 models in this folder")
     parser.add_argument("--write-docs", action="store_true",
                         help="also rewrite the generated tables of docs/backward.md")
     parser.add_argument("--collect-from", type=Path, action="append", default=[],
@@ -137,12 +228,13 @@ def main() -> None:
     args = parser.parse_args()
     only = set(args.only.split(",")) if args.only else None
     if not args.collect_only:
-        run_study(args.out, args.limit, only)
+        run_study(args.out, args.limit, only, args.replication)
     # Every part run so far, this one included (also from --collect-from folders, e.g. a part
     # run on fewer images because the CPU budget ran out).
-    rows, effects, skipped = collect([args.out, *args.collect_from])
+    suffix = f".seed{SEED}" if args.replication else ""
+    rows, effects, skipped = collect([args.out, *args.collect_from], suffix)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "backward_study.json").write_text(json.dumps(
+    (args.out / f"backward_study{suffix}.json").write_text(json.dumps(
         {"limit": args.limit, "gamma": STUDY_GAMMA, "skipped": skipped,
          "rows": [r.to_json() for r in rows], "effects": [e.to_json() for e in effects]},
         indent=1))
@@ -150,9 +242,14 @@ def main() -> None:
                          row=lambda e: (e.method, e.variant)))
     if args.write_docs:
         command = f"python scripts/backward_study.py --limit {args.limit}" + "".join(
-            f" --collect-from {p}" for p in args.collect_from)
-        replace_section("backward study tables", tables(rows, effects, skipped, command),
-                        ROOT / "docs" / "backward.md")
+            f" --collect-from {p}" for p in args.collect_from) + (
+            f" --replication {args.replication}" if args.replication else "")
+        if args.replication:
+            replace_section("backward replication tables", replication_tables(effects, command),
+                            ROOT / "docs" / "backward.md")
+        else:
+            replace_section("backward study tables", tables(rows, effects, skipped, command),
+                            ROOT / "docs" / "backward.md")
 
 
 if __name__ == "__main__":

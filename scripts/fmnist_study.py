@@ -109,15 +109,17 @@ def zoo_weights_exist(spec: str) -> bool:
 
 
 def effects_matrix(effects: list, alpha: float = 0.05, columns: tuple[str, ...] = ("attack", "γ"),
-                   row=lambda e: (e.attack, f"{e.gamma:g}")) -> str:
+                   row=lambda e: (e.attack, f"{e.gamma:g}"), q: dict | None = None) -> str:
     """Effect in points (variant minus baseline), one row per (source, *row(effect)), one column
     per target; by default SGM effects, one row per (source, attack, gamma). ``row`` and
     ``columns`` give other effects their row labels (scripts/backward_study.py).
 
     ``*``: significant after Benjamini-Hochberg correction over every cell of the table (q < alpha);
     ``(white-box)`` cells are the source attacking itself and are left out of the correction.
+    ``q`` (``id(effect)`` -> q-value) corrects over a larger family instead, so that one family
+    can be shown as several tables.
     """
-    q = transfer_q_values(effects)
+    q = transfer_q_values(effects) if q is None else q
     targets = list(dict.fromkeys(e.target for e in effects))
     keys = list(dict.fromkeys((e.source, *row(e)) for e in effects))
     cell = {(e.source, *row(e), e.target): e for e in effects}
