@@ -19,8 +19,9 @@ from skipgrad.cli import main
 from skipgrad.data.fmnist import load_fmnist
 from skipgrad.errors import UserError
 from skipgrad.models import load_model
+from skipgrad.models import defenses
 from skipgrad.models.defenses import (ABSTAIN, BitDepth, DefendedModel, Jpeg, Median, Smoothing,
-                                      canonical_spec, split_spec)
+                                      canonical_spec, parse_defense, split_spec)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -164,6 +165,53 @@ def test_models_lists_the_defenses(capsys) -> None:
     for syntax in ("SPEC+jpeg:Q", "SPEC+bits:B", "SPEC+median:K", "SPEC+smooth:SIGMA"):
         assert syntax in out
     assert "zoo:fmnist-vgg+smooth:0.1,n=16,alpha=0.001,seed=0" in out
+
+
+
+def _defense_classes() -> set[str]:
+    """Names of every concrete defense class in defenses.py, found by subclassing, not by the
+    grammar table that ``models --json`` is built from."""
+    return {cls.name for cls in defenses.Defense.__subclasses__()}
+
+
+def test_models_json_lists_every_defense_with_the_parsers_defaults(capsys) -> None:
+    assert main(["models", "--preset", "fmnist", "--json"]) == 0
+    listed = {d["name"]: d for d in json.loads(capsys.readouterr().out)["defenses"]}
+    assert set(listed) == _defense_classes() == {"jpeg", "bits", "median", "smooth"}
+    for name, entry in listed.items():
+        assert entry["syntax"].startswith(f"SPEC+{name}:") and entry["summary"]
+        value, *options = entry["parameters"]
+        assert value["required"] and value["default"] is None
+        # The value alone: every option takes the default the listing claims.
+        parsed = parse_defense(f"{name}:{value['max']}")
+        assert getattr(parsed, value["name"]) == pytest.approx(value["max"])
+        for option in options:
+            assert not option["required"] and option["description"]
+            assert getattr(parsed, option["name"]) == option["default"], (name, option["name"])
+            assert f"[,{option['name']}={option['default']:g}]" in entry["syntax"]
+
+
+@pytest.mark.parametrize("name", ["jpeg", "bits", "median", "smooth"])
+def test_models_json_ranges_are_the_ones_the_parser_enforces(name: str, capsys) -> None:
+    assert main(["models", "--json"]) == 0
+    entry = next(d for d in json.loads(capsys.readouterr().out)["defenses"] if d["name"] == name)
+    value = entry["parameters"][0]
+    # n=64 keeps smoothing's vote able to pass at every alpha the range allows.
+    suffix = ",n=64" if name == "smooth" else ""
+    low, high = value["min"], value["max"]
+    parse_defense(f"{name}:{high}{suffix}")
+    if value["min_inclusive"]:
+        parse_defense(f"{name}:{low}{suffix}")
+    else:
+        with pytest.raises(UserError, match="must be > "):
+            parse_defense(f"{name}:{low}{suffix}")
+    step = 1 if value["type"] == "int" else 0.01
+    for outside in (low - step, high + step):
+        with pytest.raises(UserError, match=f"malformed defense '\\+{name}:"):
+            parse_defense(f"{name}:{outside}{suffix}")
+    if value["odd_only"]:
+        with pytest.raises(UserError, match="must be odd"):
+            parse_defense(f"{name}:{low + 1}")
 
 
 # ---------------------------------------------------------------- evaluation

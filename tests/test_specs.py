@@ -136,7 +136,7 @@ def test_wu2020_preset_resolves_every_paper_model_offline() -> None:
 
 def test_models_command_lists_the_preset(capsys) -> None:
     assert main(["models", "--preset", "wu2020", "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
+    rows = json.loads(capsys.readouterr().out)["models"]
     by_spec = {r["spec"]: r for r in rows}
     assert by_spec["timm:inception_v4.tf_in1k"]["input_size"] == [3, 299, 299]
     assert by_spec["tv:resnet152.IMAGENET1K_V1"]["mean"] == pytest.approx([0.485, 0.456, 0.406])

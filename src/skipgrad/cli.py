@@ -393,7 +393,8 @@ def _add_models(sub) -> None:
     p = sub.add_parser("models", help="list model specs with input size and mean/std")
     p.add_argument("--preset", help="wu2020 (the paper's zoo), fmnist (the bundled zoo) or "
                                     "fmnist-defended (adv. trained and input-transformed targets)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--json", action="store_true",
+                   help='print JSON instead of tables: {"models": [...], "defenses": [...]}')
     p.set_defaults(func=cmd_models)
 
 
@@ -833,11 +834,16 @@ def _inspect_batch(args: argparse.Namespace, model):
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    """``skipgrad models``: specs with input size, mean/std, parameter count, weight status."""
+    """``skipgrad models``: specs with input size, mean/std, parameter count, weight status, and
+    the target defenses; ``--json`` prints ``{"models": [...], "defenses": [...]}``."""
+    from skipgrad.models.defenses import defense_help
     from skipgrad.models.listing import defenses_table, model_rows, rows_table
 
     rows = model_rows(args.preset)
-    print(json.dumps(rows, indent=2) if args.json else f"{rows_table(rows)}\n\n{defenses_table()}")
+    if args.json:
+        print(json.dumps({"models": rows, "defenses": defense_help()}, indent=2))
+    else:
+        print(f"{rows_table(rows)}\n\n{defenses_table()}")
     return 0
 
 

@@ -25,6 +25,7 @@ form their own batch), so predictions do not depend on batching, sharding or res
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import math
@@ -42,7 +43,7 @@ from skipgrad.errors import UserError
 
 ABSTAIN = -1  # the predicted "class" of a smoothed model that abstains
 __all__ = ["ABSTAIN", "DEFENSES", "BitDepth", "DefendedModel", "Defense", "Jpeg", "Median",
-           "Smoothing", "canonical_spec", "defense_help", "parse_defense", "split_spec"]
+           "Param", "Smoothing", "canonical_spec", "defense_help", "parse_defense", "split_spec"]
 
 
 def to_levels(x: torch.Tensor) -> torch.Tensor:
@@ -179,15 +180,82 @@ def _binomial_p_value(successes: int, trials: int) -> float:
 # ---------------------------------------------------------------- parsing
 
 @dataclass(frozen=True)
+class Param:
+    """One parameter of a defense as the spec grammar takes it: the class field it sets, its type
+    and range. Parsing, ``skipgrad models`` and its JSON all read these; defaults are the defense
+    class's own field defaults, so there is no second copy of them."""
+
+    field: str
+    kind: type  # int or float
+    low: float
+    high: float
+    what: str  # the parameter's name in messages ("the JPEG quality must be ...")
+    doc: str  # one line for the listing
+    symbol: str = ""  # how the grammar spells the value after the colon (Q, SIGMA)
+    odd: bool = False
+    above_low: bool = False  # ``low`` itself is refused (smoothing with sigma 0 is no defense)
+
+    def parse(self, text: str) -> int | float:
+        """``text`` -> a value in range; ``ValueError`` with a one-line reason otherwise."""
+        value = (_int_in if self.kind is int else _number_in)(text, self.low, self.high, self.what)
+        if self.odd and value % 2 == 0:
+            raise ValueError(f"{self.what} must be odd, got {value}")
+        if self.above_low and value == self.low:
+            raise ValueError(f"{self.what} must be > {self.low:g}")
+        return value
+
+
+@dataclass(frozen=True)
 class _Entry:
-    build: Callable[[str, dict[str, str]], Defense]
-    syntax: str
+    """One defense of the grammar ``NAME:VALUE[,option=value...]``: the class it builds, the
+    required value, the named options, and an optional check of the whole combination."""
+
+    cls: type[Defense]
+    value: Param
     summary: str
+    options: tuple[Param, ...] = ()
+    check: Callable[[Defense], None] | None = None
+
+    def defaults(self) -> dict[str, object]:
+        """The options' defaults, read from the defense class's dataclass fields."""
+        declared = {f.name: f.default for f in dataclasses.fields(self.cls)}
+        return {p.field: declared[p.field] for p in self.options}
+
+    @property
+    def syntax(self) -> str:
+        """E.g. ``smooth:SIGMA[,n=32][,alpha=0.001][,seed=0]``."""
+        defaults = self.defaults()
+        return f"{self.cls.name}:{self.value.symbol}" + "".join(
+            f"[,{p.field}={defaults[p.field]:g}]" for p in self.options)
+
+    def build(self, value: str, options: dict[str, str]) -> Defense:
+        """Parsed value and options -> the defense; ``ValueError`` on anything out of range."""
+        known = {p.field: p for p in self.options}
+        unknown = set(options) - set(known)
+        if unknown:
+            raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))} "
+                             f"(known: {', '.join(known) or 'none'})")
+        defense = self.cls(self.value.parse(value),
+                           **{k: known[k].parse(text) for k, text in options.items()})
+        if self.check is not None:
+            self.check(defense)
+        return defense
+
+    def describe(self) -> dict:
+        """JSON-ready description: grammar, summary and each parameter with range and default."""
+        defaults = self.defaults()
+        params = [(self.value, True, None), *((p, False, defaults[p.field]) for p in self.options)]
+        return {"name": self.cls.name, "syntax": f"SPEC+{self.syntax}", "summary": self.summary,
+                "parameters": [{"name": p.field, "symbol": p.symbol or p.field,
+                                "type": p.kind.__name__, "required": required, "default": default,
+                                "min": p.kind(p.low), "max": p.kind(p.high), "min_inclusive": not p.above_low,
+                                "odd_only": p.odd, "description": p.doc}
+                               for p, required, default in params]}
 
 
-def _int_in(text: str, low: int, high: int, what: str) -> int:
+def _int_in(text: str, low: float, high: float, what: str) -> int:
     if not re.fullmatch(r"\d+", text) or not low <= int(text) <= high:
-        raise ValueError(f"{what} must be an integer in [{low}, {high}], got {text!r}")
+        raise ValueError(f"{what} must be an integer in [{low:g}, {high:g}], got {text!r}")
     return int(text)
 
 
@@ -201,50 +269,36 @@ def _number_in(text: str, low: float, high: float, what: str) -> float:
     return value
 
 
-def _odd_size(text: str) -> int:
-    size = _int_in(text, 3, 15, "the median filter size")
-    if size % 2 == 0:
-        raise ValueError(f"the median filter size must be odd, got {size}")
-    return size
-
-
-def _no_options(build: Callable[[str], Defense]) -> Callable[[str, dict[str, str]], Defense]:
-    def checked(value: str, options: dict[str, str]) -> Defense:
-        if options:
-            raise ValueError(f"takes no options, got {', '.join(options)}")
-        return build(value)
-    return checked
-
-
-def _smoothing(value: str, options: dict[str, str]) -> Smoothing:
-    unknown = set(options) - {"n", "alpha", "seed"}
-    if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))} (known: n, alpha, seed)")
-    sigma = _number_in(value, 0.0, 1.0, "sigma")
-    if sigma == 0:
-        raise ValueError("sigma must be > 0 (sigma 0 is the undefended model)")
-    smoothing = Smoothing(sigma, n=_int_in(options.get("n", "32"), 2, 100_000, "n"),
-                          alpha=_number_in(options.get("alpha", "0.001"), 0.0, 1.0, "alpha"),
-                          seed=_int_in(options.get("seed", "0"), 0, 2**31 - 1, "seed"))
+def _vote_can_pass(smoothing: Defense) -> None:
+    """Refuse an ``n`` at which even a unanimous vote fails the test (every answer an abstention)."""
+    assert isinstance(smoothing, Smoothing)
     if _binomial_p_value(smoothing.n, smoothing.n) > smoothing.alpha:
-        # Even a unanimous vote would fail the test: every prediction would be an abstention.
         needed = next(n for n in range(2, 100_001) if _binomial_p_value(n, n) <= smoothing.alpha)
         raise ValueError(f"n={smoothing.n} can never pass the vote's test at alpha "
                          f"{smoothing.alpha:g} (a unanimous vote needs n >= {needed})")
-    return smoothing
 
 
-DEFENSES: dict[str, _Entry] = {
-    "jpeg": _Entry(_no_options(lambda v: Jpeg(_int_in(v, 1, 100, "the JPEG quality"))),
-                   "jpeg:Q", "Pillow JPEG encode/decode at quality Q (1-100)"),
-    "bits": _Entry(_no_options(lambda v: BitDepth(_int_in(v, 1, 8, "the bit depth"))),
-                   "bits:B", "bit-depth reduction to B bits (1-8)"),
-    "median": _Entry(_no_options(lambda v: Median(_odd_size(v))),
-                     "median:K", "K x K median filter (odd K, 3-15)"),
-    "smooth": _Entry(_smoothing, "smooth:SIGMA[,n=32][,alpha=0.001][,seed=0]",
-                     "randomized smoothing: majority vote over n Gaussian copies, abstains "
-                     "unless the vote is significant at alpha"),
-}
+DEFENSES: dict[str, _Entry] = {e.cls.name: e for e in (
+    _Entry(Jpeg, Param("quality", int, 1, 100, "the JPEG quality",
+                       "JPEG quality (Pillow advises <= 95)", symbol="Q"),
+           "real JPEG encode/decode of the 8-bit image with Pillow at quality Q"),
+    _Entry(BitDepth, Param("bits", int, 1, 8, "the bit depth", "bits kept per channel",
+                           symbol="B"),
+           "bit-depth reduction to B bits per channel (feature squeezing)"),
+    _Entry(Median, Param("size", int, 3, 15, "the median filter size",
+                         "filter width and height in pixels", symbol="K", odd=True),
+           "K x K median filter per channel, edges replicated"),
+    _Entry(Smoothing, Param("sigma", float, 0, 1, "sigma", "standard deviation of the Gaussian "
+                            "noise, in [0, 1] pixel units", symbol="SIGMA", above_low=True),
+           "randomized smoothing: majority vote over n Gaussian-noise copies; abstains unless "
+           "the vote is significant at alpha (an abstention is never a wrong class)",
+           options=(Param("n", int, 2, 100_000, "n", "noisy copies per image"),
+                    Param("alpha", float, 0, 1, "alpha", "level of the vote's two-sided "
+                          "binomial test (top count vs runner-up)"),
+                    Param("seed", int, 0, 2**31 - 1, "seed", "noise seed (combined with each "
+                          "image's 8-bit content)")),
+           check=_vote_can_pass),
+)}
 
 
 def parse_defense(text: str) -> Defense:
@@ -289,9 +343,10 @@ def canonical_spec(spec: str) -> str:
     return "".join([base, *(f"+{d.spec}" for d in defenses)])
 
 
-def defense_help() -> list[tuple[str, str]]:
-    """(syntax, summary) of each defense, for ``skipgrad models``."""
-    return [(f"SPEC+{e.syntax}", e.summary) for e in DEFENSES.values()]
+def defense_help() -> list[dict]:
+    """Each defense's grammar, summary and parameters (ranges, defaults), for ``skipgrad models``
+    and its ``--json``; built from :data:`DEFENSES`, the grammar the parser uses."""
+    return [entry.describe() for entry in DEFENSES.values()]
 
 
 # ---------------------------------------------------------------- the defended model

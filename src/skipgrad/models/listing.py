@@ -70,9 +70,21 @@ def _triple(values: list[float]) -> str:
 
 
 def defenses_table() -> str:
-    """The evaluation-time defenses any target spec can take, one per line."""
+    """The evaluation-time defenses any target spec can take: grammar, summary, then one line per
+    parameter with its range (and default for the options)."""
     lines = ["Target defenses (append to any target spec; applied to the input left to right, "
              "evaluation only, refused as attack sources):"]
-    width = max(len(syntax) for syntax, _ in defense_help())
-    lines += [f"  {syntax.ljust(width)}  {summary}" for syntax, summary in defense_help()]
+    for defense in defense_help():
+        lines.append(f"  {defense['syntax']}")
+        lines.append(f"      {defense['summary']}")
+        for param in defense["parameters"]:
+            default = "required" if param["required"] else f"default {param['default']}"
+            lines.append(f"      {param['symbol']}: {param['description']}, {_range(param)}, {default}")
     return "\n".join(lines)
+
+
+def _range(param: dict) -> str:
+    kind = {"int": "integer", "float": "number"}[param["type"]]
+    low = "[" if param["min_inclusive"] else "("
+    lo, hi = (f"{v:g}" if param["type"] == "float" else str(v) for v in (param["min"], param["max"]))
+    return f"{'odd ' if param['odd_only'] else ''}{kind} in {low}{lo}, {hi}]"
