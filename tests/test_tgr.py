@@ -49,22 +49,24 @@ def _edit_scores(grad: torch.Tensor, scale: float, first_only: bool) -> torch.Te
     return out
 
 
+def _edit(tensor: torch.Tensor, edit, scale: float, edits: str) -> torch.Tensor:
+    """Hooks ``tensor``'s gradient: ``edits`` is "" (none), "scale-only", "per-image" or "first"."""
+    if edits == "scale-only":
+        tensor.register_hook(lambda g: g * scale)
+    elif edits:
+        tensor.register_hook(lambda g: edit(g, scale, edits == "first"))
+    return tensor
+
+
 def _hand_block(x, norm1, qkv_weight, qkv_bias, heads, proj, norm2, mlp, edits):
     h = norm1(x)
     batch, tokens, width = h.shape
-    qkv = F.linear(h, qkv_weight, qkv_bias)
-    if edits:
-        qkv.register_hook(lambda g: _edit_tokens(g, 0.75, edits == "first"))
+    qkv = _edit(F.linear(h, qkv_weight, qkv_bias), _edit_tokens, 0.75, edits)
     q, k, v = qkv.reshape(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
-    scores = q @ k.transpose(-2, -1) * (width // heads) ** -0.5
-    if edits:
-        scores.register_hook(lambda g: _edit_scores(g, 0.25, edits == "first"))
+    scores = _edit(q @ k.transpose(-2, -1) * (width // heads) ** -0.5, _edit_scores, 0.25, edits)
     out = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(batch, tokens, width)
     x = x + proj(out)
-    mlp_out = mlp(norm2(x))
-    if edits:
-        mlp_out.register_hook(lambda g: _edit_tokens(g, 0.5, edits == "first"))
-    return x + mlp_out
+    return x + _edit(mlp(norm2(x)), _edit_tokens, 0.5, edits)
 
 
 def _hand_timm(model: nn.Module, images: torch.Tensor, edits: str) -> torch.Tensor:
@@ -116,6 +118,17 @@ def test_gradient_equals_hand_written_reference_per_image(kind):
     assert torch.allclose(tgr_logits, logits, atol=1e-6)
     assert torch.allclose(grad, expected, atol=1e-6, rtol=1e-4)
     assert relative_difference(grad, plain) > 0.1
+
+
+def test_top_k_zero_only_scales_the_three_gradients():
+    # The scales alone, no token zeroed: the ablation docs/backward.md reports on the zoo ViT.
+    model = timm_vit()
+    images, labels = images_for(model)
+    _, grad = input_gradient(model, images, labels, tgr(model, top_k=0))
+    _, expected = _hand_gradient(_hand_timm, model, images, labels, "scale-only")
+    _, zeroed = _hand_gradient(_hand_timm, model, images, labels, "per-image")
+    assert torch.allclose(grad, expected, atol=1e-6, rtol=1e-4)
+    assert relative_difference(grad, zeroed) > 0.1
 
 
 def test_batch_of_four_equals_four_batches_of_one():
@@ -205,8 +218,8 @@ def test_refusals_are_one_line(tiny_resnet):
                                                "TinyResNet; it applies to vision transformers"):
         tgr(tiny_resnet)
     model = timm_vit()
-    with pytest.raises(ValueError, match="^tgr top_k must be an integer >= 1, got 0$"):
-        tgr(model, top_k=0)
+    with pytest.raises(ValueError, match="^tgr top_k must be an integer >= 0, got -1$"):
+        tgr(model, top_k=-1)
     with pytest.raises(ValueError, match="^tgr mlp_scale must be a finite number >= 0, got -1$"):
         tgr(model, mlp_scale=-1)
 

@@ -64,8 +64,8 @@ class TGRSettings:
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not math.isfinite(value) or value < 0:
                 raise InputError(f"tgr {name} must be a finite number >= 0, got {value!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
-            raise InputError(f"tgr top_k must be an integer >= 1, got {self.top_k!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InputError(f"tgr top_k must be an integer >= 0, got {self.top_k!r}")
 
 
 def extreme_indices(values: torch.Tensor, dim: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,8 +81,10 @@ def extreme_indices(values: torch.Tensor, dim: int, k: int) -> tuple[torch.Tenso
 
 def regularize_tokens(grad: torch.Tensor, scale: float, top_k: int, dim: int) -> torch.Tensor:
     """``grad * scale`` with, for every image (dim 0) and channel, the ``top_k`` largest and
-    smallest tokens along ``dim`` set to zero."""
+    smallest tokens along ``dim`` set to zero (none at ``top_k=0``)."""
     out = grad * scale
+    if top_k == 0:
+        return out
     for indices in extreme_indices(grad, dim, top_k):
         out.scatter_(dim, indices, 0.0)
     return out
@@ -90,7 +92,9 @@ def regularize_tokens(grad: torch.Tensor, scale: float, top_k: int, dim: int) ->
 
 def regularize_scores(grad: torch.Tensor, scale: float, top_k: int) -> torch.Tensor:
     """``grad * scale`` for attention scores (..., N, M): for every image and head, the row and
-    the column of each of the ``top_k`` largest and smallest entries are zeroed."""
+    the column of each of the ``top_k`` largest and smallest entries are zeroed (none at 0)."""
+    if top_k == 0:
+        return grad * scale
     columns = grad.shape[-1]
     keep_rows = grad.new_ones(grad.shape[:-1])
     keep_columns = grad.new_ones(grad.shape[:-2] + (columns,))
@@ -213,10 +217,11 @@ class tgr(BackwardContext):  # noqa: N801 - a context manager named like torch.n
         attention_scale: factor on the attention-score gradient (release: 0.25).
         qkv_scale: factor on the query/key/value gradient (release: 0.75).
         mlp_scale: factor on the gradient of each block's MLP output (release: 0.5).
-        top_k: how many largest and how many smallest tokens are zeroed per channel (release: 1).
+        top_k: how many largest and how many smallest tokens are zeroed per channel (release: 1);
+            0 zeroes none and leaves the three scales alone (an ablation).
 
     Raises:
-        ValueError: a scale < 0 or not finite, ``top_k`` < 1, or an attention module TGR cannot
+        ValueError: a scale < 0 or not finite, ``top_k`` < 0, or an attention module TGR cannot
             reach (its map is not computed by ``scaled_dot_product_attention``).
         NoAttentionError: the model holds no attention module (a ``ValueError``).
 
@@ -282,7 +287,8 @@ class tgr(BackwardContext):  # noqa: N801 - a context manager named like torch.n
 
     def _changes(self, attention: list, mlps: list) -> list[Change]:
         s = self.settings
-        per_image = f"top-{s.top_k} extreme tokens zeroed per image"
+        per_image = (f"top-{s.top_k} extreme tokens zeroed per image" if s.top_k
+                     else "no tokens zeroed")
         return ([Change(name, f"attention-score gradient x {s.attention_scale:g}, Q/K/V gradient "
                               f"x {s.qkv_scale:g}, {per_image}") for name, _ in attention]
                 + [Change(name, f"MLP output gradient x {s.mlp_scale:g}, {per_image}")
