@@ -296,3 +296,50 @@ def test_torchrun_evaluate_of_defended_targets_equals_one_process(attacked: Path
                           env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "sharded.json").read_text())["targets"] == single
+
+
+def test_sweep_and_transfer_tables_carry_both_denominators_for_defended_targets(
+        tmp_path: Path, capsys) -> None:
+    """On 32 real test images: for a smoothed target (abstaining on some clean images) and a JPEG
+    target, transfer.json/.csv/.md and sweep.json carry the clean accuracy and the success rate on
+    the clean-correct images, equal to counts from independent predictions on the saved PNGs."""
+    smooth, jpeg = "zoo:fmnist-cnn+smooth:0.5,n=16,alpha=0.01", "zoo:fmnist-cnn+jpeg:75"
+    assert main(["sweep", "--source", "zoo:fmnist-resnet20", "--attack", "ifgsm", "--gammas",
+                 "0.5", "--target", smooth, "--target", jpeg, "--data", "fmnist:test", "--limit",
+                 "32", "--steps", "2", "--quiet", "--out", str(tmp_path)]) == 0
+    terminal = capsys.readouterr().out
+    clean, labels = load_fmnist("test", limit=32)
+    rows = json.loads((tmp_path / "transfer.json").read_text())["rows"]
+    sweep = json.loads((tmp_path / "sweep.json").read_text())["targets"]
+    markdown = (tmp_path / "transfer.md").read_text()
+    csv_lines = (tmp_path / "transfer.csv").read_text().splitlines()
+    assert len(rows) == 4 and len(csv_lines) == 5
+    for spec in (smooth, jpeg):
+        model = load_model(spec)
+        clean_pred = model.predict_labels(clean)
+        if spec == smooth:
+            assert (clean_pred == ABSTAIN).any()  # abstentions on clean images are exercised
+        correct = clean_pred == labels
+        k = int(correct.sum())
+        assert f"{100 * k / 32:.1f} ({k}/32)" in markdown.split("*clean accuracy*")[1].split("\n")[0]
+        for row in (r for r in rows if r["target"] == canonical_spec(spec)):
+            gamma = "1" if row["sgm"] is None else f"{row['sgm']:g}"
+            folder = tmp_path / "attacks" / (f"zoo-fmnist-resnet20__ifgsm__"
+                                             f"{'nosgm' if row['sgm'] is None else 'sgm0.5'}")
+            adv = torch.stack([_tensor(np.asarray(Image.open(folder / "images" /
+                                                             f"test_{i:05d}.png"))[None])
+                               for i in range(32)])
+            adv_pred = model.predict_labels(adv)
+            fooled = (adv_pred != labels) & (adv_pred != ABSTAIN)
+            m = int((fooled & correct).sum())
+            assert (row["n"], row["clean_correct"], row["successes_on_correct"]) == (32, k, m)
+            assert row["success_rate"] == pytest.approx(int(fooled.sum()) / 32)
+            assert row["clean_accuracy"] == pytest.approx(k / 32)
+            assert row["success_rate_on_correct"] == pytest.approx(m / k)
+            point = sweep[canonical_spec(spec)][gamma]
+            assert point["clean_accuracy"] == pytest.approx(k / 32)
+            assert point["success_rate_on_correct"] == pytest.approx(m / k)
+            assert f"{100 * m / k:.1f} ({m}/{k})" in markdown.split("<details>")[1]
+            assert f",{k / 32:.6f},{k},{m / k:.6f},{m}" in "\n".join(csv_lines)
+        assert f"{100 * k / 32:.1f}%" in terminal  # the sweep's clean-accuracy column
+    assert "abstains counts as not fooled" in markdown

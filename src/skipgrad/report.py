@@ -3,10 +3,15 @@
 ``transfer.json`` follows DESIGN section 3::
 
     {"rows": [{"source": SPEC, "attack": "ifgsm", "sgm": null | gamma, "target": SPEC,
-               "success_rate": r, "n": n, "ci95": [lo, hi], "backward": [NAME, ...]}, ...]}
+               "success_rate": r, "n": n, "ci95": [lo, hi], "backward": [NAME, ...],
+               "clean_correct": k, "successes_on_correct": m,
+               "clean_accuracy": k / n, "success_rate_on_correct": m / k}, ...]}
 
 ``backward`` lists the backward-pass methods of the attack (``[]`` for none), each as its
-``METHOD[:key=value]`` label with the settings that differ from the defaults.
+``METHOD[:key=value]`` label with the settings that differ from the defaults. The last four keys
+are the second denominator, as ``evaluate`` reports it: ``k`` of the ``n`` clean originals the
+target classified correctly (a smoothed target's abstention is not correct), and ``m`` of those
+``k`` it got wrong after the attack (null where unknown, e.g. rows read from an older file).
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ import numpy as np
 from skipgrad.data.images import atomic_write_bytes, atomic_write_text
 
 CSV_COLUMNS = ("source", "attack", "sgm", "target", "success_rate", "n", "ci95_low", "ci95_high",
-               "backward")
+               "backward", "clean_accuracy", "clean_correct", "success_rate_on_correct",
+               "successes_on_correct")
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,23 @@ class TransferRow:
     n: int
     ci95: tuple[float, float]
     backward: tuple[str, ...] = ()
+    # The target on the clean originals of the same n images: how many it classified correctly
+    # (an abstention is not correct), and how many of those the attack then fooled.
+    clean_correct: int | None = None
+    successes_on_correct: int | None = None
+
+    @property
+    def clean_accuracy(self) -> float | None:
+        """Clean top-1 accuracy of the target on the n images (None: not recorded)."""
+        return None if self.clean_correct is None or not self.n else self.clean_correct / self.n
+
+    @property
+    def success_rate_on_correct(self) -> float | None:
+        """Success among the images the target classified correctly when clean (None: not
+        recorded, or no such image)."""
+        if not self.clean_correct or self.successes_on_correct is None:
+            return None
+        return self.successes_on_correct / self.clean_correct
 
     @property
     def method(self) -> str:
@@ -48,13 +71,17 @@ class TransferRow:
         record = asdict(self)
         record["ci95"] = list(self.ci95)
         record["backward"] = list(self.backward)
+        record["clean_accuracy"] = self.clean_accuracy
+        record["success_rate_on_correct"] = self.success_rate_on_correct
         return record
 
     @classmethod
     def from_json(cls, record: dict) -> "TransferRow":
+        counts = (record.get("clean_correct"), record.get("successes_on_correct"))
         return cls(record["source"], record["attack"], record["sgm"], record["target"],
                    float(record["success_rate"]), int(record["n"]), tuple(record["ci95"]),
-                   tuple(record.get("backward", ())))
+                   tuple(record.get("backward", ())),
+                   *(None if c is None else int(c) for c in counts))
 
 
 def short_name(spec: str) -> str:
@@ -102,22 +129,70 @@ def csv_text(rows: Sequence[TransferRow]) -> str:
     for r in rows:
         writer.writerow([r.source, r.attack, "" if r.sgm is None else r.sgm, r.target,
                          f"{r.success_rate:.6f}", r.n, f"{r.ci95[0]:.6f}", f"{r.ci95[1]:.6f}",
-                         "+".join(r.backward)])
+                         "+".join(r.backward), _csv_rate(r.clean_accuracy),
+                         _csv_count(r.clean_correct), _csv_rate(r.success_rate_on_correct),
+                         _csv_count(r.successes_on_correct)])
     return buffer.getvalue()
 
 
+def _csv_rate(value: float | None) -> str:
+    return "" if value is None else f"{value:.6f}"
+
+
+def _csv_count(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
 def markdown_table(rows: Sequence[TransferRow], title: str | None = None) -> str:
-    """Matrix as a Markdown table: success rate (%) with its 95% Wilson interval per cell."""
+    """Matrix as a Markdown table: success rate (%) with its 95% Wilson interval per cell, a last
+    row with each target's clean accuracy, and (folded) the success rate on the images each
+    target classified correctly when clean: both denominators, as ``evaluate`` prints them."""
     keys, targets, cells = matrix(rows)
     header = ["source", "attack", *(f"`{t}`" for t in targets)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * len(targets)]
     for source, method in keys:
         values = [_md_cell(cells.get(((source, method), t))) for t in targets]
         lines.append(f"| `{source}` | {method} | " + " | ".join(values) + " |")
+    known = any(r.clean_correct is not None for r in rows)
+    if known:
+        lines.append("| | *clean accuracy* | " + " | ".join(
+            _clean_cell([r for r in rows if r.target == t]) for t in targets) + " |")
     n = sorted({r.n for r in rows})
     note = (f"\nSuccess rate = 1 − top-1 accuracy of the target on the adversarial images, all "
-            f"images counted (n = {', '.join(map(str, n))}); brackets: Wilson 95% interval.\n")
-    return (f"## {title}\n\n" if title else "") + "\n".join(lines) + "\n" + note
+            f"images counted (n = {', '.join(map(str, n))}); brackets: Wilson 95% interval.")
+    if known:
+        note += (" Clean accuracy: the target's top-1 accuracy on the clean originals of the same "
+                 "images (k/n correct).")
+    if any("+smooth:" in t for t in targets):
+        note += (" A smoothed target (`+smooth:`) that abstains counts as not fooled on an "
+                 "adversarial image and as not correct on a clean one.")
+    text = (f"## {title}\n\n" if title else "") + "\n".join(lines) + "\n" + note + "\n"
+    return text + (_on_correct_table(keys, targets, cells) if known else "")
+
+
+def _clean_cell(rows: Sequence[TransferRow]) -> str:
+    """A target's clean accuracy over its rows: one figure when they agree (the same images)."""
+    seen = _ordered((r.clean_correct, r.n) for r in rows if r.clean_correct is not None)
+    return ", ".join(f"{100 * k / n:.1f} ({k}/{n})" if n else "–" for k, n in seen) or "–"
+
+
+def _on_correct_table(keys: list, targets: list[str], cells: dict) -> str:
+    """The success rate among the images each target classified correctly when clean, with
+    that denominator in every cell, folded under a summary line."""
+    lines = ["| source | attack | " + " | ".join(f"`{t}`" for t in targets) + " |",
+             "|" + "---|" * 2 + "---:|" * len(targets)]
+    for source, method in keys:
+        values = [_on_correct_cell(cells.get(((source, method), t))) for t in targets]
+        lines.append(f"| `{source}` | {method} | " + " | ".join(values) + " |")
+    return ("\n<details><summary>Success rate (%) on the images each target classified correctly "
+            "when clean (m/k: fooled / clean-correct)</summary>\n\n" + "\n".join(lines)
+            + "\n\n</details>\n")
+
+
+def _on_correct_cell(row: TransferRow | None) -> str:
+    if row is None or row.success_rate_on_correct is None:
+        return "–"
+    return f"{100 * row.success_rate_on_correct:.1f} ({row.successes_on_correct}/{row.clean_correct})"
 
 
 def _md_cell(row: TransferRow | None) -> str:

@@ -9,7 +9,8 @@ is always run, as the no-SGM folder, and reported as the point ``gamma = 1``.
 
     {"source": SPEC, "attack": NAME, "data": DATA, "gammas": [0.1, ..., 1.0],   # NAME+METHOD
                                                                                # with --backward
-     "targets": {SPEC: {"0.1": {"success_rate": r, "n": n, "ci95": [lo, hi]}, ...}, ...},
+     "targets": {SPEC: {"0.1": {"success_rate": r, "n": n, "ci95": [lo, hi],
+                                "clean_accuracy": a, "success_rate_on_correct": r2}, ...}, ...},
      "mean": {"0.1": r, ...},            # over the transfer targets (the source itself left out)
      "best": {"targets": {SPEC: gamma}, "mean": gamma}}
 
@@ -43,9 +44,14 @@ class SweepPoint:
     success_rate: float
     n: int
     ci95: tuple[float, float]
+    # The second denominator, as evaluate reports it (None where not recorded).
+    clean_accuracy: float | None = None
+    success_rate_on_correct: float | None = None
 
     def to_json(self) -> dict:
-        return {"success_rate": self.success_rate, "n": self.n, "ci95": list(self.ci95)}
+        return {"success_rate": self.success_rate, "n": self.n, "ci95": list(self.ci95),
+                "clean_accuracy": self.clean_accuracy,
+                "success_rate_on_correct": self.success_rate_on_correct}
 
 
 @dataclass
@@ -140,8 +146,9 @@ def curves_from_rows(rows: Sequence[TransferRow]) -> dict[str, dict[float, Sweep
     curves: dict[str, dict[float, SweepPoint]] = {}
     for row in rows:
         g = 1.0 if row.sgm is None else float(row.sgm)
-        curves.setdefault(row.target, {})[g] = SweepPoint(g, row.success_rate, row.n,
-                                                          tuple(row.ci95))
+        curves.setdefault(row.target, {})[g] = SweepPoint(
+            g, row.success_rate, row.n, tuple(row.ci95), row.clean_accuracy,
+            row.success_rate_on_correct)
     return curves
 
 
@@ -205,12 +212,15 @@ def _style_axes(ax, result: SweepResult) -> None:
 def format_best(result: SweepResult) -> str:
     """Terminal summary: each target's curve and best gamma, then the best on average."""
     width = max(len(short_name(t)) for t in result.curves)
-    header = f"{'target':<{width}}  " + "  ".join(f"{g:>5g}" for g in result.gammas) + "   best γ"
+    header = (f"{'target':<{width}}  " + "  ".join(f"{g:>5g}" for g in result.gammas)
+              + "   best γ  clean acc")
     lines = [f"transfer success (%) by SGM gamma ({result.attack} from {result.source})", header]
     for target, curve in result.curves.items():
         best = best_gamma({g: p.success_rate for g, p in curve.items()})
         cells = "  ".join(f"{100 * curve[g].success_rate:5.1f}" for g in result.gammas)
-        lines.append(f"{short_name(target):<{width}}  {cells}   {best:g}")
+        clean = curve[result.gammas[-1]].clean_accuracy  # gamma 1.0: the same clean images
+        clean_text = "-" if clean is None else f"{100 * clean:.1f}%"
+        lines.append(f"{short_name(target):<{width}}  {cells}   {best:<6g}  {clean_text:>9}")
     mean = result.mean_curve()
     cells = "  ".join(f"{100 * mean[g]:5.1f}" for g in result.gammas)
     lines.append(f"{'mean':<{width}}  {cells}   {best_gamma(mean):g}")

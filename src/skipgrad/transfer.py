@@ -309,7 +309,8 @@ def evaluate_cells(plan: TransferPlan, folders: list, opts: RunOptions,
         results = evaluate_output(output, models, batch_size=opts.batch_size, quiet=opts.quiet,
                                   prefetch=opts.prefetch, clean_cache=cache)
         names = tuple(parse_backward(backward).names) if backward is not None else ()
-        rows += [TransferRow(source.spec, attack, gamma, spec, r.success_rate, r.n, r.ci95, names)
+        rows += [TransferRow(source.spec, attack, gamma, spec, r.success_rate, r.n, r.ci95, names,
+                             r.clean_correct, r.successes_on_correct)
                  for spec, r in results.items()]
         outcomes.update({(source.spec, attack, gamma, backward, spec): r.per_image
                          for spec, r in results.items()})
