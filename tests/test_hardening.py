@@ -381,6 +381,109 @@ def test_sigint_and_sigterm_requests_stop_after_the_group(monkeypatch) -> None:
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+def _transfer_args(out: Path, *extra: str) -> list[str]:
+    return ["transfer", "--source", SOURCE, "--attack", "ifgsm", "--attack", "mi", "--target",
+            "zoo:fmnist-vgg", "--data", "fmnist:test", "--out", str(out), "--eps", "8",
+            "--step-size", "2", "--steps", "1", "--quiet", *extra]
+
+
+def test_sigterm_while_a_transfer_reuses_a_folder_is_not_dropped(tmp_path, monkeypatch,
+                                                                 capsys) -> None:
+    """A SIGTERM that lands inside a folder's attack region after its last group check (here: a
+    finished folder being reused) used to be reset when that region ended, and the transfer ran
+    on through every remaining folder and the evaluation; it must stop at the next check."""
+    import signal
+
+    import skipgrad.runner as runner
+
+    out = tmp_path / "t"
+    assert main(_transfer_args(out, "--limit", "4")) == 0
+    before = (out / "transfer.json").read_bytes()
+    real, calls = runner.clean_accuracy_report, []
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # during the first (reused) folder
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "clean_accuracy_report", signalled)
+    assert main(_transfer_args(out, "--limit", "4")) == 143
+    assert len(calls) == 1  # the second folder was never entered
+    assert "interrupted" in capsys.readouterr().err
+    assert (out / "transfer.json").read_bytes() == before
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_sigterm_during_evaluate_stops_after_the_current_target_batch(tmp_path, monkeypatch,
+                                                                      capsys) -> None:
+    import signal
+
+    import skipgrad.evaluate as evaluate
+
+    out = tmp_path / "a"
+    assert _attack("fmnist:test", out, "--limit", "12") == 0
+    real, calls = evaluate.predict, []
+
+    def signalled(models, images):
+        calls.append(len(images))
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(models, images)
+
+    monkeypatch.setattr(evaluate, "predict", signalled)
+    code = main(["evaluate", str(out), "--target", "zoo:fmnist-vgg", "--target", SOURCE,
+                 "--batch-size", "4", "--quiet", "--json", str(tmp_path / "e.json")])
+    assert code == 143 and "interrupted" in capsys.readouterr().err
+    assert calls == [4]  # the batch in hand finished; no other (batch, target) was started
+    assert not (tmp_path / "e.json").exists() and not (out / "evaluations.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["attack", "evaluation"])
+def test_sigterm_mid_transfer_exits_and_the_rerun_gives_the_same_bytes(tmp_path, phase) -> None:
+    """A real process: SIGTERM during the attack phase (after the first group's manifest) or
+    during the evaluation (after the first folder's evaluations.json, with a slow smoothed target
+    still to score) exits 143 well within a minute, and re-running finishes the folder to the
+    same bytes as an uninterrupted run."""
+    import signal
+
+    smooth = "zoo:fmnist-vgg+smooth:0.1,n=64"
+    extra = ("--limit", "64", "--batch-size", "16", "--target", smooth)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out, reference = tmp_path / "run", tmp_path / "reference"
+    assert main(_transfer_args(reference, *extra)) == 0
+    first = out / "attacks" / "zoo-fmnist-cnn__ifgsm__nosgm"
+    marker = first / ("manifest.csv" if phase == "attack" else "evaluations.json")
+    cmd = [sys.executable, "-m", "skipgrad", *_transfer_args(out, *extra)]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "finished before the signal could be sent"
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        _, err = proc.communicate(timeout=60)  # a liveness bound, not a speed test
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err and "interrupted" in err and took < 60
+    assert not list(out.rglob(".*.tmp")) and not list(out.rglob(outdir.LOCK_NAME))
+    assert not (out / "transfer.json").exists()  # the matrix is only written whole
+    assert main(_transfer_args(out, *extra)) == 0  # resume
+    names = ["transfer.json", "transfer.csv", "transfer.md"] + [
+        str(p.relative_to(reference)) for p in (reference / "attacks").rglob("*")
+        if p.suffix in (".png", ".csv")]
+    assert len(names) > 2 * 64
+    for name in names:
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+
+
 # ---------------------------------------------------------------- 5. numerics
 
 def test_overflowing_checkpoint_names_the_image_files(tmp_path, capsys) -> None:

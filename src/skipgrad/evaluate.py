@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from skipgrad import distributed, verify
+from skipgrad import distributed, outdir, verify
 from skipgrad.data.datasets import ImageDataset, Sample, open_dataset
 from skipgrad.data.images import atomic_write_text, read_image
 from skipgrad.errors import UserError
@@ -211,7 +211,9 @@ def _name(output: AttackOutput, index: int) -> str:
 def _predictions(models: dict[str, WrappedModel], batches: Sequence[Sequence], load: Callable,
                  desc: str, quiet: bool, prefetch: int | None) -> dict[str, torch.Tensor]:
     """Top-1 predictions of every model on ``load(batch)`` for each batch, shared across ranks:
-    a batch is loaded (decoded) once and every model scores it before the next one."""
+    a batch is loaded (decoded) once and every model scores it before the next one. SIGINT or
+    SIGTERM stops after the current (batch, target) prediction (:func:`outdir.check_stop`);
+    nothing is written for a pass that did not finish."""
     if not models:
         return {}
     device = next(next(iter(models.values())).parameters()).device
@@ -220,13 +222,19 @@ def _predictions(models: dict[str, WrappedModel], batches: Sequence[Sequence], l
 
     def run(images: torch.Tensor) -> torch.Tensor:
         images = images.to(device, non_blocking=True)
-        preds = torch.stack([predict([model], images) for model in models.values()])
+        preds = []
+        for model in models.values():  # a smoothed target's batch can take many seconds
+            outdir.check_stop()
+            preds.append(predict([model], images))
         bar.update(len(images) * len(models) * distributed.world().size)
-        return preds
+        return torch.stack(preds)
 
-    preds = torch.cat(distributed.map_units(batches, run, load=load, prefetch=prefetch,
-                                            device=device), dim=1)
-    bar.close()
+    try:
+        with outdir.stop_after_batch():
+            preds = torch.cat(distributed.map_units(batches, run, load=load, prefetch=prefetch,
+                                                    device=device), dim=1)
+    finally:
+        bar.close()
     return dict(zip(models, preds))
 
 

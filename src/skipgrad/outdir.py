@@ -208,10 +208,12 @@ class StopRequested(KeyboardInterrupt):
 
 
 class _StopFlag:
-    """Set by the first SIGINT/SIGTERM; the run loop checks it between batches."""
+    """Set by the first SIGINT/SIGTERM; the run loops check it between batches. ``depth`` counts
+    the nested :func:`stop_after_batch` regions: only the outermost installs and resets."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.depth = 0
 
     def handle(self, signum: int, _frame: object) -> None:
         if self.signal is not None:  # a second signal: stop now (writes are atomic anyway)
@@ -224,21 +226,37 @@ _FLAG = _StopFlag()
 
 @contextlib.contextmanager
 def stop_after_batch() -> Iterator[None]:
-    """Turn SIGINT/SIGTERM into a request that :func:`check_stop` honours after the batch."""
+    """Turn SIGINT/SIGTERM into a request that :func:`check_stop` honours after the batch.
+
+    Regions nest: a transfer holds one around all its attack folders and its evaluation, and each
+    folder's attack holds its own inside. The request belongs to the outermost region, so a
+    signal that lands after an inner region's last check (while a finished folder is reused, or
+    its manifest completed) stops the run at the next check instead of being dropped when the
+    inner region ends -- which let a transfer carry on through its remaining folders."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be installed from the main thread
         return
+    if _FLAG.depth:
+        _FLAG.depth += 1
+        try:
+            yield
+        finally:
+            _FLAG.depth -= 1
+        return
     _FLAG.signal = None
     previous = {sig: signal.signal(sig, _FLAG.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _FLAG.depth = 1
     try:
         yield
     finally:
+        _FLAG.depth = 0
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         _FLAG.signal = None
 
 
 def check_stop() -> None:
-    """Raise KeyboardInterrupt if a stop was requested (called between batches)."""
+    """Raise :class:`StopRequested` (a KeyboardInterrupt) if a stop was requested; called between
+    attack groups, between evaluation batches (per target) and between a transfer's folders."""
     if _FLAG.signal is not None:
         raise StopRequested(_FLAG.signal)

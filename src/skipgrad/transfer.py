@@ -152,8 +152,25 @@ def run_transfer(plan: TransferPlan, out: Path, opts: RunOptions = RunOptions(),
     if not distributed.world().is_main:  # under torchrun rank 0 speaks and writes the matrix
         log = lambda _msg: None  # noqa: E731
     plan, targets = preflight(plan, out, opts, log)
+    # One stop region over every folder and the evaluation: SIGINT/SIGTERM stop after the current
+    # attack group or (batch, target) prediction, also when the signal lands between two folders.
+    with outdir.stop_after_batch():
+        folders = _attack_cells(plan, out, opts, log)
+        outdir.check_stop()
+        rows, outcomes = evaluate_cells(plan, folders, opts, log, targets)
+    title = f"{plan.title} ({setting_text(plan.template, rows[0].n if rows else 0)})"
+    files = distributed.on_main(lambda: {**write_transfer_report(rows, out, title),
+                                         **write_paired_effects(out, outcomes)})
+    return TransferResult(rows, files, outcomes)
+
+
+def _attack_cells(plan: TransferPlan, out: Path, opts: RunOptions,
+                  log: Callable[[str], None]) -> list[tuple]:
+    """Run (or resume) the attack folder of every cell; ``(source, attack, gamma, backward,
+    folder)`` each, in table order."""
     folders = []
     for i, (source, attack, gamma, backward) in enumerate(plan.cells(), start=1):
+        outdir.check_stop()
         job = cell_job(plan.template, source, attack, gamma, backward)
         folder = cell_folder(out, source, attack, gamma, backward)
         extra = "" if backward is None else f" backward={backward}"
@@ -163,11 +180,7 @@ def run_transfer(plan: TransferPlan, out: Path, opts: RunOptions = RunOptions(),
         log(f"    {summary.skipped} reused, {summary.attacked} attacked, "
             f"source success {100 * summary.source_success:.1f}%")
         folders.append((source, attack, gamma, backward, folder))
-    rows, outcomes = evaluate_cells(plan, folders, opts, log, targets)
-    title = f"{plan.title} ({setting_text(plan.template, rows[0].n if rows else 0)})"
-    files = distributed.on_main(lambda: {**write_transfer_report(rows, out, title),
-                                         **write_paired_effects(out, outcomes)})
-    return TransferResult(rows, files, outcomes)
+    return folders
 
 
 def write_paired_effects(out: Path, outcomes: dict[tuple, object]) -> dict[str, Path]:
