@@ -197,7 +197,12 @@ def tables(rows: list, effects: list, skipped: list[str], command: str) -> str:
 
 
 def _is_defended(target: str) -> bool:
-    return "+" in target or target.endswith("-at")
+    """A target with an input-transformation defense, or an adversarially trained zoo member."""
+    from skipgrad.models.defenses import split_spec
+    from skipgrad.models.zoo import AT_NAMES
+
+    base, defenses = split_spec(target)
+    return bool(defenses) or base.removeprefix("zoo:fmnist-") in AT_NAMES
 
 
 def replication_tables(effects: list, command: str) -> str:

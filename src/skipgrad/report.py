@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -148,11 +148,7 @@ def markdown_table(rows: Sequence[TransferRow], title: str | None = None) -> str
     row with each target's clean accuracy, and (folded) the success rate on the images each
     target classified correctly when clean: both denominators, as ``evaluate`` prints them."""
     keys, targets, cells = matrix(rows)
-    header = ["source", "attack", *(f"`{t}`" for t in targets)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * len(targets)]
-    for source, method in keys:
-        values = [_md_cell(cells.get(((source, method), t))) for t in targets]
-        lines.append(f"| `{source}` | {method} | " + " | ".join(values) + " |")
+    lines = _matrix_lines(keys, targets, cells, _md_cell)
     known = any(r.clean_correct is not None for r in rows)
     if known:
         lines.append("| | *clean accuracy* | " + " | ".join(
@@ -176,14 +172,21 @@ def _clean_cell(rows: Sequence[TransferRow]) -> str:
     return ", ".join(f"{100 * k / n:.1f} ({k}/{n})" if n else "–" for k, n in seen) or "–"
 
 
-def _on_correct_table(keys: list, targets: list[str], cells: dict) -> str:
-    """The success rate among the images each target classified correctly when clean, with
-    that denominator in every cell, folded under a summary line."""
+def _matrix_lines(keys: list, targets: list[str], cells: dict,
+                  cell: Callable[[TransferRow | None], str]) -> list[str]:
+    """Header, alignment row and one row per (source, attack) of a source x target matrix."""
     lines = ["| source | attack | " + " | ".join(f"`{t}`" for t in targets) + " |",
              "|" + "---|" * 2 + "---:|" * len(targets)]
     for source, method in keys:
-        values = [_on_correct_cell(cells.get(((source, method), t))) for t in targets]
+        values = [cell(cells.get(((source, method), t))) for t in targets]
         lines.append(f"| `{source}` | {method} | " + " | ".join(values) + " |")
+    return lines
+
+
+def _on_correct_table(keys: list, targets: list[str], cells: dict) -> str:
+    """The success rate among the images each target classified correctly when clean, with
+    that denominator in every cell, folded under a summary line."""
+    lines = _matrix_lines(keys, targets, cells, _on_correct_cell)
     return ("\n<details><summary>Success rate (%) on the images each target classified correctly "
             "when clean (m/k: fooled / clean-correct)</summary>\n\n" + "\n".join(lines)
             + "\n\n</details>\n")
