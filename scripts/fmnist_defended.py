@@ -5,7 +5,7 @@ without SGM, scored on the adversarially trained zoo models and on each input-tr
 defense wrapped around two plain targets, with the study's paired statistics (McNemar's exact test
 per cell, Benjamini-Hochberg over all transfer cells).
 
-    python scripts/fmnist_defended.py --out runs/defended --limit 500 [--attack-only]
+    python scripts/fmnist_defended.py --out runs/defended --limit 1000 [--attack-only]
 
 ``--attack-only`` runs (or resumes) the attack folders and scores them on the plain CNN only, so the
 attacks can run while the adversarially trained models are still training. Without it, missing
@@ -70,7 +70,7 @@ def run(out: Path, limit: int, attack_only: bool, sources: set[str] | None) -> t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/defended"))
-    parser.add_argument("--limit", type=int, default=500)
+    parser.add_argument("--limit", type=int, default=1000)
     parser.add_argument("--attack-only", action="store_true")
     parser.add_argument("--sources", help="comma-separated zoo names: only these sources")
     args = parser.parse_args()
