@@ -15,7 +15,7 @@ import torch
 from skipgrad.attacks.config import AttackSpec
 from skipgrad.attacks.loop import attack_with
 from skipgrad.data.datasets import open_dataset
-from skipgrad.demo import zoo_targets
+from skipgrad.pipeline.demo import zoo_targets
 from skipgrad.models import load_model
 
 

@@ -14,12 +14,12 @@ import argparse
 import torch
 
 from skipgrad import AttackSpec
-from skipgrad.autogamma import CalibrationSplit, calibrate_gamma, transfer_outcomes
+from skipgrad.pipeline.autogamma import CalibrationSplit, calibrate_gamma, transfer_outcomes
 from skipgrad.data.datasets import open_dataset
-from skipgrad.demo import DEMO_GAMMA, zoo_targets
-from skipgrad.evaluate import load_targets
-from skipgrad.runner import AttackJob, load_sources
-from skipgrad.stats import paired_comparison, wilson_interval
+from skipgrad.pipeline.demo import DEMO_GAMMA, zoo_targets
+from skipgrad.pipeline.evaluate import load_targets
+from skipgrad.pipeline.engine import AttackJob, load_sources
+from skipgrad.analysis.stats import paired_comparison, wilson_interval
 
 GRID = tuple(round(0.1 * k, 1) for k in range(1, 11))
 

@@ -30,12 +30,12 @@ from fmnist_defended import DEFENSES, PLAIN  # noqa: E402
 from fmnist_replication import SEED, retrained_targets  # noqa: E402
 from fmnist_study import effects_matrix, replace_section  # noqa: E402
 
-from skipgrad.demo import (  # noqa: E402
+from skipgrad.pipeline.demo import (  # noqa: E402
     backward_effects, effects_markdown, transfer_q_values, zoo_targets)
 from skipgrad.errors import UserError  # noqa: E402
-from skipgrad.report import markdown_table  # noqa: E402
-from skipgrad.runner import AttackJob, RunOptions  # noqa: E402
-from skipgrad.transfer import (  # noqa: E402
+from skipgrad.pipeline.report import markdown_table  # noqa: E402
+from skipgrad.pipeline.engine import AttackJob, RunOptions  # noqa: E402
+from skipgrad.pipeline.transfer import (  # noqa: E402
     ModelRef, TransferPlan, cell_folder, evaluate_cells, run_transfer)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,7 +140,7 @@ def collect(outs: list[Path], suffix: str = "") -> tuple[list, list, list[str]]:
     (the first folder holding it wins), in GRID order; ``suffix`` ``.seed1`` for the replication."""
     import torch
 
-    from skipgrad.report import TransferRow
+    from skipgrad.pipeline.report import TransferRow
 
     rows, effects, skipped = [], [], []
     for source, methods, _ in GRID:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from fmnist_study import effects_section, replace_section
 
-from skipgrad.demo import sgm_effects
-from skipgrad.runner import AttackJob, RunOptions
-from skipgrad.transfer import ModelRef, TransferPlan, run_transfer
+from skipgrad.pipeline.demo import sgm_effects
+from skipgrad.pipeline.engine import AttackJob, RunOptions
+from skipgrad.pipeline.transfer import ModelRef, TransferPlan, run_transfer
 
 # The best gamma of each residual source in the study (docs/study.md, finding 4; the ViT's
 # transfer rises slightly at 0.3-0.5, and 0.5 is where its MI row was measured).

@@ -12,11 +12,11 @@ import torch
 
 import skipgrad
 from skipgrad import AttackSpec
-from skipgrad.autogamma import calibrate_gamma, calibration_split
+from skipgrad.pipeline.autogamma import calibrate_gamma, calibration_split
 from skipgrad.cli import main
 from skipgrad.data.fmnist import load_fmnist
 from skipgrad.models import load_model
-from skipgrad.runner import AttackJob
+from skipgrad.pipeline.engine import AttackJob
 
 SOURCE = "zoo:fmnist-resnet20"
 HELD_OUT = "zoo:fmnist-cnn"

@@ -145,7 +145,7 @@ def test_sweep_adds_the_method_to_every_gamma(toy_methods, tmp_path):
 
 @pytest.mark.slow  # twelve attack folders scored on every zoo model: minutes on a shared CPU
 def test_demo_adds_the_method_with_and_without_sgm(toy_methods, tmp_path):
-    from skipgrad.demo import DEMO_ATTACKS, run_demo
+    from skipgrad.pipeline.demo import DEMO_ATTACKS, run_demo
 
     out = tmp_path / "d"
     run_demo(out, limit=8, quiet=True, backward="scalerelu", log=lambda _m: None)

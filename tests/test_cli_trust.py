@@ -385,8 +385,8 @@ def test_attack_reports_the_source_clean_accuracy(tmp_path: Path, capsys) -> Non
 # ---------------------------------------------------------------- 16.4 --sgm auto and evaluation
 
 def test_auto_gamma_default_leaves_zoo_targets_for_evaluation() -> None:
-    from skipgrad.autogamma import default_held_out
-    from skipgrad.demo import zoo_targets
+    from skipgrad.pipeline.autogamma import default_held_out
+    from skipgrad.pipeline.demo import zoo_targets
 
     held = default_held_out([SOURCE], "fmnist:test")
     left = [t for t in zoo_targets() if t != SOURCE and t not in held]

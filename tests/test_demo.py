@@ -10,7 +10,7 @@ from PIL import Image
 
 from skipgrad.cli import main
 from skipgrad.data.fmnist import load_fmnist
-from skipgrad.demo import DEMO_ATTACKS, DEMO_DEFENDED, DEMO_GAMMA, DEMO_SOURCE, zoo_targets
+from skipgrad.pipeline.demo import DEMO_ATTACKS, DEMO_DEFENDED, DEMO_GAMMA, DEMO_SOURCE, zoo_targets
 
 
 @pytest.fixture(scope="module")

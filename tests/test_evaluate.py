@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from skipgrad.evaluate import TargetResult, format_table, results_json, score
-from skipgrad.report import TransferRow, read_transfer_json, write_transfer_report
-from skipgrad.stats import wilson_interval
+from skipgrad.pipeline.evaluate import TargetResult, format_table, results_json, score
+from skipgrad.pipeline.report import TransferRow, read_transfer_json, write_transfer_report
+from skipgrad.analysis.stats import wilson_interval
 
 
 def _output(labels: list[int], targets: list[int] | None = None) -> SimpleNamespace:
@@ -97,7 +97,7 @@ def test_intervals_are_valid(n: int, k: int) -> None:
 def test_each_image_is_decoded_once_for_all_targets(tmp_path: Path, monkeypatch) -> None:
     """Two targets, one pass over the files: every adversarial PNG is decoded once and every
     clean batch loaded once, and the scores equal evaluating each target on its own."""
-    import skipgrad.evaluate as evaluate
+    import skipgrad.pipeline.evaluate as evaluate
     from skipgrad.cli import main
 
     out = tmp_path / "run"

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from skipgrad import outdir
+from skipgrad.store import outdir
 from skipgrad.cli import main
 from skipgrad.data import images as image_io
 from skipgrad.models.checkpoints import TRUST_PICKLE_ENV, read_checkpoint
@@ -394,7 +394,7 @@ def test_sigterm_while_a_transfer_reuses_a_folder_is_not_dropped(tmp_path, monke
     on through every remaining folder and the evaluation; it must stop at the next check."""
     import signal
 
-    import skipgrad.runner as runner
+    import skipgrad.pipeline.engine as runner
 
     out = tmp_path / "t"
     assert main(_transfer_args(out, "--limit", "4")) == 0
@@ -419,7 +419,7 @@ def test_sigterm_during_evaluate_stops_after_the_current_target_batch(tmp_path, 
                                                                       capsys) -> None:
     import signal
 
-    import skipgrad.evaluate as evaluate
+    import skipgrad.pipeline.evaluate as evaluate
 
     out = tmp_path / "a"
     assert _attack("fmnist:test", out, "--limit", "12") == 0

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from skipgrad.cli import main
-from skipgrad.runner import DEFAULT_GROUP_SIZE, manifest_part
+from skipgrad.pipeline.engine import DEFAULT_GROUP_SIZE, manifest_part
 
 PYTHON = Path(sys.executable)
 TORCHRUN = PYTHON.with_name("torchrun")

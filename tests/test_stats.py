@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from skipgrad.stats import mcnemar_exact, paired_comparison, wilson_interval
+from skipgrad.analysis.stats import mcnemar_exact, paired_comparison, wilson_interval
 
 
 def test_wilson_interval_known_values():
@@ -34,7 +34,7 @@ def test_paired_comparison_counts_discordant_images():
 
 
 def test_benjamini_hochberg_matches_the_step_up_definition():
-    from skipgrad.stats import benjamini_hochberg
+    from skipgrad.analysis.stats import benjamini_hochberg
 
     p = [0.01, 0.04, 0.03, 0.20, 0.001]
     q = benjamini_hochberg(p)

@@ -351,18 +351,18 @@ def test_sgm_auto_record_is_written_while_the_folder_is_locked(tmp_path, monkeyp
     import json
 
     import skipgrad.cli as cli
-    from skipgrad import outdir
+    from skipgrad.store import outdir
 
     record = {"chosen_gamma": 0.5, "mean": {"0.5": 0.1}, "held_out": ["zoo:fmnist-vgg"], "n": 1}
     monkeypatch.setattr(cli, "_auto_gamma", lambda args, job: (_with_sgm(job, 0.5), record))
     seen = []
-    real_claim = __import__("skipgrad.runner", fromlist=["claim_folder"]).claim_folder
+    real_claim = __import__("skipgrad.pipeline.engine", fromlist=["claim_folder"]).claim_folder
 
     def claim(out, *args, **kwargs):
         seen.append((Path(out) / outdir.LOCK_NAME).exists())
         return real_claim(out, *args, **kwargs)
 
-    monkeypatch.setattr("skipgrad.runner.claim_folder", claim)
+    monkeypatch.setattr("skipgrad.pipeline.engine.claim_folder", claim)
     out = tmp_path / "out"
     assert main(["attack", "--source", "zoo:fmnist-resnet20", "--sgm", "auto", "--data",
                  "fmnist:test", "--limit", "1", "--steps", "1", "--out", str(out),
@@ -378,10 +378,11 @@ def _with_sgm(job, gamma):
 
 
 def test_only_rank_zero_writes_sweep_json(tmp_path, monkeypatch) -> None:
-    from skipgrad import distributed, sweep
-    from skipgrad.report import TransferRow
-    from skipgrad.runner import AttackJob
-    from skipgrad.transfer import ModelRef, TransferResult
+    from skipgrad.pipeline import distributed
+    from skipgrad.pipeline import sweep
+    from skipgrad.pipeline.report import TransferRow
+    from skipgrad.pipeline.engine import AttackJob
+    from skipgrad.pipeline.transfer import ModelRef, TransferResult
 
     rows = [TransferRow("zoo:fmnist-resnet20", "ifgsm", g, "zoo:fmnist-vgg", 0.5, 4, (0.1, 0.9)) for g in (None, 0.5)]
     monkeypatch.setattr(sweep, "run_transfer", lambda *a, **k: TransferResult(rows))

@@ -39,7 +39,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from skipgrad import distributed, outdir, units, verify
+from skipgrad import units
+
+from skipgrad.pipeline import distributed
+
+from skipgrad.store import outdir
+
+from skipgrad.store import verify
 from skipgrad.attacks.config import AttackSpec
 from skipgrad.data.datasets import ImageDataset, Sample, open_dataset
 from skipgrad.data.images import atomic_write_many, atomic_write_text, png_bytes, to_uint8
@@ -49,7 +55,7 @@ from skipgrad.models import WrappedModel, load_model, resolve_config
 from skipgrad.models.defenses import split_spec
 
 RUN_FORMAT = 1
-# sha256: of the PNG as written, checked by evaluate (skipgrad.verify); empty in older folders.
+# sha256: of the PNG as written, checked by evaluate (skipgrad.store.verify); empty in older folders.
 MANIFEST_COLUMNS = ("id", "file", "label", "target_label", "source_pred", "sha256")
 # Images per attack call when --batch-size is not given for a new folder. CPU: the fastest
 # group measured on 2 cores (docs/scale.md, "Throughput"); larger groups only add memory. CUDA:

@@ -3,7 +3,7 @@
 Both folders must hold the same images (same clean data, same image ids and files); each target
 scores both, and the per-image outcomes are compared pair by pair: Δ (B minus A, percentage
 points) with its 95% interval, McNemar's exact p and the Benjamini-Hochberg q over the targets
-(:mod:`skipgrad.stats`, as the demo reports SGM effects).
+(:mod:`skipgrad.analysis.stats`, as the demo reports SGM effects).
 """
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from skipgrad import distributed
+from skipgrad.pipeline import distributed
 from skipgrad.errors import UserError
-from skipgrad.evaluate import AttackOutput, evaluate_output, load_targets, open_attack_output
-from skipgrad.runner import resolve_device, shown
-from skipgrad.stats import PairedComparison, benjamini_hochberg, paired_comparison
+from skipgrad.pipeline.evaluate import AttackOutput, evaluate_output, load_targets, open_attack_output
+from skipgrad.pipeline.engine import resolve_device, shown
+from skipgrad.analysis.stats import PairedComparison, benjamini_hochberg, paired_comparison
 
 
 @dataclass(frozen=True)

@@ -20,15 +20,19 @@ from pathlib import Path
 
 import torch
 
-from skipgrad import distributed, outdir, verify
+from skipgrad.pipeline import distributed
+
+from skipgrad.store import outdir
+
+from skipgrad.store import verify
 from skipgrad.data.datasets import ImageDataset, Sample, open_dataset
 from skipgrad.data.images import atomic_write_text, read_image
 from skipgrad.errors import UserError
 from skipgrad.models import WrappedModel, load_model
 from skipgrad.models.defenses import ABSTAIN, canonical_spec
 from skipgrad.progress import progress_bar
-from skipgrad.runner import predict, read_manifest, read_run, resolve_device
-from skipgrad.stats import wilson_interval
+from skipgrad.pipeline.engine import predict, read_manifest, read_run, resolve_device
+from skipgrad.analysis.stats import wilson_interval
 
 # Images per prediction batch when --batch-size is not given: forward passes only (no gradient
 # memory), so larger than the attack's groups; ImageNet models at 224x224 stay well inside a
@@ -156,9 +160,9 @@ def adversarial_predictions(models: dict[str, WrappedModel], output: AttackOutpu
                             batch_size: int, quiet: bool = True, prefetch: int | None = None,
                             check: bool = True) -> dict[str, torch.Tensor]:
     """Each target's predictions on the saved adversarial PNGs, each PNG read and decoded once for
-    all targets. With ``check`` each file is verified as it is read (:mod:`skipgrad.verify`):
+    all targets. With ``check`` each file is verified as it is read (:mod:`skipgrad.store.verify`):
     its bytes against the manifest's SHA-256, its levels against the run's eps bound around the
-    clean image; any failure raises one :class:`~skipgrad.verify.VerificationError` (on every
+    clean image; any failure raises one :class:`~skipgrad.store.verify.VerificationError` (on every
     rank of a sharded run) once the pass is done."""
     if check:
         _require_hashes(output)

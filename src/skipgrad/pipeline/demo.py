@@ -3,7 +3,7 @@
 With ``--backward METHOD`` every attack also runs with that backward-pass method, without and with
 SGM, and the report adds the method's paired effects.
 
-The demo is an ordinary transfer experiment (:func:`skipgrad.transfer.run_transfer`): one residual
+The demo is an ordinary transfer experiment (:func:`skipgrad.pipeline.transfer.run_transfer`): one residual
 source of the bundled zoo, I-FGSM, MI and DI each without and with SGM, every zoo model as a target
 (the source itself gives the white-box row), plus two cheap defended targets (:data:`DEMO_DEFENDED`). On top of the matrix it reports, for every attack and
 target, the *paired* effect of SGM on the same images (McNemar's exact test), an examples figure, and
@@ -21,8 +21,8 @@ import torch
 
 from skipgrad.data.fmnist import FMNIST_CLASSES
 from skipgrad.data.images import atomic_write_bytes, atomic_write_text, read_image
-from skipgrad.report import TransferRow, markdown_table, short_name
-from skipgrad.stats import PairedComparison, benjamini_hochberg, paired_comparison
+from skipgrad.pipeline.report import TransferRow, markdown_table, short_name
+from skipgrad.analysis.stats import PairedComparison, benjamini_hochberg, paired_comparison
 
 # Chosen from the study in docs/study.md: of the sources where SGM gains on this data, the one whose
 # six attacks fit the demo's five minutes on 2 CPU cores (ResNet-56 gains more but takes ~3x as
@@ -212,10 +212,10 @@ def run_demo(out: Path, *, limit: int | None = None, device: str = "auto", quiet
     """
     from skipgrad.attacks.config import AttackSpec
     from skipgrad.errors import UserError
-    from skipgrad.runner import AttackJob, RunOptions
+    from skipgrad.pipeline.engine import AttackJob, RunOptions
     from skipgrad.models import load_model
     from skipgrad.backward import NoResidualBlockError, check_gamma, sgm_blocks
-    from skipgrad.transfer import ModelRef, TransferPlan, run_transfer
+    from skipgrad.pipeline.transfer import ModelRef, TransferPlan, run_transfer
 
     targets = zoo_targets()
     if source not in targets:
@@ -304,9 +304,9 @@ def write_examples_png(out: Path, plan, count: int = 4) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from skipgrad.evaluate import open_attack_output
-    from skipgrad.runner import read_manifest
-    from skipgrad.transfer import cell_folder
+    from skipgrad.pipeline.evaluate import open_attack_output
+    from skipgrad.pipeline.engine import read_manifest
+    from skipgrad.pipeline.transfer import cell_folder
 
     cells = plan.cells()
     fig, axes = plt.subplots(len(cells), 3 * count, figsize=(1.2 * 3 * count, 1.35 * len(cells)),

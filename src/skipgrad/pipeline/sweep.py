@@ -1,6 +1,6 @@
 """``skipgrad sweep``: transfer success of one attack against the SGM gamma, one curve per target.
 
-A sweep is an ordinary transfer experiment (:func:`skipgrad.transfer.run_transfer`) with one source,
+A sweep is an ordinary transfer experiment (:func:`skipgrad.pipeline.transfer.run_transfer`) with one source,
 one attack and many gammas, so its attack folders live under ``OUT/attacks/`` and a re-run resumes.
 Gamma 1.0 *is* the attack without SGM (the backward pass is then exactly the plain gradient), so it
 is always run, as the no-SGM folder, and reported as the point ``gamma = 1``.
@@ -25,12 +25,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from skipgrad import distributed
+from skipgrad.pipeline import distributed
 from skipgrad.data.images import atomic_write_bytes, atomic_write_text
 from skipgrad.errors import UserError
-from skipgrad.report import TransferRow, short_name
-from skipgrad.runner import AttackJob, RunOptions
-from skipgrad.transfer import ModelRef, TransferPlan, run_transfer
+from skipgrad.pipeline.report import TransferRow, short_name
+from skipgrad.pipeline.engine import AttackJob, RunOptions
+from skipgrad.pipeline.transfer import ModelRef, TransferPlan, run_transfer
 
 # Two success rates closer than this are a tie (they are ratios of counts, so ties are exact).
 _TIE = 1e-12
@@ -64,7 +64,7 @@ class SweepResult:
     gammas: tuple[float, ...]
     curves: dict[str, dict[float, SweepPoint]]
     files: dict[str, Path] = field(default_factory=dict)
-    # Paired SGM effects (skipgrad.demo.SGMEffect) of every gamma against no SGM, same images.
+    # Paired SGM effects (skipgrad.pipeline.demo.SGMEffect) of every gamma against no SGM, same images.
     effects: list = field(default_factory=list)
 
     def transfer_targets(self) -> list[str]:
@@ -118,7 +118,7 @@ def run_sweep(source: ModelRef, attack: str, gammas: Sequence[float],
     _require_blocks(source)
     transfer = run_transfer(plan, out, opts, log)
     label = attack if backward is None else f"{attack}+{backward}"
-    from skipgrad.demo import sgm_effects
+    from skipgrad.pipeline.demo import sgm_effects
 
     result = SweepResult(source.spec, label, template.data, sweep_gammas(gammas),
                          curves_from_rows(transfer.rows), effects=sgm_effects(transfer.outcomes))
@@ -233,7 +233,7 @@ def format_best(result: SweepResult) -> str:
 def _best_paired(result: SweepResult, gamma: float) -> list[str]:
     """The paired test behind the best gamma: per transfer target, SGM at ``gamma`` against no
     SGM on the same images (Δ, 95% CI, McNemar p, Benjamini-Hochberg q over these targets)."""
-    from skipgrad.stats import benjamini_hochberg
+    from skipgrad.analysis.stats import benjamini_hochberg
 
     chosen = [e for e in result.effects if e.gamma == gamma and e.target in
               result.transfer_targets() and e.target != result.source]

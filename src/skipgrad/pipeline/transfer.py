@@ -3,7 +3,7 @@ folders -> targets -> matrix.
 
 Each (source, attack, gamma, backward) cell is an ordinary ``attack`` output folder under ``OUT/attacks/``, so a
 re-run reuses finished folders (and finishes interrupted ones); the matrix is written by
-:func:`skipgrad.report.write_transfer_report`. Plans come from flags or a TOML file, e.g.::
+:func:`skipgrad.pipeline.report.write_transfer_report`. Plans come from flags or a TOML file, e.g.::
 
     data = "fmnist:test"
     limit = 500
@@ -32,13 +32,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from skipgrad import distributed, outdir
+from skipgrad.pipeline import distributed
+
+from skipgrad.store import outdir
 from skipgrad.backward.registry import parse_backward
 from skipgrad.errors import UserError
-from skipgrad.evaluate import (evaluate_output, load_targets, open_attack_output,
+from skipgrad.pipeline.evaluate import (evaluate_output, load_targets, open_attack_output,
                                record_evaluation)
-from skipgrad.report import TransferRow, write_transfer_report
-from skipgrad.runner import (ATTACK_SETTINGS, JOB_SETTINGS, AttackJob, RunOptions,
+from skipgrad.pipeline.report import TransferRow, write_transfer_report
+from skipgrad.pipeline.engine import (ATTACK_SETTINGS, JOB_SETTINGS, AttackJob, RunOptions,
                              attack_from_settings, resolve_device, run_attack_job)
 
 
@@ -191,7 +193,7 @@ def write_paired_effects(out: Path, outcomes: dict[tuple, object]) -> dict[str, 
     import json
 
     from skipgrad.data.images import atomic_write_text
-    from skipgrad.demo import backward_effects, effects_markdown, sgm_effects, transfer_q_values
+    from skipgrad.pipeline.demo import backward_effects, effects_markdown, sgm_effects, transfer_q_values
 
     families = [f for f in (sgm_effects(outcomes), backward_effects(outcomes)) if f]
     if not families:
@@ -214,7 +216,7 @@ def write_paired_effects(out: Path, outcomes: dict[tuple, object]) -> dict[str, 
 def setting_text(template: AttackJob, n: int) -> str:
     """What a matrix title states besides its name: images and the perturbation size, in the
     command line's unit, e.g. ``n = 1000 images, L-inf eps 16/255``."""
-    from skipgrad.runner import attack_settings
+    from skipgrad.pipeline.engine import attack_settings
 
     eps = attack_settings(template.attack)["eps"]
     size = (f"L-inf eps {eps:g}/255" if template.attack.norm == "linf"
@@ -251,7 +253,7 @@ def _check_sources(plan: TransferPlan, device, problems: list[str]
     """Load each source once: weights present, backward methods apply; a source without blocks
     under SGM gets the baseline column only."""
     import skipgrad
-    from skipgrad.runner import backward_record, load_sources
+    from skipgrad.pipeline.engine import backward_record, load_sources
 
     own, no_blocks = [], []
     for index, source in enumerate(plan.sources):
@@ -328,7 +330,7 @@ def evaluate_cells(plan: TransferPlan, folders: list, opts: RunOptions,
         outcomes.update({(source.spec, attack, gamma, backward, spec): r.per_image
                          for spec, r in results.items()})
         distributed.on_main(lambda: record_evaluation(folder, results))
-        from skipgrad.autogamma import calibration_warning  # autogamma imports this module
+        from skipgrad.pipeline.autogamma import calibration_warning  # autogamma imports this module
 
         warning = calibration_warning(folder, list(results))
         if warning and distributed.world().is_main:

@@ -194,7 +194,7 @@ def _add_run_options(p: argparse.ArgumentParser, defaults: bool = True,
 
 
 def _group_size_help() -> str:
-    from skipgrad.runner import DEFAULT_GROUP_SIZE  # loads torch: only when help is shown
+    from skipgrad.pipeline.engine import DEFAULT_GROUP_SIZE  # loads torch: only when help is shown
 
     cpu, cuda = DEFAULT_GROUP_SIZE["cpu"], DEFAULT_GROUP_SIZE["cuda"]
     return (f"images attacked together: the attack's fixed group size, part of the run (default: "
@@ -441,7 +441,7 @@ def _add_show(sub) -> None:
 
 def cmd_show(args: argparse.Namespace) -> int:
     """``skipgrad show DIR``."""
-    from skipgrad.show import describe_folder
+    from skipgrad.pipeline.show import describe_folder
 
     print(describe_folder(args.folder))
     return 0
@@ -472,14 +472,14 @@ def _log(quiet: bool):
 
 def _settings(args: argparse.Namespace) -> dict:
     """Attack and job settings given on the command line (unset flags are left out)."""
-    from skipgrad.runner import ATTACK_SETTINGS, JOB_SETTINGS
+    from skipgrad.pipeline.engine import ATTACK_SETTINGS, JOB_SETTINGS
 
     return {n: getattr(args, n) for n in ATTACK_SETTINGS + JOB_SETTINGS
             if getattr(args, n, None) is not None}
 
 
 def _options(args: argparse.Namespace, base: dict | None = None):
-    from skipgrad.runner import RunOptions
+    from skipgrad.pipeline.engine import RunOptions
 
     base = base or {}
     pick = lambda name, default: (getattr(args, name, None) if getattr(args, name, None)  # noqa: E731
@@ -491,7 +491,7 @@ def _options(args: argparse.Namespace, base: dict | None = None):
 
 def cmd_attack(args: argparse.Namespace) -> int:
     """``skipgrad attack``."""
-    from skipgrad.runner import run_attack_job
+    from skipgrad.pipeline.engine import run_attack_job
 
     sgm = per_source_sgm(args.sgm, len(args.source))
     auto = sgm == "auto"
@@ -517,7 +517,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 def _job(args: argparse.Namespace, sgm):
     """The AttackJob of ``attack``'s flags."""
-    from skipgrad.runner import ATTACK_SETTINGS, JOB_SETTINGS, AttackJob, attack_from_settings
+    from skipgrad.pipeline.engine import ATTACK_SETTINGS, JOB_SETTINGS, AttackJob, attack_from_settings
 
     settings = _settings(args)
     spec = attack_from_settings(args.attack, sgm,
@@ -533,10 +533,10 @@ def _auto_gamma(args: argparse.Namespace, job):
     """``--sgm auto``: (job with the calibrated gamma, the run.json record)."""
     import dataclasses
 
-    from skipgrad import outdir
-    from skipgrad.autogamma import (DEFAULT_CALIBRATION_IMAGES, AutoGammaRequest,
+    from skipgrad.store import outdir
+    from skipgrad.pipeline.autogamma import (DEFAULT_CALIBRATION_IMAGES, AutoGammaRequest,
                                     format_calibration, resolve_auto_gamma)
-    from skipgrad.runner import check_job, resolve_device, resolve_group_size
+    from skipgrad.pipeline.engine import check_job, resolve_device, resolve_group_size
 
     check_job(job)  # bad settings and a bad --out fail before the (long) calibration
     outdir.refuse_data_overlap(args.out, job.data)
@@ -555,7 +555,7 @@ def _auto_gamma(args: argparse.Namespace, job):
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``skipgrad evaluate``."""
-    from skipgrad.evaluate import (evaluate_folder, format_table, record_evaluation,
+    from skipgrad.pipeline.evaluate import (evaluate_folder, format_table, record_evaluation,
                                    write_results_json)
 
     results = evaluate_folder(args.folder, args.target, weights=args.weights, device=args.device,
@@ -574,7 +574,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _warn_calibration(folders: Sequence[Path], targets: Sequence[str]) -> None:
     """Say when a target chose a folder's ``--sgm auto`` gamma (its number is optimistic)."""
-    from skipgrad.autogamma import calibration_warning
+    from skipgrad.pipeline.autogamma import calibration_warning
 
     for folder in folders:
         warning = calibration_warning(folder, targets)
@@ -584,7 +584,7 @@ def _warn_calibration(folders: Sequence[Path], targets: Sequence[str]) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """``skipgrad compare DIR_A DIR_B --target ...``: paired effect of B over A on each target."""
-    from skipgrad.compare import compare_folders, comparison_json, comparison_markdown
+    from skipgrad.pipeline.compare import compare_folders, comparison_json, comparison_markdown
     from skipgrad.data.images import atomic_write_text
 
     comparison = compare_folders(args.folder_a, args.folder_b, args.target, weights=args.weights,
@@ -599,12 +599,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_transfer(args: argparse.Namespace) -> int:
     """``skipgrad transfer``: flags override the TOML config, which overrides defaults."""
-    from skipgrad.transfer import load_plan_file, run_transfer
+    from skipgrad.pipeline.transfer import load_plan_file, run_transfer
 
     config = load_plan_file(args.config) if args.config else {}
     plan, out, opts = _transfer_plan(args, config)
     result = run_transfer(plan, out, opts, log=_log(args.quiet))
-    from skipgrad.report import markdown_table
+    from skipgrad.pipeline.report import markdown_table
 
     print(markdown_table(result.rows, plan.title))
     print("wrote " + ", ".join(str(p) for p in result.files.values()))
@@ -618,7 +618,7 @@ _RUN_KEYS = ("limit", "batch_size", "device", "quiet")
 
 def _transfer_plan(args: argparse.Namespace, config: dict):
     """Merge flags over the TOML config: (plan, output folder, run options)."""
-    from skipgrad.transfer import TransferPlan, gammas_with_baseline, plan_gammas, template_from
+    from skipgrad.pipeline.transfer import TransferPlan, gammas_with_baseline, plan_gammas, template_from
 
     settings = dict(config)  # what remains after the plan and run keys are the attack settings
     plan_cfg = {k: settings.pop(k) for k in _PLAN_KEYS if k in settings}
@@ -674,7 +674,7 @@ def backward_method_or_error(text: str) -> str | None:
 
 def _transfer_models(args: argparse.Namespace, plan_cfg: dict):
     from skipgrad.models.presets import get_preset
-    from skipgrad.transfer import model_refs
+    from skipgrad.pipeline.transfer import model_refs
 
     sources = _refs(args.source, args.source_weights, "source") or model_refs(
         plan_cfg.get("sources", []), "sources")
@@ -704,7 +704,7 @@ def _toml_gamma(value) -> float | None:
 
 
 def _refs(specs: list[str] | None, weights: list[str] | None, what: str):
-    from skipgrad.transfer import ModelRef
+    from skipgrad.pipeline.transfer import ModelRef
 
     if not specs:
         if weights:
@@ -718,8 +718,8 @@ def _refs(specs: list[str] | None, weights: list[str] | None, what: str):
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """``skipgrad sweep``: one attack over a list of gammas, transfer success per target."""
-    from skipgrad.sweep import format_best, run_sweep
-    from skipgrad.transfer import ModelRef, template_from
+    from skipgrad.pipeline.sweep import format_best, run_sweep
+    from skipgrad.pipeline.transfer import ModelRef, template_from
 
     source = _refs([args.source], [args.source_weights] if args.source_weights else None,
                    "source")[0]
@@ -740,7 +740,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from skipgrad.backward.inspect import (format_method_changes, format_report, inspect_model,
                                            method_changes, report_json)
     from skipgrad.data.images import atomic_write_text
-    from skipgrad.runner import resolve_device
+    from skipgrad.pipeline.engine import resolve_device
 
     model, missing = _inspect_model(args.spec, args.weights, resolve_device(args.device))
     spec = model.config.spec
@@ -849,7 +849,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """``skipgrad demo``: the embedded Fashion-MNIST benchmark."""
-    from skipgrad.demo import run_demo
+    from skipgrad.pipeline.demo import run_demo
 
     chosen = {k: v for k, v in (("source", args.source), ("gamma", args.sgm),
                                 ("backward", per_source_backward(args.backward, 1)))
@@ -883,7 +883,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``python -m skipgrad`` then prints its traceback and exits with 1)."""
     try:
         args = build_parser().parse_args(argv)
-        from skipgrad.distributed import silence_other_ranks
+        from skipgrad.pipeline.distributed import silence_other_ranks
 
         silence_other_ranks()  # under torchrun rank 0 prints the results
         return args.func(args)

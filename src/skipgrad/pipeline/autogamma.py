@@ -4,7 +4,7 @@ The best gamma depends on the source's depth and on the data (on Fashion-MNIST a
 hurt by the paper's 0.2, see docs/autogamma.md), so ``auto`` measures it: the attack, with the run's
 own settings, is crafted from the source at every gamma of a grid on a small *calibration split*,
 rounded to 8-bit levels as the saved files are, and scored on held-out models; the gamma with the
-highest mean success is chosen (ties to the largest gamma, :func:`skipgrad.sweep.best_gamma`).
+highest mean success is chosen (ties to the largest gamma, :func:`skipgrad.pipeline.sweep.best_gamma`).
 
 Calibration split, never overlapping the attacked images:
 
@@ -28,9 +28,9 @@ import torch
 
 from skipgrad.data.datasets import ImageDataset, Sample, open_dataset
 from skipgrad.errors import UserError
-from skipgrad.runner import (LEGACY_GROUP_SIZE, AttackJob, default_group_size, image_groups,
+from skipgrad.pipeline.engine import (LEGACY_GROUP_SIZE, AttackJob, default_group_size, image_groups,
                              job_record, load_sources, predict, read_run, require_sgm)
-from skipgrad.sweep import best_gamma
+from skipgrad.pipeline.sweep import best_gamma
 
 DEFAULT_CALIBRATION_IMAGES = 200
 
@@ -102,7 +102,7 @@ def calibration_split(data: str, limit: int | None, n: int, calibrate_data: str 
 def default_held_out(sources: Sequence[str], data: str) -> list[str]:
     """Half of the bundled zoo models other than the sources (every other one, in zoo order;
     Fashion-MNIST data only): the other half stays unseen, for an honest evaluation."""
-    from skipgrad.demo import zoo_targets
+    from skipgrad.pipeline.demo import zoo_targets
 
     if not data.startswith("fmnist:"):
         raise UserError(f"--sgm auto needs --calibrate-on SPEC (held-out models) for data {data}; "
@@ -176,7 +176,7 @@ def calibrate_gamma(job: AttackJob, held_out: Sequence[tuple[str, str | None]],
                     log: Callable[[str], None] = lambda _m: None,
                     group_size: int | None = None) -> GammaCalibration:
     """Measure the held-out transfer curve on the split and pick its best gamma."""
-    from skipgrad.evaluate import load_targets
+    from skipgrad.pipeline.evaluate import load_targets
 
     grid = tuple(sorted(set(float(g) for g in gammas)))
     if not grid or not all(0 < g <= 1 for g in grid):
