@@ -21,7 +21,8 @@ from PIL import Image
 
 from skipgrad import AttackSpec
 from skipgrad.pipeline.evaluate import evaluate_folder
-from skipgrad.pipeline.engine import AttackJob, RunOptions, run_attack_job
+from skipgrad.pipeline.job import AttackJob, RunOptions
+from skipgrad.pipeline.engine import run_attack_job
 
 SETTINGS = {"float32": {}, "bf16": {"amp": "bf16"}, "channels-last": {"channels_last": True},
             "bf16+channels-last": {"amp": "bf16", "channels_last": True}}

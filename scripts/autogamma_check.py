@@ -18,7 +18,7 @@ from skipgrad.pipeline.autogamma import CalibrationSplit, calibrate_gamma, trans
 from skipgrad.data.datasets import open_dataset
 from skipgrad.pipeline.demo import DEMO_GAMMA, zoo_targets
 from skipgrad.pipeline.evaluate import load_targets
-from skipgrad.pipeline.engine import AttackJob, load_sources
+from skipgrad.pipeline.job import AttackJob, load_sources
 from skipgrad.analysis.stats import paired_comparison, wilson_interval
 
 GRID = tuple(round(0.1 * k, 1) for k in range(1, 11))

@@ -34,7 +34,7 @@ from skipgrad.pipeline.demo import (  # noqa: E402
     backward_effects, effects_markdown, transfer_q_values, zoo_targets)
 from skipgrad.errors import UserError  # noqa: E402
 from skipgrad.pipeline.report import markdown_table  # noqa: E402
-from skipgrad.pipeline.engine import AttackJob, RunOptions  # noqa: E402
+from skipgrad.pipeline.job import AttackJob, RunOptions  # noqa: E402
 from skipgrad.pipeline.transfer import (  # noqa: E402
     ModelRef, TransferPlan, cell_folder, evaluate_cells, run_transfer)
 

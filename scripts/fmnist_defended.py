@@ -21,7 +21,7 @@ from pathlib import Path
 from fmnist_study import effects_section, replace_section
 
 from skipgrad.pipeline.demo import sgm_effects
-from skipgrad.pipeline.engine import AttackJob, RunOptions
+from skipgrad.pipeline.job import AttackJob, RunOptions
 from skipgrad.pipeline.transfer import ModelRef, TransferPlan, run_transfer
 
 # The best gamma of each residual source in the study (docs/study.md, finding 4; the ViT's

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from skipgrad.pipeline.demo import (SGMEffect, effects_markdown, sgm_effects,  # noqa: E402
                            transfer_q_values, zoo_targets)
 from skipgrad.pipeline.report import markdown_table, short_name  # noqa: E402
-from skipgrad.pipeline.engine import AttackJob, RunOptions  # noqa: E402
+from skipgrad.pipeline.job import AttackJob, RunOptions  # noqa: E402
 from skipgrad.pipeline.transfer import (ModelRef, TransferPlan, cell_folder, evaluate_cells,  # noqa: E402
                                run_transfer)
 

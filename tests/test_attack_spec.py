@@ -10,8 +10,7 @@ import torch
 import skipgrad
 from skipgrad.attacks.loop import attack_with
 from skipgrad.errors import UserError
-from skipgrad.pipeline.engine import (ATTACK_SETTINGS, AttackJob, attack_from_settings, attack_settings,
-                             job_record)
+from skipgrad.pipeline.job import (ATTACK_SETTINGS, AttackJob, attack_from_settings, attack_settings, job_record)
 from skipgrad.pipeline.transfer import ModelRef, cell_job, template_from
 
 

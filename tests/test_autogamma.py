@@ -16,7 +16,7 @@ from skipgrad.pipeline.autogamma import calibrate_gamma, calibration_split
 from skipgrad.cli import main
 from skipgrad.data.fmnist import load_fmnist
 from skipgrad.models import load_model
-from skipgrad.pipeline.engine import AttackJob
+from skipgrad.pipeline.job import AttackJob
 
 SOURCE = "zoo:fmnist-resnet20"
 HELD_OUT = "zoo:fmnist-cnn"

@@ -122,7 +122,7 @@ def test_output_files_get_the_mode_open_would_give_under_the_umask(tmp_path: Pat
 
 
 def test_atomic_writes_follow_the_umask(tmp_path: Path) -> None:
-    from skipgrad.data.images import atomic_write_text
+    from skipgrad.store.atomic import atomic_write_text
 
     old = os.umask(0o027)
     try:

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from skipgrad.data import images as image_io
+from skipgrad.store import atomic
 from skipgrad.data.datasets import open_dataset
 from skipgrad.errors import UserError
 
@@ -119,7 +120,7 @@ def test_truncated_image_fails_at_load_with_its_name(tmp_path: Path) -> None:
 
 def test_png_round_trip_is_lossless(tmp_path: Path) -> None:
     levels = np.random.default_rng(0).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
-    image_io.write_png(levels, tmp_path / "sub" / "x.png")
+    atomic.write_png(levels, tmp_path / "sub" / "x.png")
     back = image_io.read_image(tmp_path / "sub" / "x.png", channels=3)
     assert np.array_equal(image_io.to_uint8(back), levels)
 
@@ -130,7 +131,7 @@ def test_interrupted_write_leaves_no_file_behind(tmp_path: Path, monkeypatch) ->
 
     monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        image_io.write_png(np.zeros((4, 4), dtype=np.uint8), tmp_path / "x.png")
+        atomic.write_png(np.zeros((4, 4), dtype=np.uint8), tmp_path / "x.png")
     assert list(tmp_path.iterdir()) == []
 
 

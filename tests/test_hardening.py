@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from skipgrad.store import outdir
 from skipgrad.cli import main
 from skipgrad.data import images as image_io
+from skipgrad.store import atomic
 from skipgrad.models.checkpoints import TRUST_PICKLE_ENV, read_checkpoint
 from skipgrad.models.loading import zoo_weights_path
 
@@ -359,7 +360,7 @@ def test_full_or_read_only_disk_mid_run_stops_cleanly_and_the_rerun_completes(
 
     # A group's PNGs are made durable together: one syncfs on Linux, an fsync each where there
     # is none -- the path taken here, so that the failure can be injected at a given file.
-    monkeypatch.setattr(image_io, "_libc", lambda: object())
+    monkeypatch.setattr(atomic, "_libc", lambda: object())
     monkeypatch.setattr(os, "fsync", failing_fsync)
     assert _attack("fmnist:test", out, "--limit", "40", "--batch-size", "16") == 2
     assert words in _one_error_line(capsys)

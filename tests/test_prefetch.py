@@ -124,7 +124,8 @@ def test_changing_numerics_of_a_finished_folder_is_refused(float32_run: Path, ca
 
 
 def test_float16_autocast_is_refused_with_the_reason(tmp_path: Path, capsys) -> None:
-    from skipgrad.pipeline.engine import AttackJob, run_attack_job
+    from skipgrad.pipeline.job import AttackJob
+    from skipgrad.pipeline.engine import run_attack_job
 
     with pytest.raises(UserError, match="underflow"):
         run_attack_job(AttackJob(sources=("zoo:fmnist-cnn",), data="fmnist:test", amp="fp16"),

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from skipgrad.cli import main
-from skipgrad.pipeline.engine import DEFAULT_GROUP_SIZE, manifest_part
+from skipgrad.pipeline.device import DEFAULT_GROUP_SIZE
+from skipgrad.store.records import manifest_part
 
 PYTHON = Path(sys.executable)
 TORCHRUN = PYTHON.with_name("torchrun")

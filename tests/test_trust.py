@@ -362,7 +362,7 @@ def test_sgm_auto_record_is_written_while_the_folder_is_locked(tmp_path, monkeyp
         seen.append((Path(out) / outdir.LOCK_NAME).exists())
         return real_claim(out, *args, **kwargs)
 
-    monkeypatch.setattr("skipgrad.pipeline.engine.claim_folder", claim)
+    monkeypatch.setattr("skipgrad.store.records.claim_folder", claim)
     out = tmp_path / "out"
     assert main(["attack", "--source", "zoo:fmnist-resnet20", "--sgm", "auto", "--data",
                  "fmnist:test", "--limit", "1", "--steps", "1", "--out", str(out),
@@ -381,7 +381,7 @@ def test_only_rank_zero_writes_sweep_json(tmp_path, monkeypatch) -> None:
     from skipgrad.pipeline import distributed
     from skipgrad.pipeline import sweep
     from skipgrad.pipeline.report import TransferRow
-    from skipgrad.pipeline.engine import AttackJob
+    from skipgrad.pipeline.job import AttackJob
     from skipgrad.pipeline.transfer import ModelRef, TransferResult
 
     rows = [TransferRow("zoo:fmnist-resnet20", "ifgsm", g, "zoo:fmnist-vgg", 0.5, 4, (0.1, 0.9)) for g in (None, 0.5)]

@@ -23,3 +23,9 @@ class UserError(InputError):
 
 class MissingWeightsError(UserError, FileNotFoundError):
     """Pretrained weights are not in the local cache and cannot be downloaded here."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,7 +1,7 @@
 """Attack configuration: composable names such as ``"mi+di+ti"`` parsed into a frozen spec.
 
 :class:`AttackSpec` is the one carrier of an attack's parameters: the command line and the transfer
-plans build one (``skipgrad.pipeline.engine.attack_from_settings``), ``runner.AttackJob`` holds it, and
+plans build one (``skipgrad.pipeline.job.attack_from_settings``), ``runner.AttackJob`` holds it, and
 :func:`skipgrad.attack` builds one from its keywords and hands it to the loop.
 """
 from __future__ import annotations

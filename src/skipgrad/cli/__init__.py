@@ -194,7 +194,7 @@ def _add_run_options(p: argparse.ArgumentParser, defaults: bool = True,
 
 
 def _group_size_help() -> str:
-    from skipgrad.pipeline.engine import DEFAULT_GROUP_SIZE  # loads torch: only when help is shown
+    from skipgrad.pipeline.device import DEFAULT_GROUP_SIZE  # loads torch: only when help is shown
 
     cpu, cuda = DEFAULT_GROUP_SIZE["cpu"], DEFAULT_GROUP_SIZE["cuda"]
     return (f"images attacked together: the attack's fixed group size, part of the run (default: "
@@ -472,14 +472,14 @@ def _log(quiet: bool):
 
 def _settings(args: argparse.Namespace) -> dict:
     """Attack and job settings given on the command line (unset flags are left out)."""
-    from skipgrad.pipeline.engine import ATTACK_SETTINGS, JOB_SETTINGS
+    from skipgrad.pipeline.job import ATTACK_SETTINGS, JOB_SETTINGS
 
     return {n: getattr(args, n) for n in ATTACK_SETTINGS + JOB_SETTINGS
             if getattr(args, n, None) is not None}
 
 
 def _options(args: argparse.Namespace, base: dict | None = None):
-    from skipgrad.pipeline.engine import RunOptions
+    from skipgrad.pipeline.job import RunOptions
 
     base = base or {}
     pick = lambda name, default: (getattr(args, name, None) if getattr(args, name, None)  # noqa: E731
@@ -517,7 +517,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 def _job(args: argparse.Namespace, sgm):
     """The AttackJob of ``attack``'s flags."""
-    from skipgrad.pipeline.engine import ATTACK_SETTINGS, JOB_SETTINGS, AttackJob, attack_from_settings
+    from skipgrad.pipeline.job import ATTACK_SETTINGS, JOB_SETTINGS, AttackJob, attack_from_settings
 
     settings = _settings(args)
     spec = attack_from_settings(args.attack, sgm,
@@ -536,7 +536,8 @@ def _auto_gamma(args: argparse.Namespace, job):
     from skipgrad.store import outdir
     from skipgrad.pipeline.autogamma import (DEFAULT_CALIBRATION_IMAGES, AutoGammaRequest,
                                     format_calibration, resolve_auto_gamma)
-    from skipgrad.pipeline.engine import check_job, resolve_device, resolve_group_size
+    from skipgrad.pipeline.job import check_job
+    from skipgrad.pipeline.device import resolve_device, resolve_group_size
 
     check_job(job)  # bad settings and a bad --out fail before the (long) calibration
     outdir.refuse_data_overlap(args.out, job.data)
@@ -585,7 +586,7 @@ def _warn_calibration(folders: Sequence[Path], targets: Sequence[str]) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     """``skipgrad compare DIR_A DIR_B --target ...``: paired effect of B over A on each target."""
     from skipgrad.pipeline.compare import compare_folders, comparison_json, comparison_markdown
-    from skipgrad.data.images import atomic_write_text
+    from skipgrad.store.atomic import atomic_write_text
 
     comparison = compare_folders(args.folder_a, args.folder_b, args.target, weights=args.weights,
                                  device=args.device, batch_size=args.batch_size, quiet=args.quiet)
@@ -739,8 +740,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     from skipgrad.backward.inspect import (format_method_changes, format_report, inspect_model,
                                            method_changes, report_json)
-    from skipgrad.data.images import atomic_write_text
-    from skipgrad.pipeline.engine import resolve_device
+    from skipgrad.store.atomic import atomic_write_text
+    from skipgrad.pipeline.device import resolve_device
 
     model, missing = _inspect_model(args.spec, args.weights, resolve_device(args.device))
     spec = model.config.spec

@@ -28,8 +28,10 @@ import torch
 
 from skipgrad.data.datasets import ImageDataset, Sample, open_dataset
 from skipgrad.errors import UserError
-from skipgrad.pipeline.engine import (LEGACY_GROUP_SIZE, AttackJob, default_group_size, image_groups,
-                             job_record, load_sources, predict, read_run, require_sgm)
+from skipgrad.store.records import LEGACY_GROUP_SIZE, read_run
+from skipgrad.pipeline.job import AttackJob, job_record, load_sources, require_sgm
+from skipgrad.pipeline.device import default_group_size
+from skipgrad.pipeline.engine import image_groups, predict
 from skipgrad.pipeline.sweep import best_gamma
 
 DEFAULT_CALIBRATION_IMAGES = 200

@@ -14,7 +14,8 @@ from pathlib import Path
 from skipgrad.pipeline import distributed
 from skipgrad.errors import UserError
 from skipgrad.pipeline.evaluate import AttackOutput, evaluate_output, load_targets, open_attack_output
-from skipgrad.pipeline.engine import resolve_device, shown
+from skipgrad.pipeline.device import resolve_device
+from skipgrad.store.records import shown
 from skipgrad.analysis.stats import PairedComparison, benjamini_hochberg, paired_comparison
 
 

@@ -20,7 +20,8 @@ from typing import Callable, Sequence
 import torch
 
 from skipgrad.data.fmnist import FMNIST_CLASSES
-from skipgrad.data.images import atomic_write_bytes, atomic_write_text, read_image
+from skipgrad.store.atomic import atomic_write_bytes, atomic_write_text
+from skipgrad.data.images import read_image
 from skipgrad.pipeline.report import TransferRow, markdown_table, short_name
 from skipgrad.analysis.stats import PairedComparison, benjamini_hochberg, paired_comparison
 
@@ -212,7 +213,7 @@ def run_demo(out: Path, *, limit: int | None = None, device: str = "auto", quiet
     """
     from skipgrad.attacks.config import AttackSpec
     from skipgrad.errors import UserError
-    from skipgrad.pipeline.engine import AttackJob, RunOptions
+    from skipgrad.pipeline.job import AttackJob, RunOptions
     from skipgrad.models import load_model
     from skipgrad.backward import NoResidualBlockError, check_gamma, sgm_blocks
     from skipgrad.pipeline.transfer import ModelRef, TransferPlan, run_transfer
@@ -305,7 +306,7 @@ def write_examples_png(out: Path, plan, count: int = 4) -> Path:
     import matplotlib.pyplot as plt
 
     from skipgrad.pipeline.evaluate import open_attack_output
-    from skipgrad.pipeline.engine import read_manifest
+    from skipgrad.store.records import read_manifest
     from skipgrad.pipeline.transfer import cell_folder
 
     cells = plan.cells()

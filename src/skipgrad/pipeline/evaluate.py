@@ -26,12 +26,15 @@ from skipgrad.store import outdir
 
 from skipgrad.store import verify
 from skipgrad.data.datasets import ImageDataset, Sample, open_dataset
-from skipgrad.data.images import atomic_write_text, read_image
+from skipgrad.store.atomic import atomic_write_text
+from skipgrad.data.images import read_image
 from skipgrad.errors import UserError
 from skipgrad.models import WrappedModel, load_model
 from skipgrad.models.defenses import ABSTAIN, canonical_spec
 from skipgrad.progress import progress_bar
-from skipgrad.pipeline.engine import predict, read_manifest, read_run, resolve_device
+from skipgrad.pipeline.engine import predict
+from skipgrad.store.records import read_manifest, read_run
+from skipgrad.pipeline.device import resolve_device
 from skipgrad.analysis.stats import wilson_interval
 
 # Images per prediction batch when --batch-size is not given: forward passes only (no gradient

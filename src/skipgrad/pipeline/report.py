@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from skipgrad.data.images import atomic_write_bytes, atomic_write_text
+from skipgrad.store.atomic import atomic_write_bytes, atomic_write_text
 
 CSV_COLUMNS = ("source", "attack", "sgm", "target", "success_rate", "n", "ci95_low", "ci95_high",
                "backward", "clean_accuracy", "clean_correct", "success_rate_on_correct",

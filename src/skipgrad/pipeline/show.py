@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from skipgrad.errors import UserError
-from skipgrad.pipeline.engine import read_manifest, read_run, shown
+from skipgrad.store.records import read_manifest, read_run, shown
 
 _SETTINGS = ("sources", "attack", "sgm", "backward", "norm", "eps", "step_size", "steps", "loss",
              "targeted", "seed", "data")

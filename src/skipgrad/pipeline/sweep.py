@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from skipgrad.pipeline import distributed
-from skipgrad.data.images import atomic_write_bytes, atomic_write_text
+from skipgrad.store.atomic import atomic_write_bytes, atomic_write_text
 from skipgrad.errors import UserError
 from skipgrad.pipeline.report import TransferRow, short_name
-from skipgrad.pipeline.engine import AttackJob, RunOptions
+from skipgrad.pipeline.job import AttackJob, RunOptions
 from skipgrad.pipeline.transfer import ModelRef, TransferPlan, run_transfer
 
 # Two success rates closer than this are a tie (they are ratios of counts, so ties are exact).

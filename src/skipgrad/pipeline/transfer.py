@@ -40,8 +40,9 @@ from skipgrad.errors import UserError
 from skipgrad.pipeline.evaluate import (evaluate_output, load_targets, open_attack_output,
                                record_evaluation)
 from skipgrad.pipeline.report import TransferRow, write_transfer_report
-from skipgrad.pipeline.engine import (ATTACK_SETTINGS, JOB_SETTINGS, AttackJob, RunOptions,
-                             attack_from_settings, resolve_device, run_attack_job)
+from skipgrad.pipeline.job import (ATTACK_SETTINGS, JOB_SETTINGS, AttackJob, RunOptions, attack_from_settings)
+from skipgrad.pipeline.device import resolve_device
+from skipgrad.pipeline.engine import run_attack_job
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,7 @@ def write_paired_effects(out: Path, outcomes: dict[tuple, object]) -> dict[str, 
     Nothing is written when the plan has no such pair (e.g. no baseline)."""
     import json
 
-    from skipgrad.data.images import atomic_write_text
+    from skipgrad.store.atomic import atomic_write_text
     from skipgrad.pipeline.demo import backward_effects, effects_markdown, sgm_effects, transfer_q_values
 
     families = [f for f in (sgm_effects(outcomes), backward_effects(outcomes)) if f]
@@ -216,7 +217,7 @@ def write_paired_effects(out: Path, outcomes: dict[tuple, object]) -> dict[str, 
 def setting_text(template: AttackJob, n: int) -> str:
     """What a matrix title states besides its name: images and the perturbation size, in the
     command line's unit, e.g. ``n = 1000 images, L-inf eps 16/255``."""
-    from skipgrad.pipeline.engine import attack_settings
+    from skipgrad.pipeline.job import attack_settings
 
     eps = attack_settings(template.attack)["eps"]
     size = (f"L-inf eps {eps:g}/255" if template.attack.norm == "linf"
@@ -253,7 +254,7 @@ def _check_sources(plan: TransferPlan, device, problems: list[str]
     """Load each source once: weights present, backward methods apply; a source without blocks
     under SGM gets the baseline column only."""
     import skipgrad
-    from skipgrad.pipeline.engine import backward_record, load_sources
+    from skipgrad.pipeline.job import backward_record, load_sources
 
     own, no_blocks = [], []
     for index, source in enumerate(plan.sources):

@@ -1,0 +1,189 @@
+"""The records of a run folder: ``run.json`` (what was run: the identity that must match to resume,
+and the environment) and ``manifest.csv`` (one row per finished image), read and written atomically.
+
+A sharded run (torchrun) writes one manifest part per rank (``.manifest-rank<R>.csv``) that rank 0
+folds into manifest.csv; a killed run may leave temporary files of atomic writes, which never
+carry a final name and are removed before the folder is used again.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from skipgrad.errors import UserError
+from skipgrad.store.atomic import atomic_write_text
+
+if TYPE_CHECKING:
+    from skipgrad.data.datasets import Sample
+
+
+RUN_FORMAT = 1
+
+
+# sha256: of the PNG as written, checked by evaluate (skipgrad.store.verify); empty in older folders.
+MANIFEST_COLUMNS = ("id", "file", "label", "target_label", "source_pred", "sha256")
+
+
+# Folders made before the group size followed --batch-size were attacked in groups of 16; their
+# run.json says so, and resuming them without --batch-size keeps it.
+LEGACY_GROUP_SIZE = 16
+
+
+# Leftovers of atomic writes killed before their rename (data.images.atomic_write_bytes).
+_TEMP_FILE = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")
+
+
+def recorded_group_size(run: dict) -> int:
+    config = run.get("config") or {}
+    return int(config.get("group_size", LEGACY_GROUP_SIZE))
+
+
+def has_finished_images(out: Path) -> bool:
+    return bool(read_manifest(out)) or any(out.glob(".manifest-rank*.csv"))
+
+
+def read_run(out: Path) -> dict | None:
+    """The run.json of a folder, or None when there is none."""
+    path = out / "run.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); it is not a skipgrad run folder") from exc
+
+
+def claim_folder(out: Path, identity: dict, env: dict, notes: dict | None = None) -> None:
+    """Write run.json, or check that the folder holds this same run. A folder whose run has
+    finished images is refused to any other config; one with none yet is simply taken over.
+    ``notes`` are further top-level records written with the claim (e.g. ``sgm_auto``)."""
+    existing = read_run(out)
+    if existing is None and ((out / "images").exists() or (out / "manifest.csv").exists()):
+        raise UserError(f"output folder {out} holds images or a manifest but no run.json; "
+                        f"use another --out")
+    if existing is not None and existing.get("config") != identity and read_manifest(out):
+        raise UserError(f"output folder {out} holds another run ({_differences(existing, identity)}); "
+                        f"use another --out or remove it")
+    if existing is not None:  # what the folder already holds stays true in run.json
+        env = _carried_over(existing.get("environment") or {}, env, bool(read_manifest(out)))
+    record = {"format": RUN_FORMAT, "config": identity, "environment": env, **(notes or {})}
+    atomic_write_text(out / "run.json", json.dumps(record, indent=2) + "\n")
+
+
+def _carried_over(old: dict, env: dict, has_images: bool) -> dict:
+    """The new environment, keeping from the old one what still describes the folder: the total
+    time spent on it and, when it holds images made with a larger ``--limit`` (None = all), that
+    limit rather than the smaller one of a resumption that has nothing to add."""
+    env = dict(env)
+    if "total_elapsed_seconds" in old:
+        env["total_elapsed_seconds"] = old["total_elapsed_seconds"]
+    if has_images and "limit" in old and env.get("limit") is not None and (
+            old["limit"] is None or old["limit"] > env["limit"]):
+        env["limit"] = old["limit"]
+    return env
+
+
+def _differences(existing: dict, identity: dict) -> str:
+    old = existing.get("config") or {}
+    keys = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+    return "; ".join(f"{k}: {shown(old.get(k))} there vs {shown(identity.get(k))} now"
+                     for k in keys[:4])
+
+
+def shown(value: object) -> str:
+    """A setting as a user reads it: ``none`` / ``true`` rather than Python's None / True."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(shown(v) for v in value) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def read_manifest(out: Path) -> list[dict[str, str]]:
+    """Manifest rows whose image file still exists (a row without its file is redone)."""
+    return [row for row in _read_rows(out / "manifest.csv") if (out / row["file"]).is_file()]
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def write_manifest(out: Path, rows: Sequence[dict[str, object]]) -> None:
+    """Rewrite the manifest atomically, rows ordered by id."""
+    write_rows(out / "manifest.csv", rows)
+
+
+def write_rows(path: Path, rows: Sequence[dict[str, object]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(sorted(rows, key=lambda r: int(r["id"])))
+    atomic_write_text(path, buffer.getvalue())
+
+
+def manifest_part(out: Path, rank: int) -> Path:
+    """Where rank ``rank`` of a sharded run lists the images it finished."""
+    return out / f".manifest-rank{rank}.csv"
+
+
+def merge_manifest_parts(out: Path) -> None:
+    """Fold the manifest parts of a sharded run (finished or interrupted) into manifest.csv, then
+    delete them; the merged manifest is in place before any part disappears, so a kill in between
+    loses nothing (merging again is harmless)."""
+    parts = sorted(out.glob(".manifest-rank*.csv"))
+    if not parts:
+        return
+    rows = {row["file"]: row for row in read_manifest(out)}
+    for part in parts:
+        rows.update((r["file"], r) for r in _read_rows(part) if (out / r["file"]).is_file())
+    write_manifest(out, list(rows.values()))
+    for part in parts:
+        part.unlink(missing_ok=True)
+
+
+def remove_stale_temp_files(out: Path) -> int:
+    """Delete temporary files left by writes that were killed before their rename (``kill -9``
+    skips the cleanup in :func:`atomic_write_bytes`); they never carry a final name."""
+    stale = [p for p in out.rglob(".*.tmp") if p.is_file() and _TEMP_FILE.match(p.name)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
+def prepare_folder(out: Path, identity: dict, env: dict, notes: dict | None = None) -> None:
+    """Make ``out`` ready for this run (rank 0 only): tidy what a killed run left, claim
+    run.json (with ``notes``, see :func:`claim_folder`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out)
+    merge_manifest_parts(out)
+    claim_folder(out, identity, env, notes)
+
+
+def image_file(sample: Sample) -> str:
+    """Path of a sample's adversarial PNG relative to the run folder."""
+    return f"images/{sample.name}.png"
+
+
+def record_finish(out: Path, images: int, seconds: float) -> None:
+    """Add to run.json what the folder holds now and how long this invocation attacked: the
+    ``images`` count, ``finished`` time, ``elapsed_seconds`` of this invocation and
+    ``total_elapsed_seconds`` over every invocation that worked on the folder."""
+    run = read_run(out)
+    if run is None:
+        return
+    env = run.setdefault("environment", {})
+    total = float(env.get("total_elapsed_seconds") or 0) + seconds
+    env.update(images=images, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               elapsed_seconds=round(seconds, 3), total_elapsed_seconds=round(total, 3))
+    atomic_write_text(out / "run.json", json.dumps(run, indent=2) + "\n")
