@@ -15,7 +15,7 @@ import torch
 from skipgrad.attacks.config import AttackSpec
 from skipgrad.attacks.loop import attack_with
 from skipgrad.data.datasets import open_dataset
-from skipgrad.pipeline.demo import zoo_targets
+from skipgrad.models.loading import zoo_specs
 from skipgrad.models import load_model
 
 
@@ -39,7 +39,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     data = open_dataset("fmnist:test", limit=args.batch)
     images, labels = data.load(data.samples), torch.tensor([s.label for s in data.samples])
-    for spec in zoo_targets():
+    for spec in zoo_specs(present=True):
         cpu, wall = images_per_second(load_model(spec), images, labels, args.steps)
         print(f"{spec}: {cpu:.1f} images/s ({wall:.1f} wall), batch {args.batch}", flush=True)
     torch.manual_seed(0)

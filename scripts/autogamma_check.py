@@ -16,7 +16,8 @@ import torch
 from skipgrad import AttackSpec
 from skipgrad.pipeline.autogamma import CalibrationSplit, calibrate_gamma, transfer_outcomes
 from skipgrad.data.datasets import open_dataset
-from skipgrad.pipeline.demo import DEMO_GAMMA, zoo_targets
+from skipgrad.models.loading import zoo_specs
+from skipgrad.pipeline.demo import DEMO_GAMMA
 from skipgrad.pipeline.evaluate import load_targets
 from skipgrad.pipeline.job import AttackJob, load_sources
 from skipgrad.analysis.stats import paired_comparison, wilson_interval
@@ -48,7 +49,7 @@ def main() -> None:
     calib_data = open_dataset("fmnist:train", limit=args.calibration_images)
     calib = CalibrationSplit(calib_data, tuple(calib_data.samples), "fmnist:train head")
     cal = calibrate_gamma(job, [(s, None) for s in args.calibrate_on], calib, GRID, device)
-    held_out = [t for t in zoo_targets() if t not in args.calibrate_on and t != args.source]
+    held_out = [t for t in zoo_specs(present=True) if t not in args.calibrate_on and t != args.source]
     eval_data = open_dataset("fmnist:test", limit=args.eval_images)
     split = CalibrationSplit(eval_data, tuple(eval_data.samples), "fmnist:test head")
     targets = load_targets(held_out, None, device)

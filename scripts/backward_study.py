@@ -30,10 +30,10 @@ from fmnist_defended import DEFENSES, PLAIN  # noqa: E402
 from fmnist_replication import SEED, retrained_targets  # noqa: E402
 from fmnist_study import effects_matrix, replace_section  # noqa: E402
 
-from skipgrad.pipeline.demo import (  # noqa: E402
-    backward_effects, effects_markdown, transfer_q_values, zoo_targets)
+from skipgrad.analysis.effects import backward_effects, transfer_q_values  # noqa: E402
+from skipgrad.models.loading import zoo_specs  # noqa: E402
 from skipgrad.errors import UserError  # noqa: E402
-from skipgrad.pipeline.report import markdown_table  # noqa: E402
+from skipgrad.pipeline.report import effects_markdown, markdown_table  # noqa: E402
 from skipgrad.pipeline.job import AttackJob, RunOptions  # noqa: E402
 from skipgrad.pipeline.transfer import (  # noqa: E402
     ModelRef, TransferPlan, cell_folder, evaluate_cells, run_transfer)
@@ -70,7 +70,7 @@ def study_targets() -> list[str]:
     scripts/fmnist_defended.py around the plain CNN and VGG."""
     from skipgrad.models.zoo import AT_NAMES, weights_path
 
-    return [*zoo_targets(), *(f"zoo:fmnist-{n}" for n in AT_NAMES if weights_path(n).exists()),
+    return [*zoo_specs(present=True), *(f"zoo:fmnist-{n}" for n in AT_NAMES if weights_path(n).exists()),
             *(f"{plain}+{defense}" for plain in PLAIN for defense in DEFENSES)]
 
 

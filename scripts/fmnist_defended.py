@@ -20,7 +20,7 @@ from pathlib import Path
 
 from fmnist_study import effects_section, replace_section
 
-from skipgrad.pipeline.demo import sgm_effects
+from skipgrad.analysis.effects import sgm_effects
 from skipgrad.pipeline.job import AttackJob, RunOptions
 from skipgrad.pipeline.transfer import ModelRef, TransferPlan, run_transfer
 

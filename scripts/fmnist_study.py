@@ -19,9 +19,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from skipgrad.pipeline.demo import (SGMEffect, effects_markdown, sgm_effects,  # noqa: E402
-                           transfer_q_values, zoo_targets)
-from skipgrad.pipeline.report import markdown_table, short_name  # noqa: E402
+from skipgrad.analysis.effects import SGMEffect, sgm_effects, transfer_q_values  # noqa: E402
+from skipgrad.models.loading import zoo_specs  # noqa: E402
+from skipgrad.pipeline.report import effects_markdown, markdown_table, short_name  # noqa: E402
 from skipgrad.pipeline.job import AttackJob, RunOptions  # noqa: E402
 from skipgrad.pipeline.transfer import (ModelRef, TransferPlan, cell_folder, evaluate_cells,  # noqa: E402
                                run_transfer)
@@ -105,7 +105,7 @@ def _order(items: list, key):
 
 
 def zoo_weights_exist(spec: str) -> bool:
-    return spec in zoo_targets()
+    return spec in zoo_specs(present=True)
 
 
 def effects_matrix(effects: list, alpha: float = 0.05, columns: tuple[str, ...] = ("attack", "γ"),
@@ -231,7 +231,7 @@ def main() -> None:
                         help="comma-separated grid folders: run only these grid rows")
     args = parser.parse_args()
     only = set(args.sources.split(",")) if args.sources else None
-    rows, effects = run_grid(args.out, args.limit, args.quick, args.evaluate_only, zoo_targets(),
+    rows, effects = run_grid(args.out, args.limit, args.quick, args.evaluate_only, zoo_specs(present=True),
                              only)
     (args.out / "study.json").write_text(json.dumps(
         {"rows": [r.to_json() for r in rows], "effects": [e.to_json() for e in effects]}, indent=1))

@@ -11,7 +11,8 @@ import skipgrad
 from skipgrad.attacks.loop import attack_with
 from skipgrad.errors import UserError
 from skipgrad.pipeline.job import (ATTACK_SETTINGS, AttackJob, attack_from_settings, attack_settings, job_record)
-from skipgrad.pipeline.transfer import ModelRef, cell_job, template_from
+from skipgrad.pipeline.plans import template_from
+from skipgrad.pipeline.transfer import ModelRef, cell_job
 
 
 def test_attack_job_holds_the_parameters_only_inside_its_attack_spec() -> None:

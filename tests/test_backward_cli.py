@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from skipgrad.cli import main, per_source_backward
+from skipgrad.cli import main
+from skipgrad.pipeline.plans import per_source_backward
 from skipgrad.errors import UserError
 
 from tests.backward_toys import toy_methods  # noqa: F401 - fixture

@@ -386,10 +386,10 @@ def test_attack_reports_the_source_clean_accuracy(tmp_path: Path, capsys) -> Non
 
 def test_auto_gamma_default_leaves_zoo_targets_for_evaluation() -> None:
     from skipgrad.pipeline.autogamma import default_held_out
-    from skipgrad.pipeline.demo import zoo_targets
+    from skipgrad.models.loading import zoo_specs
 
     held = default_held_out([SOURCE], "fmnist:test")
-    left = [t for t in zoo_targets() if t != SOURCE and t not in held]
+    left = [t for t in zoo_specs(present=True) if t != SOURCE and t not in held]
     assert held and len(left) >= len(held) - 1 and SOURCE not in held
 
 

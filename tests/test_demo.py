@@ -10,13 +10,14 @@ from PIL import Image
 
 from skipgrad.cli import main
 from skipgrad.data.fmnist import load_fmnist
-from skipgrad.pipeline.demo import DEMO_ATTACKS, DEMO_DEFENDED, DEMO_GAMMA, DEMO_SOURCE, zoo_targets
+from skipgrad.models.loading import zoo_specs
+from skipgrad.pipeline.demo import DEMO_ATTACKS, DEMO_DEFENDED, DEMO_GAMMA, DEMO_SOURCE
 
 
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    targets = zoo_targets() + list(DEMO_DEFENDED)  # the zoo, one AT and one JPEG-defended target
+    targets = zoo_specs(present=True) + list(DEMO_DEFENDED)  # the zoo, one AT and one JPEG-defended target
     assert main(["demo", "--out", str(out), "--limit", "100", "--quiet"]) == 0
     return out, targets
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from skipgrad.cli import main
-from skipgrad.pipeline.sweep import best_gamma, sweep_gammas
+from skipgrad.analysis.selection import best_gamma, sweep_gammas
 
 SOURCE = "zoo:fmnist-resnet20"
 TARGET = "zoo:fmnist-cnn"

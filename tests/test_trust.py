@@ -413,7 +413,7 @@ def test_one_eval_mode_context_serves_the_attack_loop_and_inspect(tiny_resnet) -
 def test_readme_lists_every_command_with_flags_that_exist() -> None:
     import re
 
-    from skipgrad.cli import build_parser
+    from skipgrad.cli.parser import build_parser
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     parser = build_parser()

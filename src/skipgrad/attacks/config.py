@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from skipgrad.backward.registry import BackwardPlan, as_plan, per_source
+from skipgrad.backward.sgm import check_gamma
 from skipgrad.errors import InputError
 
 UPDATE_RULES = ("ifgsm", "mi", "ni")
@@ -118,7 +119,7 @@ class AttackSpec:
         if not (isinstance(self.ti_kernel, int) and self.ti_kernel >= 1 and self.ti_kernel % 2):
             raise InputError(f"ti_kernel must be a positive odd integer, got {self.ti_kernel!r}")
         for gamma in self.sgm if isinstance(self.sgm, tuple) else (self.sgm,):
-            _check_gamma(gamma)
+            _check_optional_gamma(gamma)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise InputError(f"seed must be an integer, got {self.seed!r}")
 
@@ -166,13 +167,6 @@ def parse_attack_name(name: str) -> dict[str, object]:
             "input_diversity": "di" in tokens, "translation_invariance": "ti" in tokens}
 
 
-def _check_gamma(gamma: object) -> None:
-    if gamma is None:
-        return
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
-        raise InputError(f"SGM gamma must be a number in (0, 1] or None, got {gamma!r}")
-
-
 def _check_choice(what: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise InputError(f"unknown {what} {value!r}; expected one of {', '.join(choices)}")
@@ -182,3 +176,8 @@ def _check_positive(what: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value <= 0:
         raise InputError(f"{what} must be a finite number > 0, got {value!r}")
+
+
+def _check_optional_gamma(gamma: object) -> None:
+    if gamma is not None:
+        check_gamma(gamma)

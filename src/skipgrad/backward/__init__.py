@@ -28,12 +28,13 @@ from skipgrad.backward.linbp import linbp
 from skipgrad.backward.pna import NoAttentionError, pna
 from skipgrad.backward.registry import (BackwardPlan, BackwardSpecError, MethodChoice,
                                         parse_backward, register_method)
+from skipgrad.backward.official import UnsupportedOfficialModelError
 from skipgrad.backward.sgm import (
     BlockInfo,
     NoDecayedBlockError,
     NoResidualBlockError,
-    UnsupportedOfficialModelError,
     check_gamma,
+    parse_gamma,
     find_blocks,
     sgm_blocks,
     skip_gradient,
@@ -44,7 +45,7 @@ __all__ = [
     "BLOCKS", "BackwardConflictError", "BackwardContext", "BackwardPlan", "BackwardSpecError",
     "BlockInfo", "BlockKind", "Change", "MethodChoice", "NoAttentionError", "NoDecayedBlockError",
     "NoResidualBlockError", "NothingToChangeError", "TGRSettings", "UnsupportedOfficialModelError",
-    "bpa", "check_gamma", "find_blocks", "linbp", "parse_backward", "pna", "register_block",
+    "bpa", "check_gamma", "parse_gamma", "find_blocks", "linbp", "parse_backward", "pna", "register_block",
     "register_method", "sgm_blocks", "skip_gradient", "tgr",
 ]
 from skipgrad.backward import families  # noqa: E402,F401  (registers the timm/torchvision families)

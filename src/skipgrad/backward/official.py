@@ -23,7 +23,14 @@ from typing import Callable
 import torch
 from torch import nn
 
+from skipgrad.errors import InputError
+
 NodeHook = Callable[[tuple, tuple], tuple]
+
+
+
+class UnsupportedOfficialModelError(InputError):
+    """``official=True`` was asked for a model the authors' release does not cover."""
 
 
 def _scale_node_inputs(factor: float) -> NodeHook:
@@ -74,8 +81,6 @@ def _densenet_attachers(net: nn.Module, gamma: float) -> list[Callable[[], objec
 
 def official_attachers(model: nn.Module, gamma: float) -> list[Callable[[], object]]:
     """Hook attachers reproducing the release on the torchvision ResNet/DenseNet inside ``model``."""
-    from skipgrad.backward.sgm import UnsupportedOfficialModelError
-
     try:
         from torchvision.models import DenseNet, ResNet
     except ImportError as exc:  # pragma: no cover - torchvision is a dependency

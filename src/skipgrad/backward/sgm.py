@@ -15,6 +15,7 @@ from torch import nn
 from skipgrad.backward.base import (Attacher, BackwardContext, Change, HandleGroup,
                                     NothingToChangeError, Removable, model_label)
 from skipgrad.backward.blocks import BLOCKS
+from skipgrad.backward.official import official_attachers
 from skipgrad.errors import InputError
 
 
@@ -26,10 +27,6 @@ class NoDecayedBlockError(NoResidualBlockError):
     """The model holds residual blocks, but SGM's rule decays none of them: every one is the first
     block of its stage (e.g. timm ``resnet10t``, one block per stage), which the authors' rule
     leaves undecayed. Refused rather than run as the plain gradient under an SGM label."""
-
-
-class UnsupportedOfficialModelError(InputError):
-    """``official=True`` was asked for a model the authors' release does not cover."""
 
 
 @dataclass(frozen=True)
@@ -67,13 +64,32 @@ def scale_gradient(value: Any, gamma: float) -> Any:
     return value
 
 
-def check_gamma(gamma: float) -> float:
-    """Validate a decay factor: a real number in (0, 1]."""
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
-        raise InputError(f"gamma must be a number in (0, 1], got {gamma!r}")
-    if not 0.0 < float(gamma) <= 1.0:
-        raise InputError(f"gamma must be in (0, 1], got {gamma}")
+# How a user writes "no SGM" where a gamma is expected (a matrix column, one of several sources).
+NO_SGM = ("none", "off", "no")
+
+
+def check_gamma(gamma: object) -> float:
+    """The one check of an SGM decay factor: a real number in (0, 1]; an InputError otherwise."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) \
+            or not 0.0 < float(gamma) <= 1.0:  # also refuses NaN
+        raise InputError(f"SGM gamma must be a number in (0, 1], got {gamma!r}")
     return float(gamma)
+
+
+def parse_gamma(value: object) -> float | None:
+    """A gamma as the command line and the plans write it: a number or its text (``"0.2"``), or
+    None for ``none``/``off``/``no`` (and None itself): no SGM. Anything else is an InputError."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in NO_SGM:
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            raise InputError(f"{value!r} is not an SGM gamma in (0, 1] (or \"none\")") from None
+    return check_gamma(value)
 
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module, BlockInfo]]:
@@ -150,7 +166,6 @@ class skip_gradient(BackwardContext):  # noqa: N801 - a context manager named li
 
     def _plan(self) -> list[Attacher]:
         if self.official:
-            from skipgrad.backward.official import official_attachers
 
             return official_attachers(self.model, self.gamma)
         if not self.blocks:

@@ -149,7 +149,15 @@ def zoo_weights_path(arch: str) -> Path:
     """Where the bundled weights of a zoo architecture live."""
     import skipgrad.models.zoo as zoo
 
-    return Path(zoo.__file__).parent / "weights" / f"fmnist-{arch}.safetensors"
+    return zoo.weights_path(arch)
+
+
+def zoo_specs(*, defended: bool = False, present: bool = False) -> list[str]:
+    """Specs (``zoo:fmnist-ARCH``) of the bundled zoo, in zoo order: the one enumeration of the zoo.
+    ``defended`` adds the adversarially trained members; ``present`` keeps only the members whose
+    weights are on disk."""
+    return [f"zoo:{ZOO_PREFIX}{arch}" for arch in zoo_names(defended)
+            if not present or zoo_weights_path(arch).is_file()]
 
 
 def _zoo_arch(name: str) -> str:

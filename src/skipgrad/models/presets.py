@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from skipgrad.errors import UserError
-from skipgrad.models.loading import ZOO_PREFIX, _architecture, resolve_config, zoo_names
+from skipgrad.models.loading import ZOO_PREFIX, _architecture, resolve_config, zoo_specs
 from skipgrad.models.specs import ModelConfig
 
 
@@ -38,7 +38,7 @@ WU2020 = Preset(
 
 def fmnist_preset() -> Preset:
     """The bundled Fashion-MNIST zoo: every architecture is both a source and a target."""
-    specs = tuple(f"zoo:{ZOO_PREFIX}{n}" for n in zoo_names())
+    specs = tuple(zoo_specs())
     return Preset("fmnist", "bundled Fashion-MNIST zoo (trained by this project)", specs, specs)
 
 
@@ -49,11 +49,11 @@ DEFENDED_WRAPPERS = ("jpeg:75", "bits:4", "median:3", "smooth:0.1,n=16")
 def fmnist_defended_preset() -> Preset:
     """Defended Fashion-MNIST targets: the adversarially trained zoo members, and the plain CNN
     and VGG behind each input-transformation defense. No sources: attack from the fmnist preset."""
-    trained = [n for n in zoo_names(defended=True) if n not in zoo_names()]
+    trained = [s for s in zoo_specs(defended=True) if s not in zoo_specs()]
     wrapped = [f"zoo:{ZOO_PREFIX}{plain}+{defense}" for plain in ("cnn", "vgg")
                for defense in DEFENDED_WRAPPERS]
     return Preset("fmnist-defended", "defended Fashion-MNIST targets (adv. trained, input "
-                  "transformations)", (), tuple(f"zoo:{ZOO_PREFIX}{n}" for n in trained) +
+                  "transformations)", (), tuple(trained) +
                   tuple(wrapped))
 
 

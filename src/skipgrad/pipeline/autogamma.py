@@ -4,7 +4,7 @@ The best gamma depends on the source's depth and on the data (on Fashion-MNIST a
 hurt by the paper's 0.2, see docs/autogamma.md), so ``auto`` measures it: the attack, with the run's
 own settings, is crafted from the source at every gamma of a grid on a small *calibration split*,
 rounded to 8-bit levels as the saved files are, and scored on held-out models; the gamma with the
-highest mean success is chosen (ties to the largest gamma, :func:`skipgrad.pipeline.sweep.best_gamma`).
+highest mean success is chosen (ties to the largest gamma, :func:`skipgrad.analysis.selection.best_gamma`).
 
 Calibration split, never overlapping the attacked images:
 
@@ -20,19 +20,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from skipgrad.data.datasets import ImageDataset, Sample, open_dataset
+from skipgrad.analysis.selection import DEFAULT_GAMMAS, best_gamma
+from skipgrad.backward.sgm import check_gamma
+from skipgrad.analysis.success import succeeded
 from skipgrad.errors import UserError
+from skipgrad.models.loading import zoo_specs
 from skipgrad.store.records import LEGACY_GROUP_SIZE, read_run
-from skipgrad.pipeline.job import AttackJob, job_record, load_sources, require_sgm
-from skipgrad.pipeline.device import default_group_size
+from skipgrad.pipeline.job import AttackJob, check_job, job_record, load_sources, numerics, on_device, require_sgm
+from skipgrad.pipeline.device import default_group_size, resolve_device, resolve_group_size
+from skipgrad.pipeline.transfer import model_refs_of
+from skipgrad.store import outdir
 from skipgrad.pipeline.engine import image_groups, predict
-from skipgrad.pipeline.sweep import best_gamma
 
 DEFAULT_CALIBRATION_IMAGES = 200
 
@@ -104,33 +109,14 @@ def calibration_split(data: str, limit: int | None, n: int, calibrate_data: str 
 def default_held_out(sources: Sequence[str], data: str) -> list[str]:
     """Half of the bundled zoo models other than the sources (every other one, in zoo order;
     Fashion-MNIST data only): the other half stays unseen, for an honest evaluation."""
-    from skipgrad.pipeline.demo import zoo_targets
-
     if not data.startswith("fmnist:"):
         raise UserError(f"--sgm auto needs --calibrate-on SPEC (held-out models) for data {data}; "
                         f"only Fashion-MNIST has a bundled default (the zoo)")
-    others = [spec for spec in zoo_targets() if spec not in sources]
+    others = [spec for spec in zoo_specs(present=True) if spec not in sources]
     held = others[::2]
     if not held:
         raise UserError("--sgm auto found no zoo model other than the source; give --calibrate-on")
     return held
-
-
-def calibration_targets(folder: Path) -> list[str]:
-    """The models an ``--sgm auto`` run of ``folder`` calibrated its gamma on (run.json knows);
-    their transfer numbers on this folder are optimistic."""
-    run = read_run(folder) if Path(folder).is_dir() else None
-    return list(((run or {}).get("sgm_auto") or {}).get("held_out", []))
-
-
-def calibration_warning(folder: Path, targets: Sequence[str]) -> str | None:
-    """One warning line when a target of an evaluation was a calibration model of ``folder``."""
-    used = [t for t in targets if t in set(calibration_targets(folder))]
-    if not used:
-        return None
-    return (f"skipgrad: warning: {', '.join(used)} chose the --sgm auto gamma of {folder} "
-            f"(calibration model{'s' if len(used) > 1 else ''}); success on "
-            f"{'them' if len(used) > 1 else 'it'} is optimistic, report the other targets")
 
 
 def attack_at(job: AttackJob, models: Sequence[torch.nn.Module], split: CalibrationSplit,
@@ -143,9 +129,10 @@ def attack_at(job: AttackJob, models: Sequence[torch.nn.Module], split: Calibrat
     spec = dataclasses.replace(job.attack, sgm=None if gamma == 1.0 else gamma)
     out = []
     for group in image_groups(split.samples, group_size or default_group_size(device)):
-        clean = split.data.load(group).to(device)
+        clean = on_device(split.data.load(group), job, device)
         labels = _labels(group, spec.targeted, device)
-        adv = attack_with(list(models), clean, labels, spec, ids=[s.id for s in group])
+        with numerics(job, device):  # the run's own numerics: amp, channels-last
+            adv = attack_with(list(models), clean, labels, spec, ids=[s.id for s in group])
         out.append(adv.detach().clamp(0, 1).mul(255).round().div(255))
     return torch.cat(out)
 
@@ -161,13 +148,14 @@ def transfer_outcomes(job: AttackJob, sources: Sequence[torch.nn.Module],
                       ) -> dict[str, dict[float, torch.Tensor]]:
     """Per-image success (bool) of the attack at each gamma on each target: target -> gamma ->
     vector in split order (untargeted: label left; targeted: target reached; all images count)."""
-    labels = _labels(split.samples, job.attack.targeted, torch.device("cpu"))
+    truth = torch.tensor([s.label for s in split.samples])
+    goals = _labels(split.samples, True, torch.device("cpu")) if job.attack.targeted else None
     outcomes: dict[str, dict[float, torch.Tensor]] = {t: {} for t in targets}
     for gamma in gammas:
         adv = attack_at(job, sources, split, gamma, device, group_size)
         for spec, model in targets.items():
             preds = torch.cat([predict([model], chunk) for chunk in adv.split(256)])
-            outcomes[spec][gamma] = preds == labels if job.attack.targeted else preds != labels
+            outcomes[spec][gamma] = succeeded(preds, truth, goals)
         rates = {spec: 100 * v[gamma].double().mean().item() for spec, v in outcomes.items()}
         log(f"    gamma {gamma:g}: " + ", ".join(f"{s} {r:.1f}%" for s, r in rates.items()))
     return outcomes
@@ -180,8 +168,8 @@ def calibrate_gamma(job: AttackJob, held_out: Sequence[tuple[str, str | None]],
     """Measure the held-out transfer curve on the split and pick its best gamma."""
     from skipgrad.pipeline.evaluate import load_targets
 
-    grid = tuple(sorted(set(float(g) for g in gammas)))
-    if not grid or not all(0 < g <= 1 for g in grid):
+    grid = tuple(sorted({check_gamma(g) for g in gammas}))
+    if not grid:
         raise UserError("--sgm auto needs a gamma grid inside (0, 1]")
     if job.attack.targeted and any(s.target is None for s in split.samples):
         raise UserError(f"--targeted --sgm auto needs target labels on the calibration images "
@@ -207,7 +195,7 @@ class AutoGammaRequest:
 
     held_out: tuple[tuple[str, str | None], ...] = ()   # (spec, weights); empty -> zoo default
     images: int = DEFAULT_CALIBRATION_IMAGES
-    gammas: tuple[float, ...] = tuple(round(0.1 * k, 1) for k in range(1, 11))
+    gammas: tuple[float, ...] = DEFAULT_GAMMAS
     calibrate_data: str | None = None
     group_size: int | None = None  # the attack's (--batch-size); None: the device's default
 
@@ -252,3 +240,27 @@ def format_calibration(record: dict) -> str:
         mark = "  <- chosen" if float(key) == record["chosen_gamma"] else ""
         lines.append(f"    gamma {key:>4}: {100 * value:5.1f}%{mark}")
     return "\n".join(lines)
+
+
+def with_auto_gamma(job: AttackJob, out: Path, flags: Mapping[str, object],
+                    log: Callable[[str], None] = lambda _m: None) -> tuple[AttackJob, dict]:
+    """``--sgm auto`` for ``attack``: the job with the calibrated gamma and the run.json record.
+    ``flags`` are the parsed command line (``calibrate_*``, ``device``, ``batch_size``, ``limit``).
+    The calibration attacks with the run's own numerics (``--amp``, ``--channels-last``);
+    ``--compile`` is refused: compiled kernels round differently from the eager ones the
+    calibration would measure."""
+    check_job(job)  # bad settings and a bad --out fail before the (long) calibration
+    if job.compile:
+        raise UserError("--sgm auto cannot calibrate a --compile run (compiled kernels round "
+                        "differently); calibrate without --compile, then pass the chosen "
+                        "--sgm GAMMA with --compile")
+    outdir.refuse_data_overlap(out, job.data)
+    device = resolve_device(str(flags.get("device") or "auto"))
+    held = model_refs_of(flags.get("calibrate_on"), flags.get("calibrate_weights"), "calibrate")
+    request = AutoGammaRequest(tuple((r.spec, r.weights) for r in held),
+                               flags.get("calibrate_images") or DEFAULT_CALIBRATION_IMAGES,
+                               flags.get("calibrate_gammas") or DEFAULT_GAMMAS,
+                               flags.get("calibrate_data"),
+                               resolve_group_size(out, flags.get("batch_size"), device))
+    chosen, record = resolve_auto_gamma(job, out, request, flags.get("limit"), device, log)
+    return dataclasses.replace(job, attack=dataclasses.replace(job.attack, sgm=chosen)), record

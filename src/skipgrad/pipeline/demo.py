@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
-
+from skipgrad.analysis.effects import BackwardEffect, SGMEffect, backward_effects, sgm_effects
 from skipgrad.data.fmnist import FMNIST_CLASSES
-from skipgrad.store.atomic import atomic_write_bytes, atomic_write_text
 from skipgrad.data.images import read_image
-from skipgrad.pipeline.report import TransferRow, markdown_table, short_name
-from skipgrad.analysis.stats import PairedComparison, benjamini_hochberg, paired_comparison
+from skipgrad.models.loading import zoo_specs
+from skipgrad.pipeline.report import (TransferRow, effects_markdown, markdown_table, short_name,
+                                      summarise_effects)
+from skipgrad.store.atomic import atomic_write_bytes, atomic_write_text
 
 # Chosen from the study in docs/study.md: of the sources where SGM gains on this data, the one whose
 # six attacks fit the demo's five minutes on 2 CPU cores (ResNet-56 gains more but takes ~3x as
@@ -37,75 +36,6 @@ DEMO_IMAGES = 1000
 DEMO_DEFENDED = ("zoo:fmnist-cnn-at", "zoo:fmnist-cnn+jpeg:75")
 
 
-@dataclass(frozen=True)
-class SGMEffect:
-    """SGM at ``gamma`` vs the same attack without SGM, on one target, same images; both with the
-    same backward-pass methods ``backward`` (a label, or None)."""
-
-    source: str
-    attack: str
-    gamma: float
-    target: str
-    comparison: PairedComparison
-    backward: str | None = None
-
-    def to_json(self) -> dict:
-        c = self.comparison
-        return {"source": self.source, "attack": self.attack, "sgm": self.gamma,
-                "backward": self.backward, "target": self.target, "n": c.n,
-                "baseline": c.rate_a, "with_sgm": c.rate_b,
-                "difference": c.difference, "ci95": list(c.ci95), "only_baseline": c.only_a,
-                "only_sgm": c.only_b, "mcnemar_p": c.p_value}
-
-    @property
-    def variant(self) -> str:
-        """The attack both cells share, e.g. ``mi`` or ``mi+linbp``."""
-        return self.attack if self.backward is None else f"{self.attack}+{self.backward}"
-
-    @property
-    def change(self) -> str:
-        """What the compared cell adds: ``SGM (γ=0.5)``."""
-        return f"SGM (γ={self.gamma:g})"
-
-
-@dataclass(frozen=True)
-class BackwardEffect:
-    """A backward-pass method vs the same attack without it (same SGM gamma or none), on one
-    target, same images."""
-
-    source: str
-    attack: str
-    gamma: float | None
-    method: str
-    target: str
-    comparison: PairedComparison
-
-    @property
-    def variant(self) -> str:
-        """The attack both cells share, e.g. ``mi`` or ``mi+sgm 0.5``."""
-        return self.attack if self.gamma is None else f"{self.attack}+sgm {self.gamma:g}"
-
-    @property
-    def change(self) -> str:
-        """What the compared cell adds: the method's label."""
-        return self.method
-
-    def to_json(self) -> dict:
-        c = self.comparison
-        return {"source": self.source, "attack": self.attack, "sgm": self.gamma,
-                "backward": self.method, "target": self.target, "n": c.n,
-                "without_method": c.rate_a, "with_method": c.rate_b,
-                "difference": c.difference, "ci95": list(c.ci95), "only_without": c.only_a,
-                "only_with": c.only_b, "mcnemar_p": c.p_value}
-
-
-def zoo_targets() -> list[str]:
-    """Specs of every zoo model whose weights are present."""
-    from skipgrad.models.zoo import ZOO_NAMES, weights_path
-
-    return [f"zoo:fmnist-{name}" for name in ZOO_NAMES if weights_path(name).exists()]
-
-
 def defended_targets() -> list[str]:
     """The demo's defended targets whose (base) weights are present."""
     from skipgrad.models.defenses import split_spec
@@ -113,91 +43,6 @@ def defended_targets() -> list[str]:
 
     return [spec for spec in DEMO_DEFENDED
             if weights_path(split_spec(spec)[0].removeprefix("zoo:")).exists()]
-
-
-def sgm_effects(outcomes: dict[tuple, torch.Tensor]) -> list[SGMEffect]:
-    """Pair every SGM cell with the no-SGM cell of the same source, attack, backward-pass
-    methods and target (outcome keys: ``(source, attack, gamma, backward, target)``)."""
-    effects = []
-    for (source, attack, gamma, backward, target), success in outcomes.items():
-        baseline = outcomes.get((source, attack, None, backward, target))
-        if gamma is None or baseline is None:
-            continue
-        effects.append(SGMEffect(source, attack, gamma, target,
-                                 paired_comparison(baseline, success), backward))
-    return effects
-
-
-def backward_effects(outcomes: dict[tuple, torch.Tensor]) -> list[BackwardEffect]:
-    """Pair every cell with a backward-pass method with the cell without it (same source,
-    attack, gamma and target)."""
-    effects = []
-    for (source, attack, gamma, backward, target), success in outcomes.items():
-        baseline = outcomes.get((source, attack, gamma, None, target))
-        if backward is None or baseline is None:
-            continue
-        effects.append(BackwardEffect(source, attack, gamma, backward, target,
-                                      paired_comparison(baseline, success)))
-    return effects
-
-
-def effects_markdown(effects: Sequence[SGMEffect | BackwardEffect],
-                     q_values: dict[int, float] | None = None) -> str:
-    """A table of paired effects (SGM, or a backward-pass method): percentage points, 95%
-    interval, McNemar p, and with ``q_values`` (from :func:`transfer_q_values`) the
-    Benjamini-Hochberg q (``-`` for white-box cells, outside the family)."""
-    sgm = all(isinstance(e, SGMEffect) for e in effects)
-    what = "SGM" if sgm else "method"
-    q_head, q_rule = (" BH q |", "---:|") if q_values is not None else ("", "")
-    lines = [f"| source | attack | {'γ' if sgm else 'method'} | target | without {what} | "
-             f"with {what} | Δ (points) | 95% CI | only w/o / only with | McNemar p |{q_head}",
-             f"|---|---|---:|---|---:|---:|---:|---|---:|---:|{q_rule}"]
-    for e in effects:
-        c = e.comparison
-        lo, hi = c.ci95
-        key = f"{e.gamma:g}" if isinstance(e, SGMEffect) else e.method
-        lines.append(f"| {short_name(e.source)} | {e.variant} | {key} | {short_name(e.target)} "
-                     f"| {100 * c.rate_a:.1f} | {100 * c.rate_b:.1f} | {100 * c.difference:+.1f} "
-                     f"| [{100 * lo:+.1f}, {100 * hi:+.1f}] | {c.only_a} / {c.only_b} "
-                     f"| {c.p_value:.2g} |" + _q_cell(q_values, e))
-    return "\n".join(lines) + "\n"
-
-
-def _q_cell(q_values: dict[int, float] | None, effect: object) -> str:
-    if q_values is None:
-        return ""
-    q = q_values.get(id(effect))
-    return f" {q:.2g} |" if q is not None else " - |"
-
-
-def transfer_q_values(effects: Sequence[SGMEffect]) -> dict[int, float]:
-    """Benjamini-Hochberg q-values of the transfer effects (white-box cells, where the target is
-    the source, are left out of the family), keyed by ``id(effect)``."""
-    transfer = [e for e in effects if e.target != e.source]
-    return dict(zip(map(id, transfer), benjamini_hochberg([e.comparison.p_value for e in transfer])))
-
-
-def summarise_effects(effects: Sequence[SGMEffect | BackwardEffect], source: str) -> list[str]:
-    """Plain sentences: per attack and change (SGM, or a backward-pass method), on how many
-    transfer targets it helped or hurt significantly, by McNemar's test and after
-    Benjamini-Hochberg correction over all the transfer comparisons given."""
-    transfer = [e for e in effects if e.target != source]
-    q_values = transfer_q_values(transfer)
-    sentences = []
-    for variant, change in dict.fromkeys((e.variant, e.change) for e in transfer):
-        rows = [e for e in transfer if (e.variant, e.change) == (variant, change)]
-        better = [e for e in rows if e.comparison.difference > 0 and e.comparison.p_value < 0.05]
-        worse = [e for e in rows if e.comparison.difference < 0 and e.comparison.p_value < 0.05]
-        mean = 100 * sum(e.comparison.difference for e in rows) / len(rows)
-        sentences.append(
-            f"- {variant} + {change} vs {variant}: mean change {mean:+.1f} points over "
-            f"{len(rows)} transfer targets; significantly better on {len(better)} "
-            f"({sum(q_values[id(e)] < 0.05 for e in better)} corrected), significantly worse on "
-            f"{len(worse)} ({sum(q_values[id(e)] < 0.05 for e in worse)} corrected).")
-    if sentences:
-        sentences.append(f"Significant: McNemar's exact test p < 0.05; corrected: Benjamini-Hochberg "
-                         f"q < 0.05 over all {len(transfer)} transfer comparisons above.")
-    return sentences
 
 
 def run_demo(out: Path, *, limit: int | None = None, device: str = "auto", quiet: bool = False,
@@ -212,22 +57,20 @@ def run_demo(out: Path, *, limit: int | None = None, device: str = "auto", quiet
     without and with SGM, and its paired effects (docs/backward.md).
     """
     from skipgrad.attacks.config import AttackSpec
+    from skipgrad.backward import check_gamma
     from skipgrad.errors import UserError
-    from skipgrad.pipeline.job import AttackJob, RunOptions
     from skipgrad.models import load_model
-    from skipgrad.backward import NoResidualBlockError, check_gamma, sgm_blocks
+    from skipgrad.pipeline.job import AttackJob, RunOptions, sgm_problem
     from skipgrad.pipeline.transfer import ModelRef, TransferPlan, run_transfer
 
-    targets = zoo_targets()
+    targets = zoo_specs(present=True)
     if source not in targets:
         raise UserError(f"the demo source must be a bundled zoo model with weights "
                         f"({', '.join(targets)}); got {source}")
-    try:  # before any attack runs, not after the baselines
-        sgm_blocks(load_model(source))
-    except NoResidualBlockError as exc:
+    problem = sgm_problem(load_model(source))  # before any attack runs, not after the baselines
+    if problem is not None:
         raise UserError(f"the demo source {source} has no residual or dense blocks for SGM to "
-                        f"decay ({exc}); choose a residual zoo model such as {DEMO_SOURCE}"
-                        ) from None
+                        f"decay ({problem}); choose a residual zoo model such as {DEMO_SOURCE}")
     check_gamma(gamma)
     plan = TransferPlan(
         sources=(ModelRef(source),), attacks=DEMO_ATTACKS, gammas=(None, gamma),

@@ -37,12 +37,13 @@ from skipgrad.attacks.config import AttackSpec
 from skipgrad.data.datasets import ImageDataset, Sample, open_dataset
 from skipgrad.data.images import png_bytes, to_uint8
 from skipgrad.data.prefetch import adaptively_prefetched, choose_depth, prefetched
+from skipgrad.analysis.success import succeeded
 from skipgrad.errors import UserError
 from skipgrad.models import WrappedModel
 from skipgrad.pipeline import distributed
 from skipgrad.pipeline.device import resolve_device, resolve_group_size
 from skipgrad.pipeline.job import (AttackJob, RunOptions, RunSummary, check_job, check_sgm,
-                                   environment, load_sources, numerics, run_identity)
+                                   environment, load_sources, numerics, on_device, run_identity)
 from skipgrad.store import outdir, verify
 from skipgrad.store.atomic import atomic_write_many
 from skipgrad.store.records import (image_file, manifest_part, merge_manifest_parts, prepare_folder,
@@ -193,7 +194,7 @@ def _attack_sources(job: AttackJob, models: Sequence[WrappedModel], groups: list
     from skipgrad.attacks.compiled import compiled_sources, warm_up
 
     with compiled_sources(models, job.attack) as (sources, spec):
-        clean = _on_device(data.load(groups[0]), job, device)
+        clean = on_device(data.load(groups[0]), job, device)
         labels = _labels(groups[0], job.attack.targeted, device)
         try:
             with numerics(job, device):
@@ -203,13 +204,6 @@ def _attack_sources(job: AttackJob, models: Sequence[WrappedModel], groups: list
                             f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}); "
                             f"run without --compile") from exc
         yield sources, spec, seconds
-
-
-def _on_device(images: torch.Tensor, job: AttackJob, device: torch.device) -> torch.Tensor:
-    images = images.to(device, non_blocking=True)
-    if job.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images
 
 
 def _labels(samples: Sequence[Sample], targeted: bool, device: torch.device) -> torch.Tensor:
@@ -263,7 +257,7 @@ def _attack_group(job: AttackJob, out: Path, attacker: tuple[list[torch.nn.Modul
     from skipgrad.attacks.loop import attack_with
 
     sources, spec = attacker
-    clean = _on_device(clean, job, device)
+    clean = on_device(clean, job, device)
     labels = _labels(batch, job.attack.targeted, device)
     with outdir.naming_images([str(s.path or s.name) for s in batch]), numerics(job, device):
         adv = attack_with(sources, clean, labels, spec, ids=[s.id for s in batch])
@@ -304,6 +298,7 @@ def _source_success(rows: dict[str, dict], wanted: set[str], targeted: bool) -> 
     chosen = [r for f, r in rows.items() if f in wanted]
     if not chosen:
         return float("nan")
-    hits = [(int(r["source_pred"]) == int(r["target_label"])) if targeted
-            else (int(r["source_pred"]) != int(r["label"])) for r in chosen]
-    return sum(hits) / len(hits)
+    column = lambda key: torch.tensor([int(r[key]) for r in chosen])  # noqa: E731
+    hits = succeeded(column("source_pred"), column("label"),
+                     column("target_label") if targeted else None)
+    return float(hits.double().mean())

@@ -28,9 +28,10 @@ from skipgrad.store import verify
 from skipgrad.data.datasets import ImageDataset, Sample, open_dataset
 from skipgrad.store.atomic import atomic_write_text
 from skipgrad.data.images import read_image
+from skipgrad.analysis.success import succeeded
 from skipgrad.errors import UserError
 from skipgrad.models import WrappedModel, load_model
-from skipgrad.models.defenses import ABSTAIN, canonical_spec
+from skipgrad.models.defenses import canonical_spec
 from skipgrad.progress import progress_bar
 from skipgrad.pipeline.engine import predict
 from skipgrad.store.records import read_manifest, read_run
@@ -254,10 +255,8 @@ def score(target: str, output: AttackOutput, clean: torch.Tensor, adv: torch.Ten
     """Count successes from predictions (untargeted: label left; targeted: target reached)."""
     labels = torch.tensor([s.label for s in output.samples])
     correct = clean == labels
-    if output.targeted:
-        success = adv == torch.tensor([s.target for s in output.samples])
-    else:  # an abstaining (smoothed) target was not fooled: the attack failed on that image
-        success = (adv != labels) & (adv != ABSTAIN)
+    targets = torch.tensor([s.target for s in output.samples]) if output.targeted else None
+    success = succeeded(adv, labels, targets)
     return TargetResult(target, len(labels), int(success.sum()), int(correct.sum()),
                         int((success & correct).sum()), per_image=success,
                         ids=tuple(s.id for s in output.samples))

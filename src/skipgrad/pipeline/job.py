@@ -9,7 +9,7 @@ import math
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +18,9 @@ import torch
 
 from skipgrad import units
 from skipgrad.attacks.config import AttackSpec
+from skipgrad.backward.base import NothingToChangeError
+from skipgrad.backward.official import UnsupportedOfficialModelError
+from skipgrad.backward.sgm import NoResidualBlockError, sgm_blocks
 from skipgrad.data.datasets import ImageDataset, open_dataset
 from skipgrad.errors import InputError, UserError
 from skipgrad.models import WrappedModel, load_model, resolve_config
@@ -320,12 +323,59 @@ def check_sgm(job: AttackJob, models: Sequence[WrappedModel]) -> None:
             require_sgm(model, official=job.attack.sgm_official)
 
 
-def require_sgm(model: WrappedModel, *, official: bool = False, flag: str = "--sgm") -> None:
-    """:func:`skipgrad.sgm_blocks` as a command-line error: one line that names the flag."""
-    import skipgrad
-
+def sgm_refusal(model: WrappedModel, *, official: bool = False) -> InputError | None:
+    """Why SGM cannot change ``model`` (the error :func:`skipgrad.sgm_blocks` raises: no residual or
+    dense block, none decayed, or a model the ``official`` placement does not support), or None
+    when it can: the one check of "can SGM change this source" behind every caller."""
     try:
-        skipgrad.sgm_blocks(model, official=official)
-    except (skipgrad.NothingToChangeError, skipgrad.UnsupportedOfficialModelError) as exc:
-        raise UserError(f"{flag} cannot change {model.config.spec}: {exc}; drop --sgm for it "
-                        f"(with several --source, give --sgm none in its place)") from None
+        sgm_blocks(model, official=official)
+    except (NothingToChangeError, UnsupportedOfficialModelError) as exc:
+        return exc
+    return None
+
+
+def sgm_problem(model: WrappedModel, *, official: bool = False) -> str | None:
+    """:func:`sgm_refusal` as one readable line, or None when SGM can change ``model``."""
+    refusal = sgm_refusal(model, official=official)
+    if refusal is None:
+        return None
+    if type(refusal) is NoResidualBlockError:
+        return (f"{model.config.spec} has no residual or dense block (e.g. VGG, Inception-v3); "
+                f"nothing for SGM to decay")
+    return " ".join(str(refusal).split())
+
+
+def require_sgm(model: WrappedModel, *, official: bool = False, flag: str = "--sgm") -> None:
+    """:func:`sgm_refusal` as a command-line error: one line that names the flag."""
+    refusal = sgm_refusal(model, official=official)
+    if refusal is not None:
+        raise UserError(f"{flag} cannot change {model.config.spec}: {refusal}; drop --sgm for it "
+                        f"(with several --source, give --sgm none in its place)")
+
+
+def settings_of(flags: Mapping[str, object]) -> dict:
+    """The attack and job settings among parsed command-line ``flags`` (unset ones, None, left out)."""
+    return {n: flags[n] for n in ATTACK_SETTINGS + JOB_SETTINGS if flags.get(n) is not None}
+
+
+def run_options(flags: Mapping[str, object], base: Mapping[str, object] | None = None
+                ) -> RunOptions:
+    """The RunOptions of parsed command-line ``flags`` over ``base`` (a plan's run keys)."""
+    base = base or {}
+
+    def pick(name: str, default: object) -> object:
+        value = flags.get(name)
+        return value if value is not None else base.get(name, default)
+
+    return RunOptions(limit=pick("limit", None), batch_size=pick("batch_size", None),
+                      device=pick("device", "auto"),
+                      quiet=bool(flags.get("quiet") or base.get("quiet")),
+                      prefetch=pick("prefetch", None))
+
+
+def on_device(images: torch.Tensor, job: AttackJob, device: torch.device) -> torch.Tensor:
+    """Images moved to ``device`` in the job's memory format (channels-last when asked)."""
+    images = images.to(device, non_blocking=True)
+    if job.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images

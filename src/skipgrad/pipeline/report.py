@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from skipgrad.analysis.effects import BackwardEffect, SGMEffect, transfer_q_values
 from skipgrad.store.atomic import atomic_write_bytes, atomic_write_text
 
 CSV_COLUMNS = ("source", "attack", "sgm", "target", "success_rate", "n", "ci95_low", "ci95_high",
@@ -251,3 +252,55 @@ def write_transfer_report(rows: Sequence[TransferRow], out: Path,
     atomic_write_text(paths["markdown"], markdown_table(rows, title))
     atomic_write_bytes(paths["heatmap"], heatmap_png(rows, f"{title} (%)"))
     return paths
+
+
+def effects_markdown(effects: Sequence[SGMEffect | BackwardEffect],
+                     q_values: dict[int, float] | None = None) -> str:
+    """A table of paired effects (SGM, or a backward-pass method): percentage points, 95%
+    interval, McNemar p, and with ``q_values`` (from :func:`transfer_q_values`) the
+    Benjamini-Hochberg q (``-`` for white-box cells, outside the family)."""
+    sgm = all(isinstance(e, SGMEffect) for e in effects)
+    what = "SGM" if sgm else "method"
+    q_head, q_rule = (" BH q |", "---:|") if q_values is not None else ("", "")
+    lines = [f"| source | attack | {'γ' if sgm else 'method'} | target | without {what} | "
+             f"with {what} | Δ (points) | 95% CI | only w/o / only with | McNemar p |{q_head}",
+             f"|---|---|---:|---|---:|---:|---:|---|---:|---:|{q_rule}"]
+    for e in effects:
+        c = e.comparison
+        lo, hi = c.ci95
+        key = f"{e.gamma:g}" if isinstance(e, SGMEffect) else e.method
+        lines.append(f"| {short_name(e.source)} | {e.variant} | {key} | {short_name(e.target)} "
+                     f"| {100 * c.rate_a:.1f} | {100 * c.rate_b:.1f} | {100 * c.difference:+.1f} "
+                     f"| [{100 * lo:+.1f}, {100 * hi:+.1f}] | {c.only_a} / {c.only_b} "
+                     f"| {c.p_value:.2g} |" + _q_cell(q_values, e))
+    return "\n".join(lines) + "\n"
+
+
+def _q_cell(q_values: dict[int, float] | None, effect: object) -> str:
+    if q_values is None:
+        return ""
+    q = q_values.get(id(effect))
+    return f" {q:.2g} |" if q is not None else " - |"
+
+
+def summarise_effects(effects: Sequence[SGMEffect | BackwardEffect], source: str) -> list[str]:
+    """Plain sentences: per attack and change (SGM, or a backward-pass method), on how many
+    transfer targets it helped or hurt significantly, by McNemar's test and after
+    Benjamini-Hochberg correction over all the transfer comparisons given."""
+    transfer = [e for e in effects if e.target != source]
+    q_values = transfer_q_values(transfer)
+    sentences = []
+    for variant, change in dict.fromkeys((e.variant, e.change) for e in transfer):
+        rows = [e for e in transfer if (e.variant, e.change) == (variant, change)]
+        better = [e for e in rows if e.comparison.difference > 0 and e.comparison.p_value < 0.05]
+        worse = [e for e in rows if e.comparison.difference < 0 and e.comparison.p_value < 0.05]
+        mean = 100 * sum(e.comparison.difference for e in rows) / len(rows)
+        sentences.append(
+            f"- {variant} + {change} vs {variant}: mean change {mean:+.1f} points over "
+            f"{len(rows)} transfer targets; significantly better on {len(better)} "
+            f"({sum(q_values[id(e)] < 0.05 for e in better)} corrected), significantly worse on "
+            f"{len(worse)} ({sum(q_values[id(e)] < 0.05 for e in worse)} corrected).")
+    if sentences:
+        sentences.append(f"Significant: McNemar's exact test p < 0.05; corrected: Benjamini-Hochberg "
+                         f"q < 0.05 over all {len(transfer)} transfer comparisons above.")
+    return sentences

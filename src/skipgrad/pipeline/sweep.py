@@ -18,23 +18,20 @@ is always run, as the no-SGM folder, and reported as the point ``gamma = 1``.
 """
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from skipgrad.pipeline import distributed
 from skipgrad.store.atomic import atomic_write_bytes, atomic_write_text
+from skipgrad.analysis.selection import best_gamma, sweep_gammas
+from skipgrad.analysis.effects import sgm_effects
 from skipgrad.errors import UserError
 from skipgrad.pipeline.report import TransferRow, short_name
-from skipgrad.pipeline.job import AttackJob, RunOptions
+from skipgrad.pipeline.job import AttackJob, RunOptions, sgm_problem
 from skipgrad.pipeline.transfer import ModelRef, TransferPlan, run_transfer
-
-# Two success rates closer than this are a tie (they are ratios of counts, so ties are exact).
-_TIE = 1e-12
-
 
 @dataclass(frozen=True)
 class SweepPoint:
@@ -64,7 +61,7 @@ class SweepResult:
     gammas: tuple[float, ...]
     curves: dict[str, dict[float, SweepPoint]]
     files: dict[str, Path] = field(default_factory=dict)
-    # Paired SGM effects (skipgrad.pipeline.demo.SGMEffect) of every gamma against no SGM, same images.
+    # Paired SGM effects (skipgrad.analysis.effects.SGMEffect) of every gamma against no SGM, same images.
     effects: list = field(default_factory=list)
 
     def transfer_targets(self) -> list[str]:
@@ -77,23 +74,6 @@ class SweepResult:
         chosen = self.transfer_targets()
         return {g: sum(self.curves[t][g].success_rate for t in chosen) / len(chosen)
                 for g in self.gammas}
-
-
-def best_gamma(curve: Mapping[float, float]) -> float:
-    """The gamma with the highest score; ties go to the largest gamma (the smallest change to the
-    plain gradient), so the choice is deterministic and never more aggressive than the data says."""
-    if not curve:
-        raise ValueError("best_gamma needs at least one (gamma, score) pair")
-    top = max(curve.values())
-    return max(g for g, score in curve.items() if score >= top - _TIE)
-
-
-def sweep_gammas(gammas: Sequence[float]) -> tuple[float, ...]:
-    """Sorted, unique gammas in (0, 1], with 1.0 (no SGM) always included."""
-    for g in gammas:
-        if not 0 < g <= 1:
-            raise UserError(f"SGM gamma must be in (0, 1], got {g:g}")
-    return tuple(sorted(set(float(g) for g in gammas) | {1.0}))
 
 
 def sweep_plan(source: ModelRef, attack: str, gammas: Sequence[float],
@@ -115,11 +95,9 @@ def run_sweep(source: ModelRef, attack: str, gammas: Sequence[float],
     """Run (or resume) every gamma's attack folder, evaluate the targets, write sweep.json/.png.
     ``backward``: backward-pass methods added to every gamma (``METHOD[:key=value,...]``)."""
     plan = sweep_plan(source, attack, gammas, targets, template, backward)
-    _require_blocks(source)
+    _require_blocks(source, template.attack.sgm_official)
     transfer = run_transfer(plan, out, opts, log)
     label = attack if backward is None else f"{attack}+{backward}"
-    from skipgrad.pipeline.demo import sgm_effects
-
     result = SweepResult(source.spec, label, template.data, sweep_gammas(gammas),
                          curves_from_rows(transfer.rows), effects=sgm_effects(transfer.outcomes))
     # Every torchrun rank holds the same rows; rank 0 alone writes the files (as for transfer).
@@ -128,17 +106,15 @@ def run_sweep(source: ModelRef, attack: str, gammas: Sequence[float],
     return result
 
 
-def _require_blocks(source: ModelRef) -> None:
+def _require_blocks(source: ModelRef, official: bool) -> None:
     """A sweep of gamma means nothing on a source SGM cannot change: refuse it before any work
     (a transfer matrix would instead run such a source's baseline only)."""
-    import skipgrad
     from skipgrad.models import load_model
 
-    try:
-        skipgrad.sgm_blocks(load_model(source.spec, weights=source.weights))
-    except skipgrad.NothingToChangeError as exc:
+    problem = sgm_problem(load_model(source.spec, weights=source.weights), official=official)
+    if problem is not None:
         raise UserError(f"sweep needs a source whose gradient SGM can change, and "
-                        f"{source.spec} has none: {exc}") from None
+                        f"{source.spec} has none: {problem}")
 
 
 def curves_from_rows(rows: Sequence[TransferRow]) -> dict[str, dict[float, SweepPoint]]:

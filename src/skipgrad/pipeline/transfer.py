@@ -36,11 +36,13 @@ from skipgrad.pipeline import distributed
 
 from skipgrad.store import outdir
 from skipgrad.backward.registry import parse_backward
+from skipgrad.backward.sgm import check_gamma
 from skipgrad.errors import UserError
+from skipgrad.store.records import calibration_warning
 from skipgrad.pipeline.evaluate import (evaluate_output, load_targets, open_attack_output,
                                record_evaluation)
 from skipgrad.pipeline.report import TransferRow, write_transfer_report
-from skipgrad.pipeline.job import (ATTACK_SETTINGS, JOB_SETTINGS, AttackJob, RunOptions, attack_from_settings)
+from skipgrad.pipeline.job import (AttackJob, RunOptions)
 from skipgrad.pipeline.device import resolve_device
 from skipgrad.pipeline.engine import run_attack_job
 
@@ -115,8 +117,8 @@ def gammas_with_baseline(gammas: list[float | None], baseline: bool) -> tuple[fl
     """The gamma column: ``None`` (no SGM) first unless ``baseline`` is off, then each gamma once."""
     values: list[float | None] = [None] if baseline else []
     for gamma in gammas:
-        if gamma is not None and not (0 < gamma <= 1):
-            raise UserError(f"SGM gamma must be in (0, 1], got {gamma:g}")
+        if gamma is not None:
+            check_gamma(gamma)
         if gamma not in values:
             values.append(gamma)
     if not values:
@@ -193,8 +195,9 @@ def write_paired_effects(out: Path, outcomes: dict[tuple, object]) -> dict[str, 
     Nothing is written when the plan has no such pair (e.g. no baseline)."""
     import json
 
+    from skipgrad.analysis.effects import backward_effects, sgm_effects, transfer_q_values
+    from skipgrad.pipeline.report import effects_markdown
     from skipgrad.store.atomic import atomic_write_text
-    from skipgrad.pipeline.demo import backward_effects, effects_markdown, sgm_effects, transfer_q_values
 
     families = [f for f in (sgm_effects(outcomes), backward_effects(outcomes)) if f]
     if not families:
@@ -253,8 +256,7 @@ def _check_sources(plan: TransferPlan, device, problems: list[str]
                    ) -> tuple[TransferPlan, list[str]]:
     """Load each source once: weights present, backward methods apply; a source without blocks
     under SGM gets the baseline column only."""
-    import skipgrad
-    from skipgrad.pipeline.job import backward_record, load_sources
+    from skipgrad.pipeline.job import backward_record, load_sources, sgm_problem
 
     own, no_blocks = [], []
     for index, source in enumerate(plan.sources):
@@ -269,10 +271,11 @@ def _check_sources(plan: TransferPlan, device, problems: list[str]
             problems.append(f"source {source.spec}: {exc}")
             continue
         column = plan.gammas_of(index)
-        if any(g is not None for g in column) and not _sgm_can_change(models[0]):
+        problem = sgm_problem(models[0], official=job.attack.sgm_official)
+        if any(g is not None for g in column) and problem is not None:
             if None not in column:
-                problems.append(f"source {source.spec} has no residual or dense blocks for SGM "
-                                f"and the baseline is off; drop it or keep the baseline")
+                problems.append(f"source {source.spec}: SGM cannot change it ({problem}) and the "
+                                f"baseline is off; drop it or keep the baseline")
                 continue
             own[index] = (None,)
             no_blocks.append(source.spec)
@@ -331,8 +334,6 @@ def evaluate_cells(plan: TransferPlan, folders: list, opts: RunOptions,
         outcomes.update({(source.spec, attack, gamma, backward, spec): r.per_image
                          for spec, r in results.items()})
         distributed.on_main(lambda: record_evaluation(folder, results))
-        from skipgrad.pipeline.autogamma import calibration_warning  # autogamma imports this module
-
         warning = calibration_warning(folder, list(results))
         if warning and distributed.world().is_main:
             print(warning, file=sys.stderr)
@@ -340,115 +341,15 @@ def evaluate_cells(plan: TransferPlan, folders: list, opts: RunOptions,
     return rows, outcomes
 
 
-# ---------------------------------------------------------------- TOML plans
-
-_TEMPLATE_KEYS = set(ATTACK_SETTINGS) | set(JOB_SETTINGS)
-
-
-def load_plan_file(path: Path) -> dict:
-    """Read a TOML plan into a plain dict (validated later, together with the flags)."""
-    import tomllib
-
-    if not path.is_file():
-        raise UserError(f"transfer config {path} does not exist")
-    try:
-        with open(path, "rb") as handle:
-            config = tomllib.load(handle)
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"transfer config {path} is not valid TOML: {exc}") from exc
-    check_plan(config, path)
-    return config
-
-
-# Every key a plan may hold and the TOML type it takes (docs/plans.md describes each).
-_NUMBER, _INT, _BOOL, _TEXT = "a number", "an integer", "true or false", "a string"
-PLAN_SCHEMA: dict[str, str] = {
-    "data": _TEXT, "sources": "a list of specs", "targets": "a list of specs", "preset": _TEXT,
-    "attacks": "a list of attack names", "sgm": "gammas", "baseline": _BOOL, "backward": "backward-pass methods",
-    "out": _TEXT, "title": _TEXT, "limit": _INT, "batch_size": _INT, "device": _TEXT,
-    "quiet": _BOOL, "eps": _NUMBER, "step_size": _NUMBER, "steps": _INT, "norm": _TEXT,
-    "loss": _TEXT, "targeted": _BOOL, "seed": _INT, "decay": _NUMBER, "di_prob": _NUMBER,
-    "di_scale": _NUMBER, "ti_kernel": _INT, "sgm_official": _BOOL, "amp": _TEXT,
-    "channels_last": _BOOL, "channels": _INT, "class_map": _TEXT}
-_CHECKS = {
-    _NUMBER: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    _INT: lambda v: isinstance(v, int) and not isinstance(v, bool),
-    _BOOL: lambda v: isinstance(v, bool),
-    _TEXT: lambda v: isinstance(v, str),
-    "a list of attack names": lambda v: isinstance(v, str) or (
-        isinstance(v, list) and all(isinstance(x, str) for x in v)),
-}
-
-
-def check_plan(config: dict, path: Path | str = "the plan") -> None:
-    """Unknown keys (listed with every known one) and values of the wrong type, in one line each.
-    Model lists, gammas and backward methods are checked where they are read."""
-    unknown = sorted(set(config) - set(PLAN_SCHEMA))
-    if unknown:
-        raise UserError(f"{path}: unknown key{'s' if len(unknown) > 1 else ''} "
-                        f"{', '.join(unknown)}; known keys: {', '.join(PLAN_SCHEMA)}")
-    for key, value in config.items():
-        check = _CHECKS.get(PLAN_SCHEMA[key])
-        if check is not None and not check(value):
-            raise UserError(f"{path}: {key} must be {PLAN_SCHEMA[key]}, got {value!r}")
-
-
-def plan_gammas(value: object, sources: tuple[ModelRef, ...], baseline: bool,
-                parse: Callable[[object], float | None]
-                ) -> tuple[list[float | None], tuple[tuple[float | None, ...] | None, ...]]:
-    """A plan's ``sgm``: a gamma or list of gammas for every source, or a table ``{SPEC = gamma
-    or [gammas]}`` (sources not in it run without SGM). Returns (shared gammas, per-source
-    columns or ())."""
-    if not isinstance(value, dict):
-        return [parse(g) for g in (value if isinstance(value, list) else [value])], ()
-    specs = [s.spec for s in sources]
-    unknown = sorted(set(value) - set(specs))
-    if unknown:
-        raise UserError(f"sgm names {', '.join(unknown)}, which is not a source of the plan "
-                        f"(sources: {', '.join(specs)})")
-    columns = []
-    for spec in specs:
-        given = value.get(spec, [])
-        gammas = [parse(g) for g in (given if isinstance(given, list) else [given])]
-        columns.append(gammas_with_baseline(gammas, baseline or not gammas))
-    return [], tuple(columns)
-
-
-def model_refs(values: object, what: str) -> tuple[ModelRef, ...]:
-    """``["spec", {spec = "...", weights = "..."}]`` -> ModelRefs."""
-    if isinstance(values, (str, dict)):
-        values = [values]
-    if not isinstance(values, list):
-        raise UserError(f"{what} must be a list of model specs")
-    refs = []
-    for value in values:
-        if isinstance(value, str):
-            refs.append(ModelRef(value))
-        elif isinstance(value, dict) and isinstance(value.get("spec"), str):
-            refs.append(ModelRef(value["spec"], value.get("weights")))
-        else:
-            raise UserError(f"{what}: {value!r} is neither a spec string nor {{spec = ..., weights = ...}}")
-    return tuple(refs)
-
-
-def template_from(settings: dict, data: str) -> AttackJob:
-    """An AttackJob holding the shared attack settings of a plan (sources/attack/sgm filled later)."""
-    unknown = sorted(set(settings) - _TEMPLATE_KEYS)
-    if unknown:
-        raise UserError(f"unknown transfer setting(s): {', '.join(unknown)} "
-                        f"(known: {', '.join(sorted(_TEMPLATE_KEYS))})")
-    job_settings = {k: settings[k] for k in JOB_SETTINGS if k in settings}
-    spec = attack_from_settings(settings={k: settings[k] for k in ATTACK_SETTINGS if k in settings},
-                                data=data)
-    return AttackJob(sources=(), data=data, attack=spec, **job_settings)
-
-
-def _sgm_can_change(model) -> bool:
-    """Whether SGM changes ``model``'s gradient (:func:`skipgrad.sgm_blocks`, the one check)."""
-    import skipgrad
-
-    try:
-        skipgrad.sgm_blocks(model)
-    except skipgrad.NothingToChangeError:
-        return False
-    return True
+def model_refs_of(specs: list[str] | None, weights: list[str] | None,
+                  what: str) -> tuple[ModelRef, ...]:
+    """``--SOURCE``/``--SOURCE-weights``-style flags (``what`` names them) as ModelRefs, paired
+    in order."""
+    if not specs:
+        if weights:
+            raise UserError(f"--{what}-weights given without --{what}")
+        return ()
+    if weights and len(weights) != len(specs):
+        raise UserError(f"{len(weights)} --{what}-weights for {len(specs)} --{what}; "
+                        f"give one per --{what}, in order")
+    return tuple(ModelRef(s, w) for s, w in zip(specs, weights or [None] * len(specs)))

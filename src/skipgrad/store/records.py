@@ -187,3 +187,20 @@ def record_finish(out: Path, images: int, seconds: float) -> None:
     env.update(images=images, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                elapsed_seconds=round(seconds, 3), total_elapsed_seconds=round(total, 3))
     atomic_write_text(out / "run.json", json.dumps(run, indent=2) + "\n")
+
+
+def calibration_targets(folder: Path) -> list[str]:
+    """The models an ``--sgm auto`` run of ``folder`` calibrated its gamma on (run.json knows);
+    their transfer numbers on this folder are optimistic."""
+    run = read_run(folder) if Path(folder).is_dir() else None
+    return list(((run or {}).get("sgm_auto") or {}).get("held_out", []))
+
+
+def calibration_warning(folder: Path, targets: Sequence[str]) -> str | None:
+    """One warning line when a target of an evaluation was a calibration model of ``folder``."""
+    used = [t for t in targets if t in set(calibration_targets(folder))]
+    if not used:
+        return None
+    return (f"skipgrad: warning: {', '.join(used)} chose the --sgm auto gamma of {folder} "
+            f"(calibration model{'s' if len(used) > 1 else ''}); success on "
+            f"{'them' if len(used) > 1 else 'it'} is optimistic, report the other targets")
