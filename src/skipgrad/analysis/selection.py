@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from skipgrad.backward.sgm import check_gamma
+from skipgrad.gamma import check_gamma
 
 # The gamma grid of sweeps and of --sgm auto: 0.1, ..., 1.0 (1.0 is the plain gradient).
 DEFAULT_GAMMAS = tuple(round(0.1 * k, 1) for k in range(1, 11))

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 from skipgrad.backward.registry import BackwardPlan, as_plan, per_source
-from skipgrad.backward.sgm import check_gamma
+from skipgrad.gamma import check_gamma
 from skipgrad.errors import InputError
 
 UPDATE_RULES = ("ifgsm", "mi", "ni")

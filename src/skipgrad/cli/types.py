@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from skipgrad.backward.sgm import parse_gamma
+from skipgrad.gamma import parse_gamma
 from skipgrad.errors import InputError
 
 

@@ -28,7 +28,7 @@ import torch
 
 from skipgrad.data.datasets import ImageDataset, Sample, open_dataset
 from skipgrad.analysis.selection import DEFAULT_GAMMAS, best_gamma
-from skipgrad.backward.sgm import check_gamma
+from skipgrad.gamma import check_gamma
 from skipgrad.analysis.success import succeeded
 from skipgrad.errors import UserError
 from skipgrad.models.loading import zoo_specs

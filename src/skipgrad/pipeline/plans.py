@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from skipgrad.backward.registry import BackwardSpecError, combine, parse_backward
-from skipgrad.backward.sgm import parse_gamma
+from skipgrad.gamma import parse_gamma
 from skipgrad.errors import InputError, UserError
 from skipgrad.pipeline.job import (ATTACK_SETTINGS, JOB_SETTINGS, AttackJob, RunOptions,
                                    attack_from_settings, run_options, settings_of)

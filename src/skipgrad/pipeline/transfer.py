@@ -36,7 +36,7 @@ from skipgrad.pipeline import distributed
 
 from skipgrad.store import outdir
 from skipgrad.backward.registry import parse_backward
-from skipgrad.backward.sgm import check_gamma
+from skipgrad.gamma import check_gamma
 from skipgrad.errors import UserError
 from skipgrad.store.records import calibration_warning
 from skipgrad.pipeline.evaluate import (evaluate_output, load_targets, open_attack_output,
