@@ -7,7 +7,7 @@ white-box strength (docs/backward.md). This script takes the method apart on tha
 
 * a hand-written copy of the ViT forward (explicit attention) with TGR's edits placed where the
   authors' release places them -- the ``qkv`` projection output, the softmax input, the MLP
-  output -- written here independently of ``skipgrad.backward.tgr``; its defaults must reproduce
+  output -- written here independently of ``skipgrad.backward.token_gradient_regularization``; its defaults must reproduce
   ``skipgrad.tgr`` (the first rows of the table are that cross-check);
 * variants: the scales alone (``top_k=0``), the zeroing alone (scales 1), the zeroing at one of
   the three places only, and the class token never chosen as an extreme token;

@@ -15,7 +15,7 @@ from torch import nn
 
 import skipgrad
 from skipgrad import pna, tgr
-from skipgrad.backward.tgr import regularize_scores, regularize_tokens
+from skipgrad.backward.token_gradient_regularization import regularize_scores, regularize_tokens
 from tests.tiny_vits import (images_for, input_gradient, relative_difference, timm_vit,
                              torchvision_vit, zoo_vit)
 

@@ -31,7 +31,9 @@ class NonFiniteGradientError(InputError, FloatingPointError):
     ``positions`` lists their indices in the batch. An input error (the model given, e.g. a broken
     checkpoint), and still a ``FloatingPointError`` as before."""
 
-    positions: list[int] = []
+    def __init__(self, message: str, positions: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.positions: list[int] = list(positions)
 
 
 def attack(
@@ -103,6 +105,7 @@ def attack_with(model: nn.Module | Sequence[nn.Module], images: torch.Tensor,
     contexts = backward_contexts(sources, spec)
     _check_images(images)
     _check_labels(labels, images)
+    labels = labels.long()  # int32 is accepted; the losses index with int64
     rng = PerImageRandom(spec.seed, _check_ids(ids, images.shape[0]))
     with contextlib.ExitStack() as stack:
         stack.enter_context(evaluation_mode(sources))
@@ -173,13 +176,15 @@ def _lookahead(momentum: torch.Tensor, norm: str) -> torch.Tensor:
 
 
 def _as_sources(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
-    sources = [model] if isinstance(model, nn.Module) else list(model)
-    if not sources:
-        raise InputError("attack needs at least one source model")
-    for m in sources:
+    if isinstance(model, nn.Module):
+        return [model]
+    if not isinstance(model, Sequence) or not model:
+        raise InputError(f"attack needs an nn.Module or a non-empty list of them as the source, "
+                         f"got {type(model).__name__}")
+    for m in model:
         if not isinstance(m, nn.Module):
-            raise TypeError(f"source models must be nn.Module, got {type(m).__name__}")
-    return sources
+            raise InputError(f"source models must be nn.Module, got {type(m).__name__}")
+    return list(model)
 
 
 def backward_contexts(sources: Sequence[nn.Module], spec: AttackSpec) -> list[BackwardContext]:
@@ -238,10 +243,10 @@ def _check_finite(x: torch.Tensor, what: str,
     bad = ~torch.isfinite(x.detach()).flatten(1).all(dim=1)
     if bad.any():
         positions = bad.nonzero().flatten().tolist()
-        exc = error(f"non-finite {what} (NaN or inf) for images at batch positions "
-                    f"{positions[:20]}")
-        exc.positions = positions  # so that callers can name the files (runner, CLI)
-        raise exc
+        message = f"non-finite {what} (NaN or inf) for images at batch positions {positions[:20]}"
+        if error is NonFiniteGradientError:  # its positions let callers name the files (engine)
+            raise NonFiniteGradientError(message, positions)
+        raise error(message)
 
 
 def _check_ids(ids: Sequence[int] | torch.Tensor | None, n: int) -> list[int]:

@@ -8,13 +8,13 @@ an error instead of a silent no-op) and the block registry of :mod:`skipgrad.bac
   2020), with the authors' hook placement in :mod:`~skipgrad.backward.official`.
 * :mod:`~skipgrad.backward.registry` -- the methods by name (``--backward linbp:branch_scale=0.5``,
   ``skipgrad.attack(..., backward=...)``) and :func:`register_method` for your own.
-* :mod:`~skipgrad.backward.linbp` -- ``linbp``, Linear Backpropagation (Guo, Li, Chen, NeurIPS
+* :mod:`~skipgrad.backward.linear_backprop` -- ``linbp``, Linear Backpropagation (Guo, Li, Chen, NeurIPS
   2020): ReLUs inside residual branches linear in backward, branch gradients norm-matched.
-* :mod:`~skipgrad.backward.bpa` -- ``bpa``, the Backward Propagation Attack's rules (Wang, Tong,
+* :mod:`~skipgrad.backward.backward_propagation_attack` -- ``bpa``, the Backward Propagation Attack's rules (Wang, Tong,
   He, NeurIPS 2023): softmax max-pool windows and SiLU-derivative ReLUs.
-* :mod:`~skipgrad.backward.pna` -- ``pna``, Pay No Attention (Wei et al., AAAI 2022): attention
+* :mod:`~skipgrad.backward.pay_no_attention` -- ``pna``, Pay No Attention (Wei et al., AAAI 2022): attention
   maps are constants in the backward pass.
-* :mod:`~skipgrad.backward.tgr` -- ``tgr``, Token Gradient Regularization (Zhang et al., CVPR
+* :mod:`~skipgrad.backward.token_gradient_regularization` -- ``tgr``, Token Gradient Regularization (Zhang et al., CVPR
   2023), with the extreme tokens chosen per image. PNA and TGR share
   :mod:`~skipgrad.backward.attention` (attention and MLP types; reaching into fused attention).
 
@@ -23,9 +23,9 @@ an error instead of a silent no-op) and the block registry of :mod:`skipgrad.bac
 from skipgrad.backward.base import (BackwardConflictError, BackwardContext, Change,
                                     NothingToChangeError)
 from skipgrad.backward.blocks import BLOCKS, BlockKind, register_block
-from skipgrad.backward.bpa import bpa
-from skipgrad.backward.linbp import linbp
-from skipgrad.backward.pna import NoAttentionError, pna
+from skipgrad.backward.backward_propagation_attack import bpa
+from skipgrad.backward.linear_backprop import linbp
+from skipgrad.backward.pay_no_attention import NoAttentionError, pna
 from skipgrad.backward.registry import (BackwardPlan, BackwardSpecError, MethodChoice,
                                         parse_backward, register_method)
 from skipgrad.backward.official import UnsupportedOfficialModelError
@@ -39,7 +39,7 @@ from skipgrad.backward.sgm import (
     sgm_blocks,
     skip_gradient,
 )
-from skipgrad.backward.tgr import TGRSettings, tgr
+from skipgrad.backward.token_gradient_regularization import TGRSettings, tgr
 
 __all__ = [
     "BLOCKS", "BackwardConflictError", "BackwardContext", "BackwardPlan", "BackwardSpecError",

@@ -350,10 +350,10 @@ def known_methods() -> list[MethodInfo]:
 
 def register_builtin_methods() -> None:
     """Register the methods skipgrad ships (called once, when :mod:`skipgrad.backward` loads)."""
-    from skipgrad.backward.bpa import bpa
-    from skipgrad.backward.linbp import linbp
-    from skipgrad.backward.pna import pna
-    from skipgrad.backward.tgr import tgr
+    from skipgrad.backward.backward_propagation_attack import bpa
+    from skipgrad.backward.linear_backprop import linbp
+    from skipgrad.backward.pay_no_attention import pna
+    from skipgrad.backward.token_gradient_regularization import tgr
 
     register_method("linbp", linbp, settings={"start": (int, str, None), "branch_scale": float},
                     summary="LinBP (Guo et al., NeurIPS 2020): branch ReLUs linear in the backward "

@@ -16,7 +16,6 @@ from skipgrad.backward.base import (Attacher, BackwardContext, Change, HandleGro
                                     NothingToChangeError, Removable, model_label)
 from skipgrad.backward.blocks import BLOCKS
 from skipgrad.backward.official import official_attachers
-from skipgrad.errors import InputError
 from skipgrad.gamma import check_gamma, parse_gamma  # noqa: F401 (re-exported)
 
 

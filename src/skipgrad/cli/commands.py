@@ -78,7 +78,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                                       if args.no_verify else "")
     print(format_table(results, title=title))
     _warn_calibration([args.folder], args.target)
-    record_evaluation(args.folder, results)
+    record_evaluation(args.folder, results, verified=not args.no_verify)
     if args.json:
         write_results_json(results, args.json, args.folder)
         print(f"wrote {args.json}")
@@ -101,7 +101,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from skipgrad.store.atomic import atomic_write_text
 
     comparison = compare_folders(args.folder_a, args.folder_b, args.target, weights=args.weights,
-                                 device=args.device, batch_size=args.batch_size, quiet=args.quiet)
+                                 device=args.device, batch_size=args.batch_size, quiet=args.quiet,
+                                 prefetch=args.prefetch)
     print(comparison_markdown(comparison))
     _warn_calibration([args.folder_a, args.folder_b], args.target)
     if args.json:

@@ -52,14 +52,18 @@ def same_images(a: AttackOutput, b: AttackOutput) -> None:
 
 def compare_folders(folder_a: Path, folder_b: Path, targets: Sequence[str], *,
                     weights: Sequence[str | None] | None = None, device: str = "auto",
-                    batch_size: int = 64, quiet: bool = False) -> FolderComparison:
-    """Evaluate every target on both folders and compare the outcomes image by image."""
+                    batch_size: int | None = None, quiet: bool = False,
+                    prefetch: int | None = None) -> FolderComparison:
+    """Evaluate every target on both folders and compare the outcomes image by image
+    (``batch_size`` and ``prefetch`` as :func:`skipgrad.pipeline.evaluate.evaluate_output`)."""
     a, b = open_attack_output(folder_a), open_attack_output(folder_b)
     same_images(a, b)
     models = load_targets(list(targets), weights, distributed.device_for(resolve_device(device)))
     cache: dict = {}  # the clean predictions are shared: same images
-    results_a = evaluate_output(a, models, batch_size=batch_size, quiet=quiet, clean_cache=cache)
-    results_b = evaluate_output(b, models, batch_size=batch_size, quiet=quiet, clean_cache=cache)
+    results_a = evaluate_output(a, models, batch_size=batch_size, quiet=quiet, prefetch=prefetch,
+                                clean_cache=cache)
+    results_b = evaluate_output(b, models, batch_size=batch_size, quiet=quiet, prefetch=prefetch,
+                                clean_cache=cache)
     comparisons = {t: paired_comparison(results_a[t].per_image, results_b[t].per_image)
                    for t in models}
     q = benjamini_hochberg([c.p_value for c in comparisons.values()])

@@ -27,6 +27,7 @@ from skipgrad.store import outdir
 from skipgrad.store import verify
 from skipgrad.data.datasets import ImageDataset, Sample, open_dataset
 from skipgrad.store.atomic import atomic_write_text
+from skipgrad.store.records import record_evaluations
 from skipgrad.data.images import read_image
 from skipgrad.analysis.success import succeeded
 from skipgrad.errors import UserError
@@ -329,27 +330,14 @@ def results_json(results: dict[str, TargetResult], folder: Path | None = None) -
     return document
 
 
-EVALUATIONS_FILE = "evaluations.json"
-
-
-def record_evaluation(folder: Path, results: dict[str, TargetResult]) -> None:
+def record_evaluation(folder: Path, results: dict[str, TargetResult], *,
+                      verified: bool = True) -> None:
     """Keep each target's latest result, with its per-image outcomes, in the attack folder's
-    ``evaluations.json`` (``{"targets": {SPEC: {... as evaluate --json, "image_ids": [...],
-    "evaluated": time}}}``), so ``skipgrad show`` and later paired comparisons find them."""
-    import time
-
-    if not distributed.world().is_main:
-        return
-    path = Path(folder) / EVALUATIONS_FILE
-    try:
-        document = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except ValueError:
-        document = {}  # a damaged record is replaced, never trusted
-    targets = document.setdefault("targets", {})
-    when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    for spec, result in results.items():
-        targets[spec] = {**result.to_json(), "image_ids": list(result.ids), "evaluated": when}
-    atomic_write_text(path, json.dumps(document, indent=2) + "\n")
+    evaluations record (:func:`skipgrad.store.records.record_evaluations`), marked ``verified``
+    False when the files were not checked against the manifest (``--no-verify``)."""
+    if distributed.world().is_main:
+        record_evaluations(folder, {spec: {**r.to_json(), "image_ids": list(r.ids)}
+                                    for spec, r in results.items()}, verified=verified)
 
 
 def write_results_json(results: dict[str, TargetResult], path: Path,

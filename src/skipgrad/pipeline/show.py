@@ -2,10 +2,10 @@
 evaluations), read from its run.json, manifest.csv and evaluations.json; nothing is computed."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from skipgrad.errors import UserError
+from skipgrad.store.records import read_evaluations
 from skipgrad.store.records import read_manifest, read_run, shown
 
 _SETTINGS = ("sources", "attack", "sgm", "backward", "norm", "eps", "step_size", "steps", "loss",
@@ -59,14 +59,11 @@ def _completeness(done: int, env: dict) -> str:
 
 
 def _evaluations(folder: Path) -> list[str]:
-    path = folder / "evaluations.json"
-    try:
-        targets = json.loads(path.read_text(encoding="utf-8")).get("targets", {})
-    except (OSError, ValueError):
-        targets = {}
+    targets = read_evaluations(folder)
     if not targets:
         return ["  evaluations: none yet (skipgrad evaluate DIR --target SPEC)"]
     return ["  evaluations:"] + [
         f"    {spec}: success {100 * r['success_rate']:.1f}% of {r['n']} "
         f"(clean accuracy {100 * r['clean_accuracy']:.1f}%), {r.get('evaluated', '')}"
+        + ("" if r.get("verified", True) else "  [files NOT verified: --no-verify]")
         for spec, r in targets.items()]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from skipgrad.errors import UserError
+from skipgrad.store import outdir
 from skipgrad.store.atomic import atomic_write_text
 
 if TYPE_CHECKING:
@@ -204,3 +205,33 @@ def calibration_warning(folder: Path, targets: Sequence[str]) -> str | None:
     return (f"skipgrad: warning: {', '.join(used)} chose the --sgm auto gamma of {folder} "
             f"(calibration model{'s' if len(used) > 1 else ''}); success on "
             f"{'them' if len(used) > 1 else 'it'} is optimistic, report the other targets")
+
+
+EVALUATIONS_FILE = "evaluations.json"
+
+
+def read_evaluations(folder: Path) -> dict[str, dict]:
+    """The folder's evaluations record: target spec -> its latest result (as ``evaluate --json``
+    writes it, with ``image_ids``, ``evaluated`` time and ``verified``); {} when there is none or
+    it is damaged (a damaged record is replaced, never trusted)."""
+    path = Path(folder) / EVALUATIONS_FILE
+    try:
+        targets = json.loads(path.read_text(encoding="utf-8")).get("targets", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return targets if isinstance(targets, dict) else {}
+
+
+def record_evaluations(folder: Path, results: dict[str, dict], *, verified: bool) -> None:
+    """Merge ``results`` (target spec -> result record) into ``evaluations.json`` under the
+    folder's lock, each stamped with the time and whether the files it scored were ``verified``
+    against the manifest's hashes (``evaluate --no-verify`` scores unverified files, and says so
+    wherever the number is shown)."""
+
+    when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    with outdir.exclusive(folder):
+        targets = read_evaluations(folder)
+        for spec, record in results.items():
+            targets[spec] = {**record, "evaluated": when, "verified": verified}
+        atomic_write_text(Path(folder) / EVALUATIONS_FILE,
+                          json.dumps({"targets": targets}, indent=2) + "\n")

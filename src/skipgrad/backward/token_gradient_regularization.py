@@ -43,7 +43,7 @@ from skipgrad.backward.attention import (AttentionMode, AttributeSwap, bind_mult
                                          multihead_self_attention, run_inside, swap_forward)
 from skipgrad.backward.base import (Attacher, BackwardContext, Change, HandleGroup, Removable,
                                     model_label)
-from skipgrad.backward.pna import require_attention
+from skipgrad.backward.pay_no_attention import require_attention
 from skipgrad.errors import InputError
 
 GradientTransform = Callable[[torch.Tensor], torch.Tensor]
