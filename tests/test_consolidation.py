@@ -98,15 +98,15 @@ def test_unverified_scores_are_marked_where_stored_and_shown(tmp_path: Path, cap
     assert main(["attack", "--source", "zoo:fmnist-cnn", "--data", "fmnist:test", "--limit", "4",
                  "--steps", "1", "--quiet", "--out", str(out)]) == 0
     assert main(["evaluate", str(out), "--target", "zoo:fmnist-vgg", "--quiet"]) == 0
-    assert main(["evaluate", str(out), "--target", "zoo:fmnist-mlp", "--quiet",
+    assert main(["evaluate", str(out), "--target", "zoo:fmnist-resnet20", "--quiet",
                  "--no-verify"]) == 0
     record = json.loads((out / "evaluations.json").read_text())["targets"]
     assert record["zoo:fmnist-vgg"]["verified"] is True
-    assert record["zoo:fmnist-mlp"]["verified"] is False
+    assert record["zoo:fmnist-resnet20"]["verified"] is False
     capsys.readouterr()
     assert main(["show", str(out)]) == 0
     shown = capsys.readouterr().out.splitlines()
-    assert any("zoo:fmnist-mlp" in line and "NOT verified" in line for line in shown)
+    assert any("zoo:fmnist-resnet20" in line and "NOT verified" in line for line in shown)
     assert not any("zoo:fmnist-vgg" in line and "NOT verified" in line for line in shown)
 
 
