@@ -1,4 +1,4 @@
-"""The context contract (shared/DESIGN.md section 2), checked once for every registered method.
+"""The context contract (docs/design.md: backward/base.py), checked once for every registered method.
 
 Each method in ``registry.METHODS`` has a case here: a tiny model it applies to and one it must
 refuse. A method registered without a case fails ``test_every_registered_method_has_a_case``, so a

@@ -78,7 +78,7 @@ class TargetResult:
         return self.successes_on_correct / self.clean_correct
 
     def to_json(self) -> dict:
-        """The per-target object of ``evaluate --json`` (DESIGN section 3)."""
+        """The per-target object of ``evaluate --json`` (docs/design.md, "Output contracts")."""
         lo, hi = self.ci95
         return {"success_rate": self.success_rate, "n": self.n, "ci95": [lo, hi],
                 "clean_accuracy": self.clean_accuracy,
@@ -317,7 +317,7 @@ def evaluate_output(output: AttackOutput, models: dict[str, WrappedModel], *,
 
 
 def results_json(results: dict[str, TargetResult], folder: Path | None = None) -> dict:
-    """The ``evaluate --json`` document: ``targets`` as DESIGN section 3 fixes it (each with its
+    """The ``evaluate --json`` document: ``targets`` as docs/design.md, "Output contracts" fixes it (each with its
     ``per_image_success`` bits), plus ``image_ids`` (the order of those bits) and, given the
     attack ``folder``, its path and attack ``settings`` (run.json's config)."""
     document: dict = {"targets": {spec: r.to_json() for spec, r in results.items()}}

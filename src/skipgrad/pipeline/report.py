@@ -1,6 +1,6 @@
 """Transfer matrices as JSON, CSV, Markdown and a heatmap PNG (like Table 1 of Wu et al., 2020).
 
-``transfer.json`` follows DESIGN section 3::
+``transfer.json`` follows docs/design.md, "Output contracts"::
 
     {"rows": [{"source": SPEC, "attack": "ifgsm", "sgm": null | gamma, "target": SPEC,
                "success_rate": r, "n": n, "ci95": [lo, hi], "backward": [NAME, ...],
