@@ -1,7 +1,7 @@
 """SGM against an independent re-implementation of the authors' released hooks.
 
-The re-implementation below follows the description of the release's ``utils_sgm.py`` (DESIGN
-section 1) with PyTorch's old-style ``Module.register_backward_hook`` -- the mechanism the release
+The re-implementation below follows the description of the release's ``utils_sgm.py`` (docs/sgm.md,
+"the authors' release") with PyTorch's old-style ``Module.register_backward_hook`` -- the mechanism the release
 used -- on a model wrapped as ``nn.Sequential(normaliser, net)`` exactly as the release wraps it, so
 module names carry the ``"1."`` prefix its name filters saw.
 """

@@ -1,4 +1,4 @@
-"""Scale contracts of the ``attack`` command (DESIGN 5b): for a given group size (--batch-size,
+"""Scale contracts of the ``attack`` command (docs/scale.md): for a given group size (--batch-size,
 recorded in run.json) the files do not depend on prefetching, on the number of torchrun processes,
 or on a ``kill -9`` part-way followed by a re-run; a folder resumes only with its own group size."""
 from __future__ import annotations
