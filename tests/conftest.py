@@ -1,12 +1,28 @@
 """Shared tiny models for the tests: small enough to run in milliseconds on a CPU."""
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import pytest
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 torch.set_num_threads(2)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the body with ``n`` intra-op threads. Files compared byte for byte with a subprocess
+    started with OMP_NUM_THREADS=n must be made with the same count: torch may choose kernels
+    (and split sums) by the number of threads, so other counts need not give the same floats."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class TinyResNet(nn.Module):

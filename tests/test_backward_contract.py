@@ -193,5 +193,7 @@ def test_attack_by_name_equals_the_context_around_it_and_differs_from_plain(name
     with _build(name, model):
         around = skipgrad.attack(model, images, labels, "mi", steps=3)
     by_name = skipgrad.attack(model, images, labels, "mi", steps=3, backward=name)
-    assert torch.equal(by_name, around)
-    assert not torch.equal(by_name, skipgrad.attack(model, images, labels, "mi", steps=3))
+    assert torch.equal(by_name, around)  # the same contexts around the same loop
+    plain = skipgrad.attack(model, images, labels, "mi", steps=3)
+    # more than float noise (tgr's forward is only within float tolerance of the model's)
+    assert relative_difference(by_name - images, plain - images) > 0.02  # pna: 0.05

@@ -22,6 +22,7 @@ from skipgrad.models import load_model
 from skipgrad.models import defenses
 from skipgrad.models.defenses import (ABSTAIN, BitDepth, DefendedModel, Jpeg, Median, Smoothing,
                                       canonical_spec, parse_defense, split_spec)
+from tests.conftest import torch_threads
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -288,7 +289,8 @@ def test_transfer_with_defended_targets_resumes_to_the_same_matrix(tmp_path: Pat
 
 def test_torchrun_evaluate_of_defended_targets_equals_one_process(attacked: Path,
                                                                    tmp_path: Path) -> None:
-    single = _evaluate_json(attacked, tmp_path / "single.json", *TARGETS)
+    with torch_threads(1):  # as the ranks (ENV)
+        single = _evaluate_json(attacked, tmp_path / "single.json", *TARGETS)
     args = [a for t in TARGETS for a in ("--target", t)]
     done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "skipgrad",
                            "evaluate", str(attacked), *args, "--batch-size", "5", "--quiet",

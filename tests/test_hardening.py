@@ -28,6 +28,7 @@ from skipgrad.data import images as image_io
 from skipgrad.store import atomic
 from skipgrad.models.checkpoints import TRUST_PICKLE_ENV, read_checkpoint
 from skipgrad.models.loading import zoo_weights_path
+from tests.conftest import torch_threads
 
 SOURCE = "zoo:fmnist-cnn"
 
@@ -454,7 +455,8 @@ def test_sigterm_mid_transfer_exits_and_the_rerun_gives_the_same_bytes(tmp_path,
     extra = ("--limit", "64", "--batch-size", "16", "--target", smooth)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out, reference = tmp_path / "run", tmp_path / "reference"
-    assert main(_transfer_args(reference, *extra)) == 0
+    with torch_threads(1):  # the same thread count as the subprocess (env): the same bytes
+        assert main(_transfer_args(reference, *extra)) == 0
     first = out / "attacks" / "zoo-fmnist-cnn__ifgsm__nosgm"
     marker = first / ("manifest.csv" if phase == "attack" else "evaluations.json")
     cmd = [sys.executable, "-m", "skipgrad", *_transfer_args(out, *extra)]
@@ -476,7 +478,8 @@ def test_sigterm_mid_transfer_exits_and_the_rerun_gives_the_same_bytes(tmp_path,
     assert "Traceback" not in err and "interrupted" in err and took < 60
     assert not list(out.rglob(".*.tmp")) and not list(out.rglob(outdir.LOCK_NAME))
     assert not (out / "transfer.json").exists()  # the matrix is only written whole
-    assert main(_transfer_args(out, *extra)) == 0  # resume
+    with torch_threads(1):
+        assert main(_transfer_args(out, *extra)) == 0  # resume
     names = ["transfer.json", "transfer.csv", "transfer.md"] + [
         str(p.relative_to(reference)) for p in (reference / "attacks").rglob("*")
         if p.suffix in (".png", ".csv")]

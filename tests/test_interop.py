@@ -6,6 +6,7 @@ import torch
 
 import skipgrad
 from skipgrad import skip_gradient
+from tests.tiny_vits import relative_difference
 
 torchattacks = pytest.importorskip("torchattacks")
 
@@ -50,7 +51,9 @@ def test_every_backward_method_changes_torchattacks_mifgsm(method):
     plain = mi(images, labels)
     with make(model):
         inside = mi(images, labels)
-    assert not torch.equal(inside, plain)
+    # more than float noise (tgr's forward is only within float tolerance of the model's); pna,
+    # the smallest change here, moves the perturbation by 0.05
+    assert relative_difference(inside - images, plain - images) > 0.02
     assert torch.equal(mi(images, labels), plain)  # nothing left behind
 
 
@@ -63,5 +66,7 @@ def test_every_backward_method_changes_torchattack_mifgsm(method):
     plain = mi(images, labels)
     with make(model):
         inside = mi(images, labels)
-    assert not torch.equal(inside, plain)
+    # more than float noise (tgr's forward is only within float tolerance of the model's); pna,
+    # the smallest change here, moves the perturbation by 0.05
+    assert relative_difference(inside - images, plain - images) > 0.02
     assert torch.equal(mi(images, labels), plain)

@@ -101,7 +101,9 @@ def test_multihead_attention_gradient_equals_hand_written(need_weights):
     with pna(model):
         out, grad = _grad_of(model, x, w)
     _, expected = _grad_of(lambda t: _hand_mha(model.mha, t, True), x, w)
-    assert torch.equal(out, plain_out)
+    # Not bit for bit: with the query and key detached (one tensor, the value another) torch
+    # projects q and k/v by separate matmuls instead of one packed one (docs/backward.md, PNA).
+    torch.testing.assert_close(out, plain_out, rtol=1e-5, atol=1e-6)
     assert torch.allclose(grad, expected, atol=1e-5, rtol=1e-4)
     assert relative_difference(grad, plain) > 0.05
 
@@ -135,9 +137,12 @@ def test_every_vit_kind_forward_unchanged_gradient_changed(method, kind):
     # depth 2: pna changes the attention of each block, tgr its attention and its MLP
     assert len(context.changes) == (2 if method is pna else 4)
     logits, grad = input_gradient(model, images, labels, context)
-    if method is pna:  # pna's forward is the model's own, bit for bit
+    if method is pna and kind != "torchvision":
+        # pna only detaches the arguments of the model's own attention call: same kernel, same
+        # values. Not on nn.MultiheadAttention (torchvision), whose q/k/v projections then run
+        # as separate matmuls, nor tgr, whose attention call is its own autograd function.
         assert torch.equal(logits, plain_logits)
-    assert torch.allclose(logits, plain_logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits, plain_logits, rtol=0, atol=1e-6)
     assert relative_difference(grad, plain) > 1e-3
     assert torch.equal(input_gradient(model, images, labels)[1], plain)  # restored
 
@@ -189,7 +194,7 @@ def _timm_relative(name: str) -> nn.Module:
 
 @pytest.mark.parametrize("relative", ["swin", "deit-distilled"])
 @pytest.mark.parametrize("method", [pna, tgr], ids=["pna", "tgr"])
-def test_timm_relatives_found_by_type_forward_identical(relative, method):
+def test_timm_relatives_found_by_type_forward_unchanged(relative, method):
     model = _timm_relative(relative)
     images = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([1, 2])
@@ -197,7 +202,10 @@ def test_timm_relatives_found_by_type_forward_identical(relative, method):
     context = method(model)
     assert len(context.changes) == (2 if method is pna else 4)
     method_logits, grad = input_gradient(model, images, labels, context)
-    assert torch.equal(method_logits, logits)
+    if method is pna:  # the model's own attention call with q/k detached: bit for bit
+        assert torch.equal(method_logits, logits)
+    else:  # tgr switches timm's swin (fused_attn off by default) to the fused kernel: 1e-8 apart
+        torch.testing.assert_close(method_logits, logits, rtol=0, atol=1e-6)
     assert relative_difference(grad, plain) > 1e-5
 
 

@@ -17,6 +17,7 @@ import pytest
 from skipgrad.cli import main
 from skipgrad.pipeline.device import DEFAULT_GROUP_SIZE
 from skipgrad.store.records import manifest_part
+from tests.conftest import torch_threads
 
 PYTHON = Path(sys.executable)
 TORCHRUN = PYTHON.with_name("torchrun")
@@ -29,6 +30,14 @@ GROUPS = ("--batch-size", str(GROUP))
 LONG = ("--source", "zoo:fmnist-resnet20", "--attack", "mi+di", "--sgm", "0.5", "--data",
         "fmnist:test", "--limit", "64", "--steps", "5", "--quiet", *GROUPS)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # In-process runs are compared byte for byte with subprocesses started with ENV: the same
+    # thread count makes them the same computation.
+    with torch_threads(1):
+        yield
 
 
 def _tree(folder: Path) -> dict[str, bytes]:

@@ -87,7 +87,9 @@ class pna(BackwardContext):  # noqa: N801 - a context manager named like torch.n
 
     Attention modules are found by type (timm ``Attention`` and relatives, torchvision's swin
     attention, ``nn.MultiheadAttention``) at any depth, with fused attention on or off. Forward
-    values are identical with and without the context; everything is restored on exit, also when
+    values are identical with and without the context (bit for bit, except in
+    ``nn.MultiheadAttention``, which projects a detached query and key by a separate matmul:
+    within float tolerance); everything is restored on exit, also when
     the body raises; the context may be entered again after it exits. PNA claims the attention
     modules, so combining it with :func:`skipgrad.tgr` on one model raises
     :class:`BackwardConflictError`; it composes with :func:`skipgrad.skip_gradient`.
