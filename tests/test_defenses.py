@@ -116,6 +116,19 @@ def test_smoothing_abstains_exactly_when_the_binomial_test_says_so() -> None:
     assert winners[0] == 3 and winners[3] == ABSTAIN
 
 
+def test_smoothing_vote_over_thousands_of_copies_is_the_two_sided_binomial_test() -> None:
+    # Cohen et al.'s PREDICT: abstain when the two-sided binomial p of top vs runner-up > alpha.
+    stats = pytest.importorskip("scipy.stats")
+    rule = Smoothing(0.25, n=5000, alpha=0.01)
+    splits = [(2600, 2400), (2590, 2410), (2450, 2250)]  # p = 0.0049, 0.011, 0.0037
+    rows = [[0] * top + [1] * runner + [2] * (5000 - top - runner) for top, runner in splits]
+    winners = rule.vote(torch.tensor(rows), 3).tolist()
+    for (top, runner), winner in zip(splits, winners):
+        p = stats.binomtest(top, top + runner, 0.5).pvalue
+        assert (winner == ABSTAIN) == (p > 0.01), (top, runner, p)
+    assert winners == [0, ABSTAIN, 0]
+
+
 # ---------------------------------------------------------------- specs
 
 def test_specs_split_canonicalise_and_chain_left_to_right(cnn_images) -> None:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from skipgrad.binomial import binomial_test
 from skipgrad.errors import UserError
 
 ABSTAIN = -1  # the predicted "class" of a smoothed model that abstains
@@ -159,22 +160,16 @@ class Smoothing(Defense):
 
     def vote(self, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
         """Majority class of each row of ``predictions`` (N, n), or :data:`ABSTAIN` where the
-        top count does not beat the runner-up at level ``alpha`` (two-sided binomial test)."""
+        top count does not beat the runner-up at level ``alpha``: the two-sided exact binomial
+        test of the top count among top + runner-up at 1/2, as PREDICT in Cohen et al. (2019)
+        specifies (its BINOMPVALUE; their release calls scipy's two-sided ``binom_test``)."""
         counts = F.one_hot(predictions, num_classes).sum(1)
         top2 = counts.topk(2, dim=1)
         winners = top2.indices[:, 0].clone()
         for row, (first, second) in enumerate(top2.values.tolist()):
-            if _binomial_p_value(first, first + second) > self.alpha:
+            if binomial_test(first, first + second) > self.alpha:
                 winners[row] = ABSTAIN
         return winners
-
-
-def _binomial_p_value(successes: int, trials: int) -> float:
-    """Two-sided p-value of ``successes`` out of ``trials`` under a fair coin (successes >= half)."""
-    if trials == 0:
-        return 1.0
-    tail = sum(math.comb(trials, k) for k in range(successes, trials + 1)) / 2 ** trials
-    return min(1.0, 2 * tail)
 
 
 # ---------------------------------------------------------------- parsing
@@ -272,8 +267,8 @@ def _number_in(text: str, low: float, high: float, what: str) -> float:
 def _vote_can_pass(smoothing: Defense) -> None:
     """Refuse an ``n`` at which even a unanimous vote fails the test (every answer an abstention)."""
     assert isinstance(smoothing, Smoothing)
-    if _binomial_p_value(smoothing.n, smoothing.n) > smoothing.alpha:
-        needed = next(n for n in range(2, 100_001) if _binomial_p_value(n, n) <= smoothing.alpha)
+    if binomial_test(smoothing.n, smoothing.n) > smoothing.alpha:
+        needed = next(n for n in range(2, 100_001) if binomial_test(n, n) <= smoothing.alpha)
         raise ValueError(f"n={smoothing.n} can never pass the vote's test at alpha "
                          f"{smoothing.alpha:g} (a unanimous vote needs n >= {needed})")
 
