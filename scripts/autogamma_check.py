@@ -81,7 +81,7 @@ def report(args: argparse.Namespace, cal, outcomes: dict[str, dict[float, torch.
         w_lo, w_hi = wilson_interval(n_ok, c.n)
         print(f"{target:<24} auto {100 * c.rate_b:5.1f}% [{100 * w_lo:.1f}, {100 * w_hi:.1f}]  "
               f"default {100 * c.rate_a:5.1f}%  diff {100 * c.difference:+5.1f} pts "
-              f"[{100 * lo:+.1f}, {100 * hi:+.1f}]  McNemar p {c.p_value:.2g}")
+              f"[{100 * lo:+.1f}, {100 * hi:+.1f}] (Newcombe)  McNemar p {c.p_value:.2g}")
 
 
 if __name__ == "__main__":

@@ -183,7 +183,7 @@ def tables(rows: list, effects: list, skipped: list[str], command: str) -> str:
         "<details><summary>Transfer success (%), Wilson 95% intervals</summary>", "",
         markdown_table(rows, "Fashion-MNIST transfer success with backward-pass methods"),
         "</details>", "",
-        "<details><summary>Every paired comparison (rates, 95% interval of the difference, "
+        "<details><summary>Every paired comparison (rates, 95% Newcombe interval of the difference, "
         "discordant images, uncorrected McNemar p)</summary>", "",
         effects_markdown(effects), "</details>"])
 

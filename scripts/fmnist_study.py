@@ -215,7 +215,7 @@ def effects_section(rows: list, effects: list[SGMEffect], command: str) -> str:
         "Bold with `*`: significant after Benjamini-Hochberg correction over all transfer cells of "
         "this table (McNemar exact test, q < 0.05). In parentheses: white-box (source = target).", "",
         effects_matrix(effects), "",
-        "<details><summary>Every paired comparison (rates, 95% interval of the difference, "
+        "<details><summary>Every paired comparison (rates, 95% Newcombe interval of the difference, "
         "discordant images, uncorrected McNemar p)</summary>", "",
         effects_markdown(effects), "</details>"])
 

@@ -317,8 +317,11 @@ def test_compare_pairs_two_folders_and_refuses_different_images(tmp_path: Path, 
                  str(tmp_path / "c.json")]) == 0
     text = capsys.readouterr().out
     assert "steps: 1 (A) vs 4 (B)" in text and "McNemar p | BH q" in text
+    assert "| 95% CI (Newcombe) |" in text
     result = json.loads((tmp_path / "c.json").read_text())["targets"]["zoo:fmnist-vgg"]
     assert result["n"] == 2 and {"difference", "ci95", "mcnemar_p", "bh_q"} <= set(result)
+    lo, hi = result["ci95"]  # Newcombe's interval: never a point, even with 2 images
+    assert -1 <= lo <= result["difference"] <= hi <= 1 and lo < hi
     assert main(["attack", "--source", SOURCE, "--data", "fmnist:test", "--limit", "3",
                  "--steps", "1", "--out", str(tmp_path / "c3"), "--quiet"]) == 0
     capsys.readouterr()
@@ -332,6 +335,7 @@ def test_transfer_and_sweep_write_the_paired_effects_table(tmp_path: Path, capsy
                      "0.5") == 0
     table = (tmp_path / "t" / "paired_effects.md").read_text()
     assert "McNemar p | BH q |" in table and "fmnist-cnn" in table
+    assert "| 95% CI (Newcombe) |" in table and "Newcombe's hybrid score interval" in table
     effects = json.loads((tmp_path / "t" / "paired_effects.json").read_text())["effects"]
     assert [(e["sgm"], e["target"]) for e in effects] == [(0.5, "zoo:fmnist-cnn")]
     assert effects[0]["bh_q"] is not None

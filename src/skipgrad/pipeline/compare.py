@@ -79,7 +79,8 @@ def comparison_markdown(result: FolderComparison) -> str:
              "settings that differ: " + ("; ".join(
                  f"{k}: {shown(a)} (A) vs {shown(b)} (B)" for k, (a, b) in differ.items())
                  or "none"), "",
-             "| target | A | B | Δ (points) | 95% CI | only A / only B | McNemar p | BH q |",
+             "| target | A | B | Δ (points) | 95% CI (Newcombe) | only A / only B | McNemar p "
+             "| BH q |",
              "|---|---:|---:|---:|---|---:|---:|---:|"]
     for target, c in result.comparisons.items():
         lo, hi = c.ci95

@@ -263,7 +263,8 @@ def effects_markdown(effects: Sequence[SGMEffect | BackwardEffect],
     what = "SGM" if sgm else "method"
     q_head, q_rule = (" BH q |", "---:|") if q_values is not None else ("", "")
     lines = [f"| source | attack | {'γ' if sgm else 'method'} | target | without {what} | "
-             f"with {what} | Δ (points) | 95% CI | only w/o / only with | McNemar p |{q_head}",
+             f"with {what} | Δ (points) | 95% CI (Newcombe) | only w/o / only with "
+             f"| McNemar p |{q_head}",
              f"|---|---|---:|---|---:|---:|---:|---|---:|---:|{q_rule}"]
     for e in effects:
         c = e.comparison

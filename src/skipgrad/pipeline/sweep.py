@@ -216,8 +216,8 @@ def _best_paired(result: SweepResult, gamma: float) -> list[str]:
     if gamma == 1.0 or not chosen:
         return []
     q_values = benjamini_hochberg([e.comparison.p_value for e in chosen])
-    lines = [f"paired, gamma {gamma:g} vs no SGM on the same images (all gammas in "
-             f"paired_effects.md):"]
+    lines = [f"paired, gamma {gamma:g} vs no SGM on the same images (Δ points [95% Newcombe CI]; "
+             f"all gammas in paired_effects.md):"]
     for effect, q in zip(chosen, q_values):
         c = effect.comparison
         lo, hi = c.ci95

@@ -209,8 +209,10 @@ def write_paired_effects(out: Path, outcomes: dict[tuple, object]) -> dict[str, 
         q_values = transfer_q_values(effects)
         parts.append(effects_markdown(effects, q_values))
         records += [{**e.to_json(), "bh_q": q_values.get(id(e))} for e in effects]
-    parts.append("Δ is success with minus without, in percentage points; McNemar's exact test on "
-                 "the images fooled by one variant only; BH q: Benjamini-Hochberg over the "
+    parts.append("Δ is success with minus without, in percentage points; 95% CI (Newcombe): "
+                 "Newcombe's hybrid score interval for paired proportions (1998, method 10); "
+                 "McNemar's exact test on the images fooled by one variant only; BH q: "
+                 "Benjamini-Hochberg over the "
                  "transfer comparisons of each table (white-box cells excluded).\n")
     atomic_write_text(paths["effects_markdown"], "\n".join(parts))
     atomic_write_text(paths["effects_json"], json.dumps({"effects": records}, indent=2) + "\n")
