@@ -70,6 +70,18 @@ def test_mcnemar_exact_survives_a_thousand_discordant_pairs():
     assert mcnemar_exact(10_000, 10_000) == 1.0 and mcnemar_exact(0, 0) == 1.0
 
 
+def test_mcnemar_exact_is_bitwise_the_rational_value_for_small_counts():
+    # Up to 1000 pairs the tail is one rounding of the exact fraction, as the old sum of comb
+    # was: p-values (and the docs tables printed from them) do not move. 6 / 1 is exactly 0.125.
+    for n in range(0, 80):
+        for k in range(n + 1):
+            exact = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2**n)
+            assert mcnemar_exact(k, n - k) == exact, (k, n)
+    assert mcnemar_exact(6, 1) == 0.125 and f"{mcnemar_exact(6, 1):.2g}" == "0.12"
+    assert mcnemar_exact(480, 520) == float(Fraction(2 * sum(math.comb(1000, i)
+                                                          for i in range(481)), 2**1000))
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 12, 15, 16, 31, 100, 1023, 1024, 1100, 5000, 20000])
 def test_binomial_test_matches_scipy(n):
     ks = {0, 1, n // 3, n // 2 - 40, n // 2 - 3, n // 2, n // 2 + 1, n - 1, n} & set(range(n + 1))
