@@ -240,7 +240,7 @@ def test_a_plan_gives_each_source_its_own_gamma(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("text, message", [
-    ('sources = ["zoo:fmnist-resnet20"]\nsgm = ["half"]', "'half' is not a gamma"),
+    ('sources = ["zoo:fmnist-resnet20"]\nsgm = ["half"]', "'half' is not an SGM gamma"),
     ('sources = ["zoo:fmnist-resnet20"]\nlimitt = 16', "unknown key limitt; known keys: data,"),
     ('sources = ["zoo:fmnist-resnet20"]\ntargeted = "yes"', "targeted must be true or false"),
     ('sources = ["zoo:fmnist-resnet20"]\nsgm = {"zoo:fmnist-vgg" = 0.5}',
