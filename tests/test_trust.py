@@ -350,13 +350,15 @@ def test_sgm_auto_record_is_written_while_the_folder_is_locked(tmp_path, monkeyp
     """The calibration record enters run.json together with the run's claim, inside the lock."""
     import json
 
-    import skipgrad.cli as cli
-    from skipgrad.store import outdir
+    from skipgrad.pipeline import autogamma
+    from skipgrad.store import outdir, records
 
     record = {"chosen_gamma": 0.5, "mean": {"0.5": 0.1}, "held_out": ["zoo:fmnist-vgg"], "n": 1}
-    monkeypatch.setattr(cli, "_auto_gamma", lambda args, job: (_with_sgm(job, 0.5), record))
+    monkeypatch.setattr(autogamma, "with_auto_gamma",
+                        lambda job, out, flags, log: (_with_sgm(job, 0.5), record))
+    monkeypatch.setattr(autogamma, "format_calibration", lambda record: "calibrated")
     seen = []
-    real_claim = __import__("skipgrad.pipeline.engine", fromlist=["claim_folder"]).claim_folder
+    real_claim = records.claim_folder
 
     def claim(out, *args, **kwargs):
         seen.append((Path(out) / outdir.LOCK_NAME).exists())

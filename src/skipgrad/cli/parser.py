@@ -203,7 +203,7 @@ def _add_evaluate(sub) -> None:
 
 def _add_compare(sub) -> None:
     p = sub.add_parser("compare", help="paired comparison of two attack folders on the same "
-                                       "images (Δ, 95%% CI, McNemar p, Benjamini-Hochberg q)")
+                                       "images (Δ, 95%% CI (Newcombe), McNemar p, Benjamini-Hochberg q)")
     p.add_argument("folder_a", type=Path, metavar="DIR_A", help="the reference attack folder")
     p.add_argument("folder_b", type=Path, metavar="DIR_B", help="the folder compared with it")
     p.add_argument("--target", action="append", required=True, metavar="SPEC")
