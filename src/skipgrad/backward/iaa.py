@@ -1,6 +1,6 @@
 """``iaa``: the Intrinsic Adversarial Attack's smooth, less residual source as a context.
 
-Zhu, Chen, Li, Zhang, Wu, Hu, Li, "Rethinking Adversarial Transferability from a Data Distribution
+Zhu, Sun, Li, "Rethinking Adversarial Transferability from a Data Distribution
 Perspective", ICLR 2022 (OpenReview gVRhIEajG1k). IAA makes the source's gradient better aligned
 with the data distribution by changing the source itself, forward and backward:
 
