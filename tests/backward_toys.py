@@ -69,7 +69,7 @@ def halve_by_hand(model: nn.Module, scale: float = 0.5) -> list:
 def toy_methods(monkeypatch):
     """The registry with the two toys added, restored after the test."""
     fresh = registry.MethodRegistry()
-    for info in registry.known_methods():
+    for info in registry.known_methods(None):
         fresh.register(info)
     monkeypatch.setattr(registry, "METHODS", fresh)
     registry.register_method("scalerelu", ScaleReLU, summary="ReLU gradients x scale",

@@ -68,7 +68,7 @@ def test_register_method_refuses_duplicates_and_bad_declarations(toy_methods):
         skipgrad.register_method("Bad-Name", ScaleReLU, summary="x")
     with pytest.raises(TypeError, match="takes no keyword 'gamma'"):
         skipgrad.register_method("other", ScaleReLU, summary="x", settings={"gamma": float})
-    with pytest.raises(TypeError, match="setting types must be float, int or str"):
+    with pytest.raises(TypeError, match="setting types must be float, int, str or tuple"):
         skipgrad.register_method("other", ScaleReLU, summary="x", settings={"scale": list})
     assert "other" not in registry.METHODS
 
@@ -160,3 +160,54 @@ def test_attack_backward_linbp_equals_the_context_by_hand(tiny_resnet, tiny_batc
         by_hand = skipgrad.attack(tiny_resnet, images, labels, "mi", **settings)
     assert torch.equal(named, by_hand)
     assert not torch.equal(named, skipgrad.attack(tiny_resnet, images, labels, "mi", **settings))
+
+
+# ---------------------------------------------------------------- kinds: --backward and --forward
+
+def test_a_method_of_one_kind_is_refused_where_the_other_kind_is_asked(toy_methods):
+    skipgrad.register_method("fwdtoy", ScaleReLU, summary="x", settings={"scale": float},
+                             kind="forward")
+    assert registry.parse_forward("fwdtoy:scale=2").label == "fwdtoy:scale=2"
+    assert "fwdtoy" not in [m.name for m in registry.known_methods()]
+    assert "fwdtoy" in [m.name for m in registry.known_methods("forward")]
+    with pytest.raises(BackwardSpecError, match=r"^fwdtoy is a forward method \(--forward fwdtoy, "
+                                                r"attack\(\.\.\., forward=\.\.\.\)\), not a "
+                                                r"backward method \(known: attnonly, "):
+        parse_backward("scalerelu+fwdtoy")
+    with pytest.raises(BackwardSpecError, match="^unknown forward method 'nosuch' "
+                                                r"\(known: fwdtoy, ghost, iaa\)$"):
+        registry.parse_forward("nosuch")
+    with pytest.raises(BackwardSpecError, match="forward has 2 entries for 1 source models"):
+        per_source(["fwdtoy", None], 1, "forward")
+    with pytest.raises(BackwardSpecError, match="scalerelu is a backward method"):
+        registry.as_plan(parse_backward("scalerelu"), "forward")
+    with pytest.raises(ValueError, match="a method's kind is one of backward, forward"):
+        skipgrad.register_method("sideways", ScaleReLU, summary="x", kind="sideways")
+
+
+def test_tuple_settings_parse_from_slashes_and_from_python_sequences(toy_methods):
+    def factory(model, *, scales=(1.0, 2.0)):
+        return ScaleReLU(model)
+
+    skipgrad.register_method("listy", factory, summary="x", settings={"scales": (float, tuple)})
+    assert parse_backward("listy").methods[0].settings == (("scales", (1.0, 2.0)),)
+    assert parse_backward("listy:scales=0.5").methods[0].settings == (("scales", 0.5),)
+    assert parse_backward("listy:scales=1e+0/3").methods[0].settings == (("scales", (1.0, 3.0)),)
+    assert registry.choose("listy", scales=[1, 2.5]).settings == (("scales", (1.0, 2.5)),)
+    assert parse_backward("listy:scales=1/2").label == "listy"  # the default, written out
+    for bad in ("1/", "1/nan", "a"):
+        with pytest.raises(BackwardSpecError, match=r"is not float\|float/float/\.\.\."):
+            parse_backward(f"listy:scales={bad}")
+    with pytest.raises(BackwardSpecError, match="is not float"):
+        registry.choose("listy", scales=[1, True])
+
+
+def test_attack_spec_keeps_forward_plans_apart_from_backward_ones():
+    from skipgrad.attacks import AttackSpec
+
+    spec = AttackSpec(forward="iaa:beta=32", backward="linbp")
+    assert spec.forward.label == "iaa:beta=32" and spec.backward.label == "linbp"
+    assert spec.forward_per_source(2) == (spec.forward, spec.forward)
+    assert AttackSpec(forward=["ghost", None]).forward_per_source(2)[1] is None
+    with pytest.raises(BackwardSpecError, match="ghost is a forward method"):
+        AttackSpec(backward="ghost")

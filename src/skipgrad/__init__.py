@@ -20,8 +20,8 @@ _EXPORTS = {
     **dict.fromkeys(("BackwardConflictError", "BackwardContext", "BlockInfo", "Change",
                      "NoAttentionError", "NoDecayedBlockError", "NoResidualBlockError",
                      "NothingToChangeError", "UnsupportedOfficialModelError", "bpa", "find_blocks",
-                     "linbp", "pna", "register_block", "register_method", "sgm_blocks",
-                     "skip_gradient", "tgr"),
+                     "ghost", "iaa", "linbp", "pna", "register_block", "register_method",
+                     "sgm_blocks", "skip_gradient", "tgr"),
                     "skipgrad.backward"),
     "InputError": "skipgrad.errors",
 }

@@ -57,7 +57,8 @@ def compiled_sources(sources: Sequence[nn.Module],
         stack.enter_context(evaluation_mode(sources))
         for context in contexts:
             stack.enter_context(context)
-        plain = dataclasses.replace(spec, sgm=None, sgm_official=False, backward=None)
+        plain = dataclasses.replace(spec, sgm=None, sgm_official=False, backward=None,
+                                    forward=None)
         yield [torch.compile(model) for model in sources], plain
 
 

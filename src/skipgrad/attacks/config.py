@@ -47,6 +47,8 @@ class AttackSpec:
             ``"METHOD[:key=value,...]"`` joined with ``+`` or a ``BackwardPlan``, or a tuple with
             one entry per source (``None``: none for that source); stored as plans.
         seed: the run seed; each image's random draws come from its own stream (seed, image id).
+        forward: methods that change the source's forward pass (Ghost networks, IAA), in the same
+            forms as ``backward`` (``"iaa:beta=20"``, one plan or one per source); stored as plans.
 
     Build one from a composed name with :meth:`parse`; :attr:`name` gives the name back.
     """
@@ -69,6 +71,7 @@ class AttackSpec:
     sgm_official: bool = False
     backward: BackwardPlan | None | tuple[BackwardPlan | None, ...] = None
     seed: int = 0
+    forward: BackwardPlan | None | tuple[BackwardPlan | None, ...] = None
 
     @classmethod
     def parse(cls, method: str = "ifgsm", **settings: object) -> AttackSpec:
@@ -91,13 +94,18 @@ class AttackSpec:
         """One backward plan (or None) per source model, like :meth:`sgm_per_source`."""
         return per_source(self.backward, count)
 
+    def forward_per_source(self, count: int) -> tuple[BackwardPlan | None, ...]:
+        """One forward-method plan (or None) per source model, like :meth:`sgm_per_source`."""
+        return per_source(self.forward, count, "forward")
+
     def __post_init__(self) -> None:
         if isinstance(self.sgm, list):  # a list from JSON/TOML: keep the spec hashable
             object.__setattr__(self, "sgm", tuple(self.sgm))
         # Strings are parsed once, here, so a spec compares equal however its methods were written.
-        backward = self.backward
-        object.__setattr__(self, "backward", tuple(as_plan(b) for b in backward)
-                           if isinstance(backward, (list, tuple)) else as_plan(backward))
+        for kind in ("backward", "forward"):
+            plans = getattr(self, kind)
+            object.__setattr__(self, kind, tuple(as_plan(p, kind) for p in plans)
+                               if isinstance(plans, (list, tuple)) else as_plan(plans, kind))
         _check_choice("update rule", self.update, UPDATE_RULES)
         _check_choice("norm", self.norm, NORMS)
         _check_choice("loss", self.loss, LOSSES)

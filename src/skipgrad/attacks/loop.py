@@ -15,7 +15,7 @@ from torch import nn
 
 from skipgrad.attacks.config import AttackSpec
 from skipgrad.attacks.losses import attack_objective
-from skipgrad.attacks.randomness import PerImageRandom
+from skipgrad.attacks.randomness import PerImageRandom, stream_factory
 from skipgrad.attacks.transforms import (apply_diversity, draw_diversity, gaussian_kernel,
                                          smooth_gradient)
 from skipgrad.attacks.updates import (l1_normalise, per_sample_norm, project, quantise_in_ball,
@@ -45,6 +45,7 @@ def attack(
     sgm: float | None | Sequence[float | None] = None,
     sgm_official: bool = False,
     backward: str | BackwardPlan | None | Sequence[str | BackwardPlan | None] = None,
+    forward: str | BackwardPlan | None | Sequence[str | BackwardPlan | None] = None,
     eps: float = 16 / 255,
     step_size: float = 2 / 255,
     steps: int = 10,
@@ -74,6 +75,11 @@ def attack(
             ``"METHOD[:key=value,...]"`` and joined with ``+`` (``"linbp:branch_scale=0.5+bpa"``),
             or a list with one entry per source (``None`` = none for that source). They are
             entered after SGM, in the order given, around the whole loop.
+        forward: methods that change the source's forward pass too (``"ghost"``,
+            ``"iaa:beta=20,residual_scale=0.98/0.87/0.73/0.19"``; see
+            :mod:`skipgrad.backward.ghost_networks` and :mod:`skipgrad.backward.intrinsic_adversarial_attack`), in the same forms
+            as ``backward`` and entered after it. Their random draws (Ghost) come from each
+            image's own stream of ``seed``.
         eps, step_size: ball radius and step in [0, 1] pixel units (16/255 and 2/255 in the paper).
         steps: iterations (10 in the paper). norm: ``"linf"`` or ``"l2"``.
         loss: ``"ce"`` or ``"margin"``. targeted: aim for ``labels`` instead of away from them.
@@ -92,7 +98,8 @@ def attack(
                             loss=loss, targeted=targeted, decay=decay, di_prob=di_prob,
                             di_scale=di_scale, ti_kernel=ti_kernel,
                             sgm=tuple(sgm) if isinstance(sgm, (list, tuple)) else sgm,
-                            sgm_official=sgm_official, backward=backward, seed=seed)
+                            sgm_official=sgm_official, backward=backward, seed=seed,
+                            forward=forward)
     return attack_with(model, images, labels, spec, ids=ids)
 
 
@@ -106,7 +113,10 @@ def attack_with(model: nn.Module | Sequence[nn.Module], images: torch.Tensor,
     _check_images(images)
     _check_labels(labels, images)
     labels = labels.long()  # int32 is accepted; the losses index with int64
-    rng = PerImageRandom(spec.seed, _check_ids(ids, images.shape[0]))
+    image_ids = _check_ids(ids, images.shape[0])
+    rng = PerImageRandom(spec.seed, image_ids)
+    for context in contexts:  # methods that draw (Ghost) take per-image streams of the run seed
+        context.follow_attack(stream_factory(spec.seed, image_ids))
     with contextlib.ExitStack() as stack:
         stack.enter_context(evaluation_mode(sources))
         for context in contexts:
@@ -188,17 +198,20 @@ def _as_sources(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
 
 
 def backward_contexts(sources: Sequence[nn.Module], spec: AttackSpec) -> list[BackwardContext]:
-    """Every context that changes the sources' backward pass, in the order they are entered: per
-    source, SGM first, then the backward-pass methods in the order given. Built here, before any
-    gradient, so that a method with nothing to change in a source raises before the attack."""
+    """Every context that changes the sources' gradient, in the order they are entered: per
+    source, SGM first, then the backward-pass methods in the order given, then the methods that
+    change the forward pass. Built here, before any gradient, so that a method with nothing to
+    change in a source raises before the attack."""
     gammas = spec.sgm_per_source(len(sources))
     plans = spec.backward_per_source(len(sources))
+    forwards = spec.forward_per_source(len(sources))
     contexts: list[BackwardContext] = []
-    for model, gamma, plan in zip(sources, gammas, plans):
+    for model, gamma, plan, forward in zip(sources, gammas, plans, forwards):
         if gamma is not None:
             contexts.append(skip_gradient(model, check_gamma(gamma), official=spec.sgm_official))
-        if plan is not None:
-            contexts += plan.build(model)
+        for chosen in (plan, forward):
+            if chosen is not None:
+                contexts += chosen.build(model)
     return contexts
 
 

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 
-def image_seed(run_seed: int, image_id: int) -> int:
-    """A 63-bit seed for one image, mixed from the run seed and the image id."""
-    digest = hashlib.blake2b(f"skipgrad:{run_seed}:{image_id}".encode(), digest_size=8).digest()
+def image_seed(run_seed: int, image_id: int, stream: str = "") -> int:
+    """A 63-bit seed for one image, mixed from the run seed and the image id; a named ``stream``
+    (e.g. ``"ghost"``) gives a separate sequence, so that a method's draws never shift the
+    attack's own (PGD start, DI)."""
+    key = f"skipgrad:{run_seed}:{image_id}" + (f":{stream}" if stream else "")
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 
@@ -20,9 +23,13 @@ class PerImageRandom:
     in the same order whatever the batch it sits in.
     """
 
-    def __init__(self, run_seed: int, image_ids: Sequence[int]) -> None:
-        self._generators = [torch.Generator().manual_seed(image_seed(run_seed, int(i)))
+    def __init__(self, run_seed: int, image_ids: Sequence[int], stream: str = "") -> None:
+        self._generators = [torch.Generator().manual_seed(image_seed(run_seed, int(i), stream))
                             for i in image_ids]
+
+    def __len__(self) -> int:
+        """The number of images (streams)."""
+        return len(self._generators)
 
     def uniform(self, shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
         """Uniform draws in [0, 1), shape (N, *shape)."""
@@ -31,3 +38,12 @@ class PerImageRandom:
     def normal(self, shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
         """Standard normal draws, shape (N, *shape)."""
         return torch.stack([torch.randn(shape, generator=g) for g in self._generators]).to(device)
+
+
+def stream_factory(run_seed: int,
+                   image_ids: Sequence[int]) -> Callable[[Optional[int], str], PerImageRandom]:
+    """``(seed, name) -> PerImageRandom`` for the images ``image_ids`` of a run: the named stream
+    of ``seed``, or of ``run_seed`` when ``seed`` is None. What the attack loop hands to the
+    contexts that draw random numbers (``BackwardContext.follow_attack``)."""
+    ids = list(image_ids)
+    return lambda seed, name: PerImageRandom(run_seed if seed is None else seed, ids, stream=name)

@@ -13,14 +13,21 @@ through a source model; forward values stay identical. Each one is a :class:`Bac
   made soft): two active contexts claiming the same module raise :class:`BackwardConflictError`
   instead of silently composing into something neither paper describes. Methods that only scale a
   gradient (SGM) claim nothing and compose with everything.
+
+The forward-side methods (Ghost networks, IAA) keep the same contract but change the forward pass
+too; they say so with :attr:`BackwardContext.changes_forward`, so that reports can add the
+white-box success on the unmodified source. A method that draws random numbers takes them from
+the attack's per-image streams when the attack loop hands them over
+(:meth:`BackwardContext.follow_attack`).
 """
 from __future__ import annotations
 
 import contextlib
 import weakref
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Iterable, Iterator, Protocol
+from typing import Callable, ClassVar, Iterable, Iterator, Optional, Protocol
 
+import torch
 from torch import nn
 
 from skipgrad.errors import InputError
@@ -33,6 +40,19 @@ class Removable(Protocol):
 
 
 Attacher = Callable[[], Removable]
+
+
+class RandomStreams(Protocol):
+    """Per-image random streams (:class:`skipgrad.attacks.randomness.PerImageRandom`)."""
+
+    def __len__(self) -> int: ...
+
+    def uniform(self, shape: tuple[int, ...],
+                device: torch.device | str = "cpu") -> torch.Tensor: ...
+
+
+# (seed or None for the attack's own seed, stream name) -> the streams of the attack's images.
+StreamFactory = Callable[[Optional[int], str], RandomStreams]
 
 
 class NothingToChangeError(InputError):
@@ -122,6 +142,8 @@ class BackwardContext:
     """
 
     method: ClassVar[str] = "backward"
+    # True for methods that change forward values (Ghost, IAA): predictions of the source differ.
+    changes_forward: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Module):
@@ -139,6 +161,11 @@ class BackwardContext:
         self._attachers = attachers
         self.changes = changes
         self._claimed = list(claims)
+
+    def follow_attack(self, streams: StreamFactory) -> None:
+        """Called by the attack loop before entering: ``streams(seed, name)`` gives per-image
+        random streams of the attacked images. Methods that draw random numbers take theirs from
+        it, so that an image's draws depend on the run seed and its id only; others ignore it."""
 
     def __enter__(self) -> "BackwardContext":
         if self._handles:
@@ -160,10 +187,13 @@ class BackwardContext:
             owner = _CLAIMS.get(module)
             if owner is not None and owner is not self:
                 self._release()
+                both_forward = self.changes_forward and owner.changes_forward
+                pass_, hint = ("forward", "") if both_forward else \
+                    ("backward", " (e.g. a later start= for one of them)")
                 raise BackwardConflictError(
-                    f"{self.method} and {owner.method} would both redefine the backward pass of "
+                    f"{self.method} and {owner.method} would both redefine the {pass_} pass of "
                     f"{name or model_label(self.model)} ({type(module).__name__}); use one of "
-                    f"them for this module (e.g. a later start= for one of them)")
+                    f"them for this module{hint}")
             _CLAIMS[module] = self
 
     def _release(self) -> None:

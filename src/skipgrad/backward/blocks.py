@@ -16,6 +16,7 @@ from torch import nn
 
 BranchEntries = Callable[[nn.Module], Sequence[nn.Module]]
 BranchExit = Callable[[nn.Module], Optional[nn.Module]]
+SkipPath = Callable[[nn.Module], Optional[nn.Module]]
 
 
 @dataclass(frozen=True)
@@ -31,12 +32,17 @@ class BlockKind:
         branch_exit: returns the module whose *output* is the residual branch's output (the
             tensor added to the skip path), or ``None``; methods that need the gradient arriving
             at the branch (LinBP's norm matching) support only kinds that give it.
+        skip_path: returns the module whose output is the skip path added to the branch output
+            (a projection shortcut), or ``None`` when the skip is the block's input itself (an
+            identity skip). ``None`` here (undeclared) means the skip is not known; methods that
+            change the skip (Ghost networks' erosion) support only kinds that declare it.
     """
 
     name: str
     branch_entries: BranchEntries
     decay_first_in_stage: bool = False
     branch_exit: BranchExit | None = None
+    skip_path: SkipPath | None = None
 
 
 class BlockRegistry:
@@ -90,6 +96,7 @@ def register_block(
     decay_first_in_stage: bool = False,
     name: str | None = None,
     branch_exit: BranchExit | None = None,
+    skip_path: SkipPath | None = None,
 ) -> None:
     """Teach :func:`skipgrad.skip_gradient` a new residual block type.
 
@@ -102,6 +109,9 @@ def register_block(
         branch_exit: ``block -> module`` whose *output* is the branch output added to the skip
             (``None`` if the block has none). Needed by :func:`skipgrad.linbp`; the branch is
             then the computation from the (single) entry's input to this module's output.
+        skip_path: ``block -> module`` whose output is the skip path (a projection shortcut), or
+            ``None`` for an identity skip (the block's input is added). Needed by
+            :func:`skipgrad.ghost`, which erodes the skip path.
 
     Example::
 
@@ -110,11 +120,12 @@ def register_block(
                 return x + self.body(x)
 
         skipgrad.register_block(MyBlock, lambda block: [block.body],
-                                branch_exit=lambda block: block.body)
+                                branch_exit=lambda block: block.body,
+                                skip_path=lambda block: None)      # identity skip
     """
     label = name or (block_type if isinstance(block_type, str) else block_type.__name__)
     BLOCKS.register(block_type, BlockKind(label, branch_entries, decay_first_in_stage,
-                                          branch_exit))
+                                          branch_exit, skip_path))
 
 
 def _first_conv(block: nn.Module) -> Sequence[nn.Module]:
@@ -148,7 +159,7 @@ def _register_builtin_families() -> None:
     for path, branch_exit in exits.items():
         label = path.split(".")[0] + "." + path.split(":")[1]
         register_block(path, _first_conv, name=label, decay_first_in_stage=False,
-                       branch_exit=branch_exit)
+                       branch_exit=branch_exit, skip_path=last_present("downsample"))
     for path in ("torchvision.models.densenet:_DenseLayer", "timm.models.densenet:DenseLayer"):
         label = path.split(".")[0] + ".DenseLayer"
         register_block(path, _whole_layer, decay_first_in_stage=True, name=label)

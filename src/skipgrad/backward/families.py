@@ -120,7 +120,8 @@ _IDENTITY_SKIP: tuple[tuple[str, BranchEntries], ...] = (
 
 
 # Where the residual branch ends (its output is added to the skip), for the ResNet-like kinds
-# whose branch LinBP can rescale; read off each block's forward().
+# whose branch LinBP can rescale; read off each block's forward(). Each of these blocks adds
+# `downsample(...)` when it has one and its own input otherwise (the skip Ghost networks erode).
 _EXITS: dict[str, BranchExit] = {
     "timm.models.senet:Bottleneck": last_present("se_module"),
     "timm.models.senet:SEResNetBlock": last_present("se_module"),
@@ -140,7 +141,8 @@ def _label(path: str) -> str:
 def _register_families() -> None:
     for path, entries in _RESNET_LIKE:
         register_block(path, entries, decay_first_in_stage=False, name=_label(path),
-                       branch_exit=_EXITS.get(path))
+                       branch_exit=_EXITS.get(path),
+                       skip_path=last_present("downsample") if path in _EXITS else None)
     for path, entries in _IDENTITY_SKIP:
         register_block(path, entries, decay_first_in_stage=True, name=_label(path))
 

@@ -1,17 +1,23 @@
-"""Backward-pass methods by name, and the ``METHOD[:key=value,...]`` notation of the command line.
+"""Methods that change the gradient, by name, and the ``METHOD[:key=value,...]`` notation of the
+command line.
 
 A method is registered once with a factory ``factory(model, **settings) -> BackwardContext``, a
-one-line summary and the settings it accepts with their types; defaults are read from the
-factory's signature, so the record in run.json always holds the *resolved* settings. Several methods
-for one source model are joined with ``+``::
+one-line summary, the settings it accepts with their types and its *kind*: ``"backward"`` for the
+methods that change only the backward pass (``--backward``, ``attack(backward=...)``) and
+``"forward"`` for those that change the forward pass too (Ghost networks, IAA: ``--forward``,
+``attack(forward=...)``). Both kinds share this registry and this notation; each listing and each
+parser asks for one kind. Defaults are read from the factory's signature, so the record in run.json
+always holds the *resolved* settings. Several methods for one source model are joined with ``+``::
 
     linbp                                   # defaults
     linbp:branch_scale=0.5+bpa:start=layer4 # two methods, entered in this order
+    iaa:beta=20,residual_scale=0.98/0.87/0.73/0.19   # a per-stage list: values joined by "/"
     none                                    # nothing (one entry of a per-source list)
 
 Values are typed by the method's declaration: ``float``, ``int``, ``str`` (e.g. a module name such
-as ``layer3.1``), and ``none`` where a setting accepts None. Users add their own method with
-:func:`register_method`; a name is never silently redefined.
+as ``layer3.1``), ``tuple`` (a list of floats written ``a/b/c``), and ``none`` where a setting
+accepts None. Users add their own method with :func:`register_method`; a name is never silently
+redefined.
 """
 from __future__ import annotations
 
@@ -27,15 +33,18 @@ from skipgrad.backward.base import BackwardContext
 from skipgrad.errors import InputError
 
 Factory = Callable[..., BackwardContext]
-Value = float | int | str | None
-_TYPES = (float, int, str)
+Value = float | int | str | tuple[float, ...] | None
+_TYPES = (float, int, str, tuple)
+KINDS = ("backward", "forward")
+_TYPE_NAMES = {float: "float", int: "int", str: "str", tuple: "float/float/..."}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 # A "+" starts the next method only when a name follows (so that "1e+3" stays one value).
 _METHOD_SEPARATOR = re.compile(r"\+(?=\s*[A-Za-z_])")
 
 
 class BackwardSpecError(InputError):
-    """A ``METHOD[:key=value,...]`` text or a method's settings cannot be used (one-line reason)."""
+    """A ``METHOD[:key=value,...]`` text or a method's settings cannot be used (one-line reason);
+    for forward methods too (one notation, one error)."""
 
 
 @dataclass(frozen=True)
@@ -52,12 +61,12 @@ class Setting:
         values = list(declared) if isinstance(declared, (tuple, list)) else [declared]
         types = tuple(t for t in values if t is not None)
         if not types or any(t not in _TYPES for t in types):
-            raise TypeError(f"setting types must be float, int or str (optionally with None), "
-                            f"got {declared!r}")
+            raise TypeError(f"setting types must be float, int, str or tuple (optionally with "
+                            f"None), got {declared!r}")
         return cls(types, None in values)
 
     def describe(self) -> str:
-        names = [t.__name__ for t in self.types] + (["none"] if self.allow_none else [])
+        names = [_TYPE_NAMES[t] for t in self.types] + (["none"] if self.allow_none else [])
         return "|".join(names)
 
     def parse(self, text: str) -> Value:
@@ -78,7 +87,11 @@ class Setting:
         if isinstance(value, str) and str not in self.types:
             return self.parse(value)
         for kind in self.types:
-            if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if kind is tuple and isinstance(value, (list, tuple)):
+                numbers = _floats(value)
+                if numbers is not None:
+                    return numbers
+            elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
                 if math.isfinite(value):
                     return float(value)
             elif isinstance(value, kind) and not isinstance(value, bool):
@@ -89,6 +102,8 @@ class Setting:
 def _convert(kind: type, text: str) -> Value:
     if kind is str:
         return text if text else None
+    if kind is tuple:
+        return _floats([_convert(float, part) for part in text.split("/")])
     try:
         value = kind(text)
     except ValueError:
@@ -96,15 +111,25 @@ def _convert(kind: type, text: str) -> Value:
     return value if kind is int or math.isfinite(value) else None
 
 
+def _floats(values: Sequence[object]) -> tuple[float, ...] | None:
+    """A non-empty sequence of finite real numbers as a tuple of floats, else None."""
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                         or not math.isfinite(v) for v in values):
+        return None
+    return tuple(float(v) for v in values)
+
+
 @dataclass(frozen=True)
 class MethodInfo:
-    """A registered method: how to build it, what it does, which settings it takes."""
+    """A registered method: how to build it, what it does, which settings it takes, and its kind
+    (``"backward"``: changes only the backward pass; ``"forward"``: changes the forward pass)."""
 
     name: str
     factory: Factory
     summary: str
     settings: Mapping[str, Setting]
     defaults: Mapping[str, Value]
+    kind: str = "backward"
 
     def resolve(self, given: Mapping[str, object]) -> dict[str, Value]:
         """Defaults overlaid with ``given``, each value checked against its declared type."""
@@ -141,21 +166,29 @@ class MethodRegistry:
 
     def register(self, info: MethodInfo) -> None:
         if info.name in self._methods:
-            raise ValueError(f"backward method {info.name!r} is already registered with skipgrad")
+            raise ValueError(f"{self._methods[info.name].kind} method {info.name!r} is already "
+                             f"registered with skipgrad")
         self._methods[info.name] = info
 
-    def get(self, name: str) -> MethodInfo:
+    def get(self, name: str, kind: str | None = None) -> MethodInfo:
+        """The method ``name``; with ``kind``, only a method of that kind (a method of the other
+        kind is refused with a pointer to where it belongs)."""
         info = self._methods.get(name)
         if info is None:
-            raise BackwardSpecError(f"unknown backward method {name!r} (known: {self.known()})")
+            raise BackwardSpecError(f"unknown {kind or 'backward or forward'} method {name!r} "
+                                    f"(known: {self.known(kind)})")
+        if kind is not None and info.kind != kind:
+            raise BackwardSpecError(f"{name} is a {info.kind} method (--{info.kind} {name}, "
+                                    f"attack(..., {info.kind}=...)), not a {kind} method "
+                                    f"(known: {self.known(kind)})")
         return info
 
-    def known(self) -> str:
-        return ", ".join(sorted(self._methods)) or "none registered"
+    def known(self, kind: str | None = None) -> str:
+        return ", ".join(sorted(self.names(kind))) or "none registered"
 
-    def names(self) -> list[str]:
-        """Registered names, in registration order."""
-        return list(self._methods)
+    def names(self, kind: str | None = None) -> list[str]:
+        """Registered names (of one kind, or all), in registration order."""
+        return [n for n, info in self._methods.items() if kind is None or info.kind == kind]
 
     def __contains__(self, name: object) -> bool:
         return name in self._methods
@@ -165,9 +198,10 @@ METHODS = MethodRegistry()
 
 
 def register_method(name: str, factory: Factory, *, summary: str,
-                    settings: Mapping[str, type | None | Sequence[type | None]] | None = None
-                    ) -> None:
-    """Make a backward-pass method available by name (``--backward NAME``, ``attack(backward=)``).
+                    settings: Mapping[str, type | None | Sequence[type | None]] | None = None,
+                    kind: str = "backward") -> None:
+    """Make a method available by name (``--backward NAME``, ``attack(backward=)``; with
+    ``kind="forward"``: ``--forward NAME``, ``attack(forward=)``).
 
     Args:
         name: lower-case identifier, e.g. ``"linbp"``; a name already registered raises.
@@ -175,8 +209,12 @@ def register_method(name: str, factory: Factory, *, summary: str,
             itself works: its ``__init__`` is the factory). Defaults of the settings are read from
             its signature; a setting without a default must be given every time.
         summary: one line for listings (``skipgrad inspect``).
-        settings: the keyword settings accepted and their types: ``float``, ``int``, ``str``, or a
-            tuple adding ``None`` (written ``none`` on the command line), e.g. ``(str, None)``.
+        settings: the keyword settings accepted and their types: ``float``, ``int``, ``str``,
+            ``tuple`` (a list of floats, written ``a/b/c``), or a tuple of them, possibly adding
+            ``None`` (written ``none`` on the command line), e.g. ``(str, None)``.
+        kind: ``"backward"`` if the method changes only the backward pass (its context keeps
+            forward values identical), ``"forward"`` if it changes forward values too (its context
+            sets ``changes_forward = True``).
 
     Example::
 
@@ -189,8 +227,11 @@ def register_method(name: str, factory: Factory, *, summary: str,
                          f"got {name!r}")
     if not callable(factory):
         raise TypeError(f"factory of {name} must be callable, got {type(factory).__name__}")
-    declared = {key: Setting.of(kind) for key, kind in (settings or {}).items()}
-    METHODS.register(MethodInfo(name, factory, summary, declared, _defaults(factory, declared)))
+    if kind not in KINDS:
+        raise ValueError(f"a method's kind is one of {', '.join(KINDS)}, got {kind!r}")
+    declared = {key: Setting.of(types) for key, types in (settings or {}).items()}
+    METHODS.register(MethodInfo(name, factory, summary, declared, _defaults(factory, declared),
+                                kind))
 
 
 def _defaults(factory: Factory, declared: Mapping[str, Setting]) -> dict[str, Value]:
@@ -231,12 +272,14 @@ class MethodChoice:
 def _show(value: Value) -> str:
     if value is None:
         return "none"
+    if isinstance(value, tuple):
+        return "/".join(f"{v:g}" for v in value)
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 @dataclass(frozen=True)
 class BackwardPlan:
-    """The backward-pass methods of one source model, entered in order (``a+b``)."""
+    """The methods of one kind for one source model, entered in order (``a+b``)."""
 
     methods: tuple[MethodChoice, ...]
 
@@ -268,11 +311,11 @@ def choose(name: str, **settings: object) -> MethodChoice:
     return MethodChoice(name, tuple((k, resolved[k]) for k in info.settings if k in resolved))
 
 
-def parse_method(text: str) -> MethodChoice:
-    """``NAME[:key=value,...]`` -> :class:`MethodChoice`."""
+def parse_method(text: str, kind: str = "backward") -> MethodChoice:
+    """``NAME[:key=value,...]`` -> :class:`MethodChoice` of a method of ``kind``."""
     name, _, rest = text.strip().partition(":")
     name = name.strip().lower()
-    info = METHODS.get(name)
+    info = METHODS.get(name, kind)
     given: dict[str, Value] = {}
     for item in filter(None, (part.strip() for part in rest.split(","))):
         key, sep, raw = item.partition("=")
@@ -290,16 +333,27 @@ def parse_method(text: str) -> MethodChoice:
 
 
 def parse_backward(text: str) -> BackwardPlan | None:
-    """``METHOD[:key=value,...][+METHOD...]`` -> :class:`BackwardPlan`; ``none`` -> None."""
+    """``METHOD[:key=value,...][+METHOD...]`` -> :class:`BackwardPlan`; ``none`` -> None.
+    Backward methods only (what ``--backward`` takes)."""
+    return parse_plan(text, "backward")
+
+
+def parse_forward(text: str) -> BackwardPlan | None:
+    """Like :func:`parse_backward`, for the methods that change the forward pass (``--forward``)."""
+    return parse_plan(text, "forward")
+
+
+def parse_plan(text: str, kind: str) -> BackwardPlan | None:
+    """``METHOD[:key=value,...][+METHOD...]`` of methods of ``kind`` -> plan; ``none`` -> None."""
     if not isinstance(text, str) or not text.strip():
-        raise BackwardSpecError(f"a backward method is written METHOD[:key=value,...] "
-                                f"(known: {METHODS.known()}), got {text!r}")
+        raise BackwardSpecError(f"a {kind} method is written METHOD[:key=value,...] "
+                                f"(known: {METHODS.known(kind)}), got {text!r}")
     if text.strip().lower() == "none":
         return None
     parts = [p.strip() for p in _METHOD_SEPARATOR.split(text)]
     if any(p.lower() == "none" for p in parts):
         raise BackwardSpecError(f"'none' cannot be combined with other methods in {text!r}")
-    return combine([BackwardPlan((parse_method(p),)) for p in parts])
+    return combine([BackwardPlan((parse_method(p, kind),)) for p in parts])
 
 
 def combine(plans: Iterable[BackwardPlan | None]) -> BackwardPlan | None:
@@ -309,32 +363,38 @@ def combine(plans: Iterable[BackwardPlan | None]) -> BackwardPlan | None:
     names = [m.name for m in methods]
     twice = next((n for n in names if names.count(n) > 1), None)
     if twice is not None:
-        raise BackwardSpecError(f"backward method {twice} is given twice for one source")
+        raise BackwardSpecError(f"{METHODS.get(twice).kind} method {twice} is given twice for "
+                                f"one source")
     return BackwardPlan(tuple(methods)) if methods else None
 
 
-def as_plan(value: object) -> BackwardPlan | None:
-    """A plan from the Python API's forms: a ``METHOD[...]`` string, a :class:`BackwardPlan`, a
-    :class:`MethodChoice`, or None."""
-    if value is None or isinstance(value, BackwardPlan):
-        return value
-    if isinstance(value, MethodChoice):
-        return BackwardPlan((value,))
+def as_plan(value: object, kind: str = "backward") -> BackwardPlan | None:
+    """A plan of methods of ``kind`` from the Python API's forms: a ``METHOD[...]`` string, a
+    :class:`BackwardPlan`, a :class:`MethodChoice`, or None."""
+    if value is None:
+        return None
+    if isinstance(value, (BackwardPlan, MethodChoice)):
+        plan = value if isinstance(value, BackwardPlan) else BackwardPlan((value,))
+        for choice in plan.methods:
+            METHODS.get(choice.name, kind)  # a method of the other kind is refused
+        return plan
     if isinstance(value, str):
-        return parse_backward(value)
-    raise BackwardSpecError(f"a backward method is a string such as 'linbp:branch_scale=0.5', "
+        return parse_plan(value, kind)
+    example = "'linbp:branch_scale=0.5'" if kind == "backward" else "'iaa:beta=20'"
+    raise BackwardSpecError(f"a {kind} method is a string such as {example}, "
                             f"got {type(value).__name__}")
 
 
-def per_source(value: object, count: int) -> tuple[BackwardPlan | None, ...]:
+def per_source(value: object, count: int,
+               kind: str = "backward") -> tuple[BackwardPlan | None, ...]:
     """One plan (or None) per source model: a single value applies to all ``count`` sources; a
     list or tuple gives one entry per source, in order."""
     if isinstance(value, (list, tuple)):
         if len(value) != count:
-            raise BackwardSpecError(f"backward has {len(value)} entries for {count} source "
+            raise BackwardSpecError(f"{kind} has {len(value)} entries for {count} source "
                                     f"models; give one for all or one per source")
-        return tuple(as_plan(v) for v in value)
-    return (as_plan(value),) * count
+        return tuple(as_plan(v, kind) for v in value)
+    return (as_plan(value, kind),) * count
 
 
 def describe(plans: Sequence[BackwardPlan | None]) -> str:
@@ -343,14 +403,16 @@ def describe(plans: Sequence[BackwardPlan | None]) -> str:
     return labels[0] if len(set(labels)) == 1 else ", ".join(labels)
 
 
-def known_methods() -> list[MethodInfo]:
-    """Every registered method, in registration order."""
-    return [METHODS.get(name) for name in METHODS.names()]
+def known_methods(kind: str | None = "backward") -> list[MethodInfo]:
+    """The registered methods of ``kind`` (``None``: of both kinds), in registration order."""
+    return [METHODS.get(name) for name in METHODS.names(kind)]
 
 
 def register_builtin_methods() -> None:
     """Register the methods skipgrad ships (called once, when :mod:`skipgrad.backward` loads)."""
     from skipgrad.backward.backward_propagation_attack import bpa
+    from skipgrad.backward.ghost_networks import ghost
+    from skipgrad.backward.intrinsic_adversarial_attack import iaa
     from skipgrad.backward.linear_backprop import linbp
     from skipgrad.backward.pay_no_attention import pna
     from skipgrad.backward.token_gradient_regularization import tgr
@@ -368,6 +430,14 @@ def register_builtin_methods() -> None:
                                         "gradients scaled, extreme tokens zeroed per image",
                     settings={"attention_scale": float, "qkv_scale": float, "mlp_scale": float,
                               "top_k": int})
+    register_method("ghost", ghost, kind="forward",
+                    settings={"erosion": float, "dropout": (float, None), "seed": (int, None)},
+                    summary="Ghost networks (Li et al., AAAI 2020): each residual block's skip x "
+                            "U[1-erosion, 1+erosion] per channel, drawn anew at every forward")
+    register_method("iaa", iaa, kind="forward",
+                    settings={"beta": float, "residual_scale": (float, tuple)},
+                    summary="IAA (Zhu et al., ICLR 2022): ReLU -> Softplus(beta), each residual "
+                            "branch x its stage's residual_scale")
 
 
 def resolved_settings(choice: MethodChoice, context: BackwardContext) -> dict[str, Value]:
@@ -381,8 +451,7 @@ def resolved_settings(choice: MethodChoice, context: BackwardContext) -> dict[st
     return settings
 
 
-__all__ = ["BackwardPlan", "BackwardSpecError", "METHODS", "MethodChoice", "MethodInfo",
+__all__ = ["BackwardPlan", "BackwardSpecError", "KINDS", "METHODS", "MethodChoice", "MethodInfo",
            "Setting", "as_plan", "choose", "combine", "describe", "known_methods",
-           "parse_backward", "parse_method", "per_source", "register_builtin_methods",
-           "resolved_settings",
-           "register_method"]
+           "parse_backward", "parse_forward", "parse_method", "parse_plan", "per_source",
+           "register_builtin_methods", "resolved_settings", "register_method"]

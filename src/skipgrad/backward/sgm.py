@@ -64,11 +64,19 @@ def scale_gradient(value: Any, gamma: float) -> Any:
     return value
 
 
+def stage_of(block_name: str) -> str:
+    """The stage a block belongs to: its parent container (``layer2`` for ``layer2.3``, a
+    DenseNet's ``features.denseblock1`` for its dense layers, timm's ``stages.1.blocks``). The
+    blocks of one stage are those that share it, in module (forward) order."""
+    return block_name.rpartition(".")[0]
+
+
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module, BlockInfo]]:
     """Every registered block in ``model`` that has a skip path, with the SGM default decision.
 
-    The default follows the authors' choice: the first block of each stage (the first block found
-    in each parent container) keeps its full gradient unless its kind says otherwise.
+    The default follows the authors' choice: the first block of each stage (:func:`stage_of`, the
+    first block found in each parent container) keeps its full gradient unless its kind says
+    otherwise.
     """
     modules = dict(model.named_modules())
     seen_parents: set[str] = set()
@@ -77,7 +85,7 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module, BlockInfo]]:
         kind = BLOCKS.lookup(module)
         if kind is None or not kind.branch_entries(module):
             continue
-        parent = name.rpartition(".")[0]
+        parent = stage_of(name)
         first_in_stage = parent not in seen_parents
         seen_parents.add(parent)
         decayed = kind.decay_first_in_stage or not first_in_stage

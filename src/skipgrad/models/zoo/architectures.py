@@ -130,7 +130,8 @@ def _preact_branch_entries(block: PreActBasicBlock) -> list[nn.Module]:
 def _register_with_sgm() -> None:
     from skipgrad.backward import register_block
 
-    register_block(PreActBasicBlock, _preact_branch_entries, branch_exit=lambda block: block.conv2)
+    register_block(PreActBasicBlock, _preact_branch_entries, branch_exit=lambda block: block.conv2,
+                   skip_path=lambda block: block.shortcut)
 
 
 _register_with_sgm()
