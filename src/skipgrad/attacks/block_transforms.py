@@ -20,7 +20,9 @@ from skipgrad.attacks.randomness import PerImageRandom
 
 # ---- SIA: Wang, Zhang & Zhang, ICCV 2023, "Structure Invariant Transformation for better
 # Adversarial Transferability" (authors' release: xiaosen-wang/SIT). Each block of an s x s grid
-# with random cut points gets one transformation drawn uniformly from the authors' ten.
+# with random cut points gets one transformation drawn uniformly from the authors' ten (their
+# TransferAttack port keeps seven: no resize, DCT or dropout). Unlike both, each image of a batch
+# gets its own cuts and transformations, from its own stream.
 SIA_OPERATIONS = ("resize", "vertical_shift", "horizontal_shift", "vertical_flip",
                   "horizontal_flip", "rotate180", "scale", "noise", "dct", "dropout")
 SIA_RESIZE = 0.8  # "resize": down to int(0.8 * side) + 1 pixels, then back up (bilinear)
@@ -159,7 +161,10 @@ _SIA = {
 # ---- BSR: Wang, He, Wang & Wang, CVPR 2024, "Boosting Adversarial Transferability by Block
 # Shuffle and Rotation" (authors' release: Trustworthy-AI-Group/BSR). The image is cut into an
 # n x n grid of random-sized blocks; the block rows and the block columns are shuffled and every
-# block is rotated about its centre by its own angle.
+# block is rotated about its centre by its own angle. As the authors' TensorFlow release: a 2 x 2
+# grid, one angle per block; angles uniform in [-24, 24] degrees as their PyTorch port in
+# TransferAttack (the TensorFlow release draws a truncated normal of 0.2 rad). That port (and
+# torchattack's) cuts 3 x 3 and rotates whole strips before cutting them into blocks.
 
 @dataclass(frozen=True)
 class ShuffleDraw:
