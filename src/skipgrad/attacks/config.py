@@ -16,7 +16,15 @@ from skipgrad.errors import InputError
 
 UPDATE_RULES = ("ifgsm", "mi", "ni")
 MODIFIERS = ("pgd", "di", "ti")
-ATTACK_TOKENS = UPDATE_RULES + MODIFIERS
+# Companion parts of the gradient estimate (attacks/companions.py), in their canonical order.
+COMPANIONS = ("si", "vt", "admix", "sia", "bsr")
+ATTACK_TOKENS = UPDATE_RULES + MODIFIERS + COMPANIONS
+# Names from the literature that are compositions of the tokens above.
+ALIASES = {"vmi": ("mi", "vt"), "vni": ("ni", "vt"), "sini": ("ni", "si")}
+# The AttackSpec switch of each modifier and companion token.
+_SWITCHES = {"pgd": "random_start", "di": "input_diversity", "ti": "translation_invariance",
+             "si": "scale_invariance", "vt": "variance_tuning", "admix": "admix",
+             "sia": "structure_invariance", "bsr": "block_shuffle_rotation"}
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "margin")
 
@@ -49,6 +57,21 @@ class AttackSpec:
         seed: the run seed; each image's random draws come from its own stream (seed, image id).
         forward: methods that change the source's forward pass (Ghost networks, IAA), in the same
             forms as ``backward`` (``"iaa:beta=20"``, one plan or one per source); stored as plans.
+        scale_invariance: average the gradients of ``si_copies`` copies ``x / 2**i`` (SI, Lin et
+            al., ICLR 2020; 5 copies).
+        variance_tuning: add the previous step's gradient variance, the mean gradient at
+            ``vt_neighbours`` points uniform in the norm ball of radius ``vt_beta * eps`` around the
+            iterate minus the gradient there (VT, Wang & He, CVPR 2021; N = 20, beta = 1.5).
+            With ``mi`` it is VMI-FGSM, with ``ni`` VNI-FGSM.
+        admix: average over ``admix_mixes`` mixtures ``x + admix_eta * x'`` with other images
+            ``x'`` of the batch, each at ``admix_scales`` scales ``1 / 2**i`` (Admix, Wang et al.,
+            ICCV 2021; 3 mixtures, 5 scales, eta = 0.2). The only batch-dependent part.
+        structure_invariance: average over ``sia_copies`` copies whose ``sia_blocks`` x
+            ``sia_blocks`` random blocks each get a random transformation (SIA, Wang et al.,
+            ICCV 2023; 20 copies, 3 x 3 blocks).
+        block_shuffle_rotation: average over ``bsr_copies`` copies cut into ``bsr_blocks`` x
+            ``bsr_blocks`` blocks, shuffled, each rotated by up to ``bsr_max_angle`` degrees (BSR,
+            Wang et al., CVPR 2024; 20 copies, 2 x 2 blocks, 24 degrees).
 
     Build one from a composed name with :meth:`parse`; :attr:`name` gives the name back.
     """
@@ -72,6 +95,22 @@ class AttackSpec:
     backward: BackwardPlan | None | tuple[BackwardPlan | None, ...] = None
     seed: int = 0
     forward: BackwardPlan | None | tuple[BackwardPlan | None, ...] = None
+    scale_invariance: bool = False
+    variance_tuning: bool = False
+    admix: bool = False
+    structure_invariance: bool = False
+    block_shuffle_rotation: bool = False
+    si_copies: int = 5
+    vt_neighbours: int = 20
+    vt_beta: float = 1.5
+    admix_scales: int = 5
+    admix_mixes: int = 3
+    admix_eta: float = 0.2
+    sia_copies: int = 20
+    sia_blocks: int = 3
+    bsr_copies: int = 20
+    bsr_blocks: int = 2
+    bsr_max_angle: float = 24.0
 
     @classmethod
     def parse(cls, method: str = "ifgsm", **settings: object) -> AttackSpec:
@@ -130,6 +169,49 @@ class AttackSpec:
             _check_optional_gamma(gamma)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise InputError(f"seed must be an integer, got {self.seed!r}")
+        self._check_companions()
+
+    def _check_companions(self) -> None:
+        for field in ("si_copies", "vt_neighbours", "admix_scales", "admix_mixes", "sia_copies",
+                      "sia_blocks", "bsr_copies", "bsr_blocks"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{field} must be a positive integer, got {value!r}")
+        _check_positive("vt_beta", self.vt_beta)
+        _check_between("admix_eta", self.admix_eta, 0, math.inf)
+        _check_between("bsr_max_angle (degrees)", self.bsr_max_angle, 0, 180)
+        if self.scale_invariance and self.admix:
+            raise InputError("'admix' already averages over SI's scale copies (admix_scales of "
+                             "them, Wang et al. 2021); drop 'si', or set admix_scales")
+
+    @property
+    def evaluation_costs(self) -> dict[str, int]:
+        """The model evaluations (forward + backward, per image and source model) by which each
+        companion part in use multiplies a gradient estimate: its copies (SI, Admix, SIA, BSR;
+        they nest, so copies multiply) or, for VT, the gradient plus its neighbours'. The other
+        parts (update rules, PGD, DI, TI, SGM, backward methods) cost no extra evaluation."""
+        copies = {"si": self.si_copies, "admix": self.admix_mixes * self.admix_scales,
+                  "sia": self.sia_copies, "bsr": self.bsr_copies, "vt": 1 + self.vt_neighbours}
+        return {token: copies[token] for token in COMPANIONS
+                if getattr(self, _SWITCHES[token])}
+
+    @property
+    def gradient_evaluations_per_step(self) -> int:
+        """Forward + backward passes of each source model per image in one step: the product of
+        :attr:`evaluation_costs` (1 for an attack without companion parts). An ensemble of k
+        sources costs k times this."""
+        return math.prod(self.evaluation_costs.values())
+
+    @property
+    def gradient_evaluations(self) -> int:
+        """Forward + backward passes of each source model per image for the whole attack:
+        :attr:`gradient_evaluations_per_step` x steps, less the last step's VT neighbours (their
+        variance would only serve a step that never comes, so the loop skips them)."""
+        per_step = self.gradient_evaluations_per_step
+        if not self.variance_tuning:
+            return self.steps * per_step
+        copies = per_step // (1 + self.vt_neighbours)
+        return self.steps * per_step - self.vt_neighbours * copies
 
     def _check_levels(self) -> None:
         """An L-inf attack whose radius, or whose whole walk, stays under one 8-bit level cannot
@@ -148,36 +230,48 @@ class AttackSpec:
         parts = ["pgd"] if self.random_start and self.update == "ifgsm" else [self.update]
         if self.random_start and self.update != "ifgsm":
             parts.append("pgd")
-        parts += [t for t, on in (("di", self.input_diversity), ("ti", self.translation_invariance))
-                  if on]
+        parts += [t for t in ("di", "ti") + COMPANIONS if getattr(self, _SWITCHES[t])]
         return "+".join(parts)
 
 
 def parse_attack_name(name: str) -> dict[str, object]:
     """Turn ``"mi+di+ti"`` into AttackSpec fields.
 
-    Tokens: one update rule at most (``ifgsm``, ``mi``, ``ni``; default ``ifgsm``) and any of the
-    modifiers ``pgd`` (random start), ``di``, ``ti``. ``"pgd"`` alone is I-FGSM with a random start.
+    Tokens: one update rule at most (``ifgsm``, ``mi``, ``ni``; default ``ifgsm``), any of the
+    modifiers ``pgd`` (random start), ``di``, ``ti`` and any of the companion parts ``si``,
+    ``vt``, ``admix``, ``sia``, ``bsr``. ``"pgd"`` alone is I-FGSM with a random start. The
+    aliases ``vmi`` (``mi+vt``), ``vni`` (``ni+vt``) and ``sini`` (``ni+si``) stand for their
+    parts; :attr:`AttackSpec.name` spells the parts out.
     """
     if not isinstance(name, str) or not name.strip():
         raise InputError(f"attack name must be a non-empty string such as 'mi+di', got {name!r}")
-    tokens = [t.strip().lower() for t in name.split("+")]
-    for token in tokens:
-        if token not in ATTACK_TOKENS:
-            raise InputError(f"unknown attack {token!r} in {name!r}; "
-                             f"known: {', '.join(ATTACK_TOKENS)} (combine with '+')")
+    tokens, aliases = [], ""
+    for token in (t.strip().lower() for t in name.split("+")):
+        if token not in ATTACK_TOKENS and token not in ALIASES:
+            raise InputError(f"unknown attack {token!r} in {name!r}; known: "
+                             f"{', '.join(ATTACK_TOKENS + tuple(ALIASES))} (combine with '+')")
+        tokens += ALIASES.get(token, (token,))
+        if token in ALIASES:  # said in the errors below: the clash may hide inside an alias
+            aliases += f"; {token} = {'+'.join(ALIASES[token])}"
     if len(set(tokens)) != len(tokens):
-        raise InputError(f"attack {name!r} names a component twice")
+        raise InputError(f"attack {name!r} names a component twice{aliases}")
     rules = [t for t in tokens if t in UPDATE_RULES]
     if len(rules) > 1:
-        raise InputError(f"attack {name!r} has several update rules ({', '.join(rules)}); pick one")
-    return {"update": rules[0] if rules else "ifgsm", "random_start": "pgd" in tokens,
-            "input_diversity": "di" in tokens, "translation_invariance": "ti" in tokens}
+        raise InputError(f"attack {name!r} has several update rules ({', '.join(rules)}); "
+                         f"pick one{aliases}")
+    return {"update": rules[0] if rules else "ifgsm",
+            **{field: token in tokens for token, field in _SWITCHES.items()}}
 
 
 def _check_choice(what: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise InputError(f"unknown {what} {value!r}; expected one of {', '.join(choices)}")
+
+
+def _check_between(what: str, value: object, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not (math.isfinite(value) and low <= value <= high):
+        raise InputError(f"{what} must be a finite number in [{low:g}, {high:g}], got {value!r}")
 
 
 def _check_positive(what: str, value: object) -> None:

@@ -1,8 +1,9 @@
 """The one iterative attack loop; every attack is a composition of its parts.
 
-An attack = objective (``losses``) + optional input transform (DI) + optional gradient transform
-(TI; SGM and the other backward-pass methods as contexts around the source models) + update rule
-(sign, momentum, Nesterov) + projection. ``"mi+di+ti"`` with ``sgm=0.2`` and
+An attack = objective (``losses``) + gradient estimate (the mean over input copies: DI, and the
+companion parts SI, Admix, SIA, BSR of ``companions``; VT's variance term) + optional gradient
+transform (TI; SGM and the other backward-pass methods as contexts around the source models) +
+update rule (sign, momentum, Nesterov) + projection. ``"mi+di+ti+si"`` with ``sgm=0.2`` and
 ``backward="linbp"`` is a configuration of this loop, not a class.
 """
 from __future__ import annotations
@@ -13,13 +14,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from skipgrad.attacks.companions import VarianceTuning, check_input_size, copy_transforms
 from skipgrad.attacks.config import AttackSpec
 from skipgrad.attacks.losses import attack_objective
-from skipgrad.attacks.randomness import PerImageRandom, stream_factory
-from skipgrad.attacks.transforms import (apply_diversity, draw_diversity, gaussian_kernel,
-                                         smooth_gradient)
-from skipgrad.attacks.updates import (l1_normalise, per_sample_norm, project, quantise_in_ball,
-                                      steepest_direction)
+from skipgrad.attacks.randomness import PerImageRandom, stream_factory, uniform_in_ball
+from skipgrad.attacks.transforms import gaussian_kernel, smooth_gradient
+from skipgrad.attacks.updates import l1_normalise, project, quantise_in_ball, steepest_direction
 from skipgrad.backward import BackwardContext, check_gamma, skip_gradient
 from skipgrad.backward.base import evaluation_mode
 from skipgrad.backward.registry import BackwardPlan
@@ -58,6 +58,7 @@ def attack(
     di_prob: float = 0.5,
     di_scale: float = 1.1,
     ti_kernel: int = 7,
+    **settings: object,
 ) -> torch.Tensor:
     """Craft adversarial examples with a composable iterative attack, optionally with SGM.
 
@@ -66,7 +67,9 @@ def attack(
             ensemble whose per-model objectives are averaged.
         images: float tensor (N, C, H, W) in [0, 1]; not modified.
         labels: int64 (N,): true labels (untargeted) or target labels (``targeted=True``).
-        method: ``ifgsm``, ``pgd``, ``mi``, ``ni``, ``di``, ``ti`` composed with ``+``.
+        method: ``ifgsm``, ``pgd``, ``mi``, ``ni``, ``di``, ``ti`` and the companion parts
+            ``si``, ``vt``, ``admix``, ``sia``, ``bsr`` composed with ``+`` (aliases ``vmi``,
+            ``vni``, ``sini``; see :class:`AttackSpec`).
         sgm: SGM decay gamma in (0, 1] for every source, a list with one entry per source
             (``None`` = no SGM for that source), or ``None`` for no SGM at all.
         sgm_official: use the authors' hook placement (torchvision ResNet/DenseNet only).
@@ -83,10 +86,15 @@ def attack(
         eps, step_size: ball radius and step in [0, 1] pixel units (16/255 and 2/255 in the paper).
         steps: iterations (10 in the paper). norm: ``"linf"`` or ``"l2"``.
         loss: ``"ce"`` or ``"margin"``. targeted: aim for ``labels`` instead of away from them.
-        seed, ids: the run seed and per-image ids; each image's random draws (PGD start, DI) come
-            from its own stream, so results do not depend on batching. ``ids`` defaults to 0..N-1.
+        seed, ids: the run seed and per-image ids; each image's random draws (PGD start, DI, the
+            companion parts) come from its own stream, so results do not depend on batching,
+            except Admix's, which mixes each image with others of its batch. ``ids`` defaults
+            to 0..N-1.
         decay: MI/NI momentum decay. di_prob, di_scale: DI probability and canvas scale.
         ti_kernel: TI Gaussian kernel size (odd).
+        settings: the companion parts' settings, as :class:`AttackSpec` fields (``si_copies``,
+            ``vt_neighbours``, ``vt_beta``, ``admix_scales``, ``admix_mixes``, ``admix_eta``,
+            ``sia_copies``, ``sia_blocks``, ``bsr_copies``, ``bsr_blocks``, ``bsr_max_angle``).
 
     Returns:
         Adversarial images in [0, 1] on 8-bit levels: ``round(adv*255)`` is within the eps-ball of
@@ -99,7 +107,7 @@ def attack(
                             di_scale=di_scale, ti_kernel=ti_kernel,
                             sgm=tuple(sgm) if isinstance(sgm, (list, tuple)) else sgm,
                             sgm_official=sgm_official, backward=backward, seed=seed,
-                            forward=forward)
+                            forward=forward, **settings)
     return attack_with(model, images, labels, spec, ids=ids)
 
 
@@ -112,6 +120,7 @@ def attack_with(model: nn.Module | Sequence[nn.Module], images: torch.Tensor,
     contexts = backward_contexts(sources, spec)
     _check_images(images)
     _check_labels(labels, images)
+    check_input_size(spec, images.shape)
     labels = labels.long()  # int32 is accepted; the losses index with int64
     image_ids = _check_ids(ids, images.shape[0])
     rng = PerImageRandom(spec.seed, image_ids)
@@ -132,11 +141,15 @@ def run_attack(sources: Sequence[nn.Module], images: torch.Tensor, labels: torch
     kernel = gaussian_kernel(spec.ti_kernel).to(images) if spec.translation_invariance else None
     x_adv = random_start(images, spec, rng) if spec.random_start else images.clone()
     momentum = torch.zeros_like(images)
-    for _ in range(spec.steps):
+    tuning = VarianceTuning(spec, rng, lambda x: input_gradient(sources, x, labels, spec, rng)) \
+        if spec.variance_tuning else None
+    for step in range(spec.steps):
         query = x_adv
         if spec.update == "ni":  # Nesterov look-ahead (Lin et al., ICLR 2020)
             query = x_adv + spec.step_size * spec.decay * _lookahead(momentum, spec.norm)
         grad = input_gradient(sources, query, labels, spec, rng)
+        if tuning is not None:  # before TI, which smooths the tuned gradient (Wang & He)
+            grad = tuning.tune(grad, x_adv, last=step == spec.steps - 1)
         if kernel is not None:
             grad = smooth_gradient(grad, kernel)
         if spec.update in ("mi", "ni"):
@@ -149,33 +162,27 @@ def run_attack(sources: Sequence[nn.Module], images: torch.Tensor, labels: torch
 
 def input_gradient(sources: Sequence[nn.Module], x: torch.Tensor, labels: torch.Tensor,
                    spec: AttackSpec, rng: PerImageRandom) -> torch.Tensor:
-    """Gradient of the ensemble-averaged objective w.r.t. ``x``, one source at a time so that
-    memory grows with the largest source, not with their sum."""
-    draws = (draw_diversity(rng, tuple(x.shape[-2:]), spec.di_prob, spec.di_scale)
-             if spec.input_diversity else None)
-    total = torch.zeros_like(x)
-    for model in sources:
-        x_var = x.detach().requires_grad_(True)
-        inputs = apply_diversity(x_var, draws) if draws is not None else x_var
-        logits = model(inputs)
-        _check_logits(logits, labels)
-        objective = attack_objective(logits, labels, spec.loss, spec.targeted).sum()
-        (grad,) = torch.autograd.grad(objective / len(sources), x_var)
-        total += grad
+    """Gradient of the ensemble-averaged objective w.r.t. ``x``, averaged over the input copies
+    of the estimate (``companions.copy_transforms``: DI and the copy parts; ``x`` itself without
+    them). One copy and one source at a time, so that memory grows with the largest source, not
+    with the sources' sum or the number of copies."""
+    total, copies = torch.zeros_like(x), 0
+    for transform in copy_transforms(spec, x, rng):
+        for model in sources:
+            x_var = x.detach().requires_grad_(True)
+            logits = model(transform(x_var))
+            _check_logits(logits, labels)
+            objective = attack_objective(logits, labels, spec.loss, spec.targeted).sum()
+            (grad,) = torch.autograd.grad(objective / len(sources), x_var)
+            total += grad
+        copies += 1
     _check_finite(total, "gradient")
-    return total
+    return total / copies
 
 
 def random_start(images: torch.Tensor, spec: AttackSpec, rng: PerImageRandom) -> torch.Tensor:
     """A uniform random point of the ball (PGD, Madry et al., ICLR 2018)."""
-    shape = tuple(images.shape[1:])
-    if spec.norm == "linf":
-        delta = (2 * rng.uniform(shape, images.device) - 1) * spec.eps
-    else:
-        direction = rng.normal(shape, images.device)
-        direction = direction / per_sample_norm(direction, 2).clamp_min(1e-12)
-        radius = rng.uniform((1,) * len(shape), images.device) ** (1 / direction[0].numel())
-        delta = direction * radius * spec.eps
+    delta = uniform_in_ball(rng, tuple(images.shape[1:]), spec.eps, spec.norm, images.device)
     return project(images + delta.to(images.dtype), images, spec.eps, spec.norm)
 
 

@@ -6,6 +6,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from skipgrad.attacks.updates import per_sample_norm
+
 
 def image_seed(run_seed: int, image_id: int, stream: str = "") -> int:
     """A 63-bit seed for one image, mixed from the run seed and the image id; a named ``stream``
@@ -39,6 +41,26 @@ class PerImageRandom:
         """Standard normal draws, shape (N, *shape)."""
         return torch.stack([torch.randn(shape, generator=g) for g in self._generators]).to(device)
 
+    def uniform_each(self, shapes: Sequence[tuple[int, ...]],
+                     device: torch.device | str = "cpu") -> list[torch.Tensor]:
+        """Uniform draws in [0, 1) of a different shape for each image (e.g. the size of a block
+        that only this image transforms), one tensor per image."""
+        if len(shapes) != len(self._generators):
+            raise ValueError(f"{len(shapes)} shapes for {len(self._generators)} images")
+        return [torch.rand(shape, generator=g).to(device)
+                for shape, g in zip(shapes, self._generators)]
+
+
+def uniform_in_ball(rng: PerImageRandom, shape: tuple[int, ...], radius: float, norm: str,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """One point per image, uniform in the ``norm`` ball of ``radius`` around 0, shape (N, *shape):
+    uniform in the box for L-inf; for L2 a uniform direction times ``radius * u**(1/d)``."""
+    if norm == "linf":
+        return (2 * rng.uniform(shape, device) - 1) * radius
+    direction = rng.normal(shape, device)
+    direction = direction / per_sample_norm(direction, 2).clamp_min(1e-12)
+    scale = rng.uniform((1,) * len(shape), device) ** (1 / direction[0].numel())
+    return direction * scale * radius
 
 def stream_factory(run_seed: int,
                    image_ids: Sequence[int]) -> Callable[[Optional[int], str], PerImageRandom]:
