@@ -87,7 +87,7 @@ def test_l2_eps_is_the_whole_image_norm_in_unit_pixels(tmp_path: Path) -> None:
 def test_l2_has_its_own_defaults_and_linf_records_levels(tmp_path: Path) -> None:
     assert _attack(tmp_path / "l2", "--norm", "l2") == 0
     config = json.loads((tmp_path / "l2" / "run.json").read_text())["config"]
-    assert (config["eps"], config["step_size"]) == (1.5, 0.25)
+    assert (config["eps"], config["step_size"]) == (1.5, 0.375)
     assert _attack(tmp_path / "linf", "--eps", "16/255") == 0
     run = json.loads((tmp_path / "linf" / "run.json").read_text())
     assert run["config"]["eps"] == 16.0 and "eps_unit" not in run["config"]  # older folders resume

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from skipgrad.backward.registry import BackwardPlan, as_plan, per_source
 from skipgrad.gamma import check_gamma
 from skipgrad.errors import InputError
+from skipgrad.units import no_op_size
 
 UPDATE_RULES = ("ifgsm", "mi", "ni")
 MODIFIERS = ("pgd", "di", "ti")
@@ -154,8 +155,7 @@ class AttackSpec:
             raise InputError(f"eps is in [0, 1] pixel units for the L-inf norm, got {self.eps}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise InputError(f"steps must be a positive integer, got {self.steps!r}")
-        if self.norm == "linf":
-            self._check_levels()
+        self._check_levels()
         if not (isinstance(self.decay, (int, float)) and math.isfinite(self.decay)
                 and self.decay >= 0):
             raise InputError(f"decay must be a finite number >= 0, got {self.decay!r}")
@@ -214,15 +214,20 @@ class AttackSpec:
         return self.steps * per_step - self.vt_neighbours * copies
 
     def _check_levels(self) -> None:
-        """An L-inf attack whose radius, or whose whole walk, stays under one 8-bit level cannot
-        change a saved pixel: refuse it rather than return the clean images."""
-        if self.eps * 255 < 1 - 1e-6:
+        """An attack whose radius, or whose whole walk, stays under one 8-bit level cannot change a
+        saved pixel (under either norm, :func:`skipgrad.units.no_op_size`): refuse it rather than
+        return the clean images."""
+        problem = no_op_size(self.eps, self.step_size, self.steps)
+        linf = self.norm == "linf"
+        example = "16/255 in the paper" if linf else "an L2 radius such as 1.5"
+        usual = "2/255 in the paper" if linf else "eps/4 by default"
+        if problem == "eps":
             raise InputError(f"eps {self.eps:.4g} is below one 8-bit level (1/255), so no pixel "
-                             f"can change; eps is in [0, 1] pixel units (16/255 in the paper)")
-        if self.steps * self.step_size * 255 < 0.5 - 1e-6:
+                             f"can change; eps is in [0, 1] pixel units ({example})")
+        if problem == "step_size":
             raise InputError(f"step_size {self.step_size:.4g} x {self.steps} steps moves a pixel "
                              f"by less than half an 8-bit level, so no pixel can change; "
-                             f"step_size is in [0, 1] pixel units (2/255 in the paper)")
+                             f"step_size is in [0, 1] pixel units ({usual})")
 
     @property
     def name(self) -> str:

@@ -98,7 +98,9 @@ def attack(
 
     Returns:
         Adversarial images in [0, 1] on 8-bit levels: ``round(adv*255)`` is within the eps-ball of
-        ``round(images*255)`` (L-inf: at most ``floor(eps*255)`` levels per pixel).
+        ``round(images*255)`` (L-inf: at most ``floor(eps*255)`` levels per pixel; L2: an integer
+        sum of squared level differences of at most ``(eps*255)**2``; see
+        :func:`~skipgrad.attacks.updates.quantise_in_ball`).
 
     Models are switched to eval mode during the attack and restored afterwards.
     """

@@ -91,7 +91,7 @@ def _add_attack_settings(p: argparse.ArgumentParser) -> None:
                    "16); with --norm l2 the L2 norm of the whole perturbation in [0, 1] pixel "
                    "units (default 1.5 up to 32x32 pixels, 3.0 above)")
     p.add_argument("--step-size", type=levels, help="step, in the unit of --eps (default 2 "
-                   "levels for L-inf, eps/6 for L2)")
+                   "levels for L-inf, eps/4 for L2)")
     p.add_argument("--steps", type=positive_int, help="iterations (default 10)")
     p.add_argument("--norm", choices=("linf", "l2"), help="linf (default) or l2; sets the unit "
                    "of --eps and --step-size")

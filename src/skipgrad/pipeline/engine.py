@@ -61,7 +61,7 @@ def image_groups(samples: Sequence[Sample], size: int) -> list[list[Sample]]:
 def check_bound(adv: np.ndarray, clean: np.ndarray, job: AttackJob, name: str) -> None:
     """Assert the perturbation bound on the 8-bit levels about to be saved (the same check
     ``evaluate`` repeats on the saved files)."""
-    why = verify.bound_violation(adv, clean, job.attack.eps * 255, job.attack.norm)
+    why = verify.bound_violation(adv, clean, job.attack.eps, job.attack.norm)
     if why is not None:
         raise RuntimeError(f"refusing to save {name}: perturbation {why} exceeds the bound "
                            f"(this is a bug in the attack; please report)")

@@ -25,6 +25,7 @@ from skipgrad.pipeline import distributed
 from skipgrad.store import outdir
 
 from skipgrad.store import verify
+from skipgrad import units
 from skipgrad.data.datasets import ImageDataset, Sample, open_dataset
 from skipgrad.store.atomic import atomic_write_text
 from skipgrad.store.records import record_evaluations
@@ -201,12 +202,13 @@ def _mismatches(output: AttackOutput, batch: Sequence[int], contents: Sequence[b
     """The files of ``batch`` whose bytes differ from the manifest's hash or whose levels leave
     the run's eps ball around their clean images (one entry per file, every reason)."""
     config = output.run.get("config", {})
+    norm = config.get("norm", "linf")  # run.json: command-line units; the bound: [0, 1] units
+    eps = units.to_library(float(config["eps"]), norm)
     clean = verify.levels(output.data.load([output.samples[i] for i in batch]))
     found = []
     for k, (i, data) in enumerate(zip(batch, contents)):
         reasons = [] if verify.sha256_hex(data) == output.hashes[i] else ["SHA-256 differs"]
-        outside = verify.bound_violation(verify.levels(adv[k]), clean[k], float(config["eps"]),
-                                         config.get("norm", "linf"))
+        outside = verify.bound_violation(verify.levels(adv[k]), clean[k], eps, norm)
         reasons += [outside] if outside else []
         if reasons:
             found.append(verify.Mismatch(_name(output, i), "; ".join(reasons)))

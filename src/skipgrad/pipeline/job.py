@@ -63,11 +63,12 @@ _LEVEL_SETTINGS = ("eps", "step_size")
 def attack_from_settings(method: str = "ifgsm", sgm: float | None | tuple = None,
                          settings: dict | None = None,
                          backward: str | None | tuple[str | None, ...] = None,
-                         data: str | None = None) -> AttackSpec:
+                         data: str | None = None, channels: int | None = None) -> AttackSpec:
     """The AttackSpec of command-line/plan ``settings`` (keys of ``ATTACK_SETTINGS``, unset ones
     left out; eps and step size in the units of :mod:`skipgrad.units`: levels for L-inf, [0, 1]
     for L2) with the composed attack ``method``, the SGM gamma(s) and the backward-pass
-    method(s). ``data`` sizes the L2 defaults. Bad values are a UserError."""
+    method(s). ``data`` (read as ``channels``, the ``--channels`` setting) sizes the L2 defaults
+    and the largest L2 eps. Bad values are a UserError."""
     import skipgrad
 
     values = dict(settings or {})
@@ -80,11 +81,13 @@ def attack_from_settings(method: str = "ifgsm", sgm: float | None | tuple = None
             _positive(f"--{key.replace('_', '-')}", values[key])
     if norm == "linf":
         _check_linf_levels(values)
-    elif not all(k in values for k in _LEVEL_SETTINGS):
-        values = {**units.l2_defaults(_pixels(data)), **values}
     for key in _LEVEL_SETTINGS:
         if key in values:
             values[key] = units.to_library(values[key], norm)
+    if norm == "l2":
+        pixels = _pixels(data)
+        values = {**units.l2_defaults(pixels, values.get("eps")), **values}
+        _check_l2_levels(values, _channels(data, channels) * pixels)
     try:
         return skipgrad.AttackSpec.parse(method, sgm=sgm, backward=backward, **values)
     except UserError:
@@ -101,14 +104,42 @@ def _check_linf_levels(values: dict) -> None:
     steps = values.get("steps", 10)
     if eps > 255:
         raise UserError(f"--eps is in {units.LINF_UNIT}; {eps:g} is larger than 255")
-    if eps < 1 - 1e-6:
+    problem = units.no_op_size(eps / 255, step / 255, steps)
+    if problem == "eps":
         raise UserError(f"--eps {eps:g} is below one 8-bit level, so no pixel can change (--eps "
                         f"is in {units.LINF_UNIT}); did you mean "
                         f"--eps {units.nearest_levels(eps)}?")
-    if isinstance(steps, int) and steps * step < 0.5 - 1e-6:
+    if problem == "step_size":
         raise UserError(f"--step-size {step:g} x {steps} steps moves a pixel by less than half a "
                         f"level, so no pixel can change (--step-size is in {units.LINF_UNIT}); "
                         f"did you mean --step-size {units.nearest_levels(step)}?")
+
+
+def _check_l2_levels(values: dict, size: int) -> None:
+    """L2 sizes are norms of the whole perturbation in [0, 1] units (after defaults): a radius no
+    image of ``size`` values can reach was typed in another unit (levels?); a radius or walk that
+    cannot move a saved pixel changes nothing."""
+    eps, step, steps = values["eps"], values["step_size"], values.get("steps", 10)
+    largest = units.diameter("l2", size)
+    if eps > largest:
+        raise UserError(f"--eps {eps:g} is larger than any L2 perturbation of these images: "
+                        f"{largest:.4g} = sqrt({size} values) for the whole [0, 1] box (--eps "
+                        f"is in {units.L2_UNIT})")
+    problem = units.no_op_size(eps, step, steps)
+    if problem == "eps":
+        raise UserError(f"--eps {eps:g} is below one 8-bit level (1/255 = {units.ONE_LEVEL:.4f}), "
+                        f"so no pixel can change (--eps is in {units.L2_UNIT})")
+    if problem == "step_size":
+        raise UserError(f"--step-size {step:g} x {steps} steps moves a pixel by less than half a "
+                        f"level (0.5/255 = {units.ONE_LEVEL / 2:.4f}), so no pixel can change "
+                        f"(--step-size is in {units.L2_UNIT}); the default for --eps {eps:g} is "
+                        f"{units.l2_defaults(0, eps)['step_size']:g}")
+
+
+def _channels(data: str | None, channels: int | None) -> int:
+    """``data``'s channels under ``--channels``; a folder read with auto channels counts 3 (what
+    RGB files give), so that the largest L2 eps is never below what its images can reach."""
+    return channels or (1 if data is None or data.startswith("fmnist:") else 3)
 
 
 def _pixels(data: str | None) -> int:

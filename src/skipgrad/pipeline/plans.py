@@ -66,7 +66,7 @@ def attack_job(flags: Mapping[str, object]) -> tuple[AttackJob, bool]:
     spec = attack_from_settings(flags.get("attack") or "ifgsm", None if auto else sgm,
                                 {k: v for k, v in settings.items() if k in ATTACK_SETTINGS},
                                 per_source_backward(flags.get("backward"), len(sources)),
-                                data=flags["data"])
+                                data=flags["data"], channels=settings.get("channels"))
     job = AttackJob(sources=sources, data=flags["data"], attack=spec,
                     weights=tuple(flags.get("weights") or ()),
                     **{k: v for k, v in settings.items() if k in JOB_SETTINGS})
@@ -265,5 +265,5 @@ def template_from(settings: dict, data: str) -> AttackJob:
                         f"(known: {', '.join(sorted(_TEMPLATE_KEYS))})")
     job_settings = {k: settings[k] for k in JOB_SETTINGS if k in settings}
     spec = attack_from_settings(settings={k: settings[k] for k in ATTACK_SETTINGS if k in settings},
-                                data=data)
+                                data=data, channels=job_settings.get("channels"))
     return AttackJob(sources=(), data=data, attack=spec, **job_settings)

@@ -4,8 +4,9 @@
 ``evaluate`` (and ``transfer``, ``sweep`` and ``demo``, which evaluate the folders they made) checks
 every file: its bytes are hashed as they are read for decoding -- one read, no separate pass -- and
 compared with the manifest, and its 8-bit levels are compared with the clean image's under the
-run's eps (L-inf: at most ``floor(eps)`` levels per pixel; L2: a level-difference norm of at most
-``eps``). Any mismatch is one :class:`VerificationError` naming the first files and the count.
+run's eps (:func:`bound_violation`: L-inf, at most ``floor(eps)`` levels per pixel; L2, a
+level-difference norm of at most ``eps*255`` levels for an ``eps`` in [0, 1] units). Any mismatch
+is one :class:`VerificationError` naming the first files and the count.
 ``evaluate --no-verify`` skips all of this for folders one vouches for by other means (e.g. made
 by a skipgrad older than the hashes, which cannot be verified).
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from skipgrad import units
 from skipgrad.errors import UserError
 
 SHA_COLUMN = "sha256"
@@ -42,20 +44,29 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def bound_violation(adv: np.ndarray, clean: np.ndarray, eps_levels: float,
-                    norm: str) -> str | None:
-    """Why 8-bit ``adv`` breaks the ``norm`` ball of radius ``eps_levels`` (pixel levels out of
-    255) around 8-bit ``clean``, or None when it does not. The one definition of the bound that
-    the attack checks before saving and ``evaluate`` checks again on the saved files."""
-    diff = adv.astype(np.int16) - clean.astype(np.int16)
+def bound_violation(adv: np.ndarray, clean: np.ndarray, eps: float, norm: str) -> str | None:
+    """Why 8-bit ``adv`` breaks the ``norm`` ball of radius ``eps`` around 8-bit ``clean``, or None
+    when it does not. ``eps`` is in [0, 1] pixel units, the unit of :class:`~skipgrad.AttackSpec`
+    for both norms (``evaluate`` converts run.json's command-line units with
+    :func:`skipgrad.units.to_library`).
+
+    The one definition of the bound: the attack checks it before saving and ``evaluate`` checks
+    it again on the saved files. It is exactly what the attack's rounding
+    (:func:`skipgrad.attacks.updates.quantise_in_ball`) guarantees, with no tolerance either way:
+    L-inf, every level difference at most :func:`skipgrad.units.linf_levels` ``(eps)``; L2, the
+    exact integer sum of squared level differences at most
+    :func:`skipgrad.units.l2_radius_squared` ``(eps)``.
+    """
+    diff = adv.astype(np.int64) - clean.astype(np.int64)
     if norm == "linf":
-        limit = math.floor(eps_levels + 1e-6)
+        limit = units.linf_levels(eps)
         worst = int(np.abs(diff).max()) if diff.size else 0
         return None if worst <= limit else f"L-inf {worst} levels > {limit}"
-    worst_l2 = float(np.sqrt((diff.astype(np.float64) ** 2).sum()))
-    if worst_l2 <= eps_levels * (1 + 1e-6) + 1e-6:
+    squares = int((diff * diff).sum())
+    if squares <= units.l2_radius_squared(eps):
         return None
-    return f"L2 {worst_l2:.4g} levels > {eps_levels:g}"
+    return (f"L2 {math.sqrt(squares) / 255:.7g} > eps {eps:g} in [0, 1] units "
+            f"({math.sqrt(squares):.7g} levels > {eps * 255:.7g})")
 
 
 def levels(images: torch.Tensor) -> np.ndarray:
