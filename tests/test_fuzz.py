@@ -110,7 +110,8 @@ def test_the_fuzz_draws_valid_calls_of_both_norms() -> None:
     """The bound check below has a branch per norm: both must be reachable by valid draws."""
     for norm in ("linf", "l2"):
         call, _ = find(attack_calls(), lambda drawn, norm=norm: not drawn[1]
-                       and drawn[0]["norm"] == norm, settings=settings(database=None))
+                       and drawn[0]["norm"] == norm,
+                       settings=settings(database=None, max_examples=2000, deadline=None))
         assert call["norm"] == norm
 
 
