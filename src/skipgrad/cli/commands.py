@@ -55,10 +55,17 @@ def cmd_attack(args: argparse.Namespace) -> int:
               f"(calibration curve in {args.out}/run.json)")
     compiled = (f", after {summary.compile_seconds:.1f} s compiling"
                 if summary.compile_seconds else "")
+    white_box = f"white-box success on the source: {100 * summary.source_success:.1f}%"
+    if summary.modified_source_success is not None:  # --forward changes the source's predictions
+        from skipgrad.backward.registry import describe
+
+        method = describe(job.attack.forward_per_source(len(job.sources)))
+        white_box = (f"white-box success on the unmodified source: "
+                     f"{100 * summary.source_success:.1f}%, on the source modified by --forward "
+                     f"{method}: {100 * summary.modified_source_success:.1f}%")
     print(f"{summary.total} images in {args.out} ({summary.skipped} already done, "
           f"{summary.attacked} attacked in {summary.seconds:.1f} s, {summary.cpu_seconds:.1f} s "
-          f"CPU{compiled}); "
-          f"white-box success on the source: {100 * summary.source_success:.1f}%")
+          f"CPU{compiled}); {white_box}")
     return 0
 
 
