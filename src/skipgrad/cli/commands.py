@@ -136,7 +136,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     """``skipgrad sweep``: one attack over a list of gammas, transfer success per target."""
     from skipgrad.pipeline.job import run_options, settings_of
-    from skipgrad.pipeline.plans import per_source_backward, template_from
+    from skipgrad.pipeline.plans import per_source_backward, per_source_forward, template_from
     from skipgrad.pipeline.sweep import format_best, run_sweep
     from skipgrad.pipeline.transfer import model_refs_of
 
@@ -146,7 +146,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     targets = model_refs_of(args.target, args.target_weights, "target")
     result = run_sweep(source, args.attack, args.gammas, targets,
                        template_from(settings_of(flags), args.data), args.out, run_options(flags),
-                       log=_log(args.quiet), backward=per_source_backward(args.backward, 1))
+                       log=_log(args.quiet), backward=per_source_backward(args.backward, 1),
+                       forward=per_source_forward(args.forward, 1))
     print(format_best(result))
     print("wrote " + ", ".join(str(p) for p in result.files.values()))
     return 0
@@ -160,7 +161,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     found = inspect_spec(args.spec, weights=args.weights, backward=args.backward, data=args.data,
                          limit=args.limit, channels=args.channels, gamma=args.gamma,
-                         device=args.device)
+                         device=args.device, forward=args.forward)
     if found.random_weights_reason:
         print(f"skipgrad: note: {found.random_weights_reason}; analysing the architecture with "
               f"random weights (gradient shares then describe an untrained network)",
@@ -189,10 +190,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """``skipgrad demo``: the embedded Fashion-MNIST benchmark."""
     from skipgrad.pipeline.demo import run_demo
-    from skipgrad.pipeline.plans import per_source_backward
+    from skipgrad.pipeline.plans import per_source_backward, per_source_forward
 
     chosen = {k: v for k, v in (("source", args.source), ("gamma", args.sgm),
-                                ("backward", per_source_backward(args.backward, 1)))
+                                ("backward", per_source_backward(args.backward, 1)),
+                                ("forward", per_source_forward(args.forward, 1)))
               if v is not None}
     report = run_demo(args.out, limit=args.limit, device=args.device, quiet=args.quiet,
                       seed=args.seed, batch_size=args.batch_size, **chosen)

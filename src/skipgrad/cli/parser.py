@@ -111,7 +111,8 @@ def _add_attack_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true", default=None,
                    help="channels-last memory format for the source models and images")
     p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the source models (with SGM and --backward attached) for "
+                   help="torch.compile the source models (with SGM, --backward and --forward "
+                        "attached; not with a --forward method that draws, such as ghost) for "
                         "long runs: compile time is spent once, before the attack (needs a C++ "
                         "compiler on CPU)")
 
@@ -129,7 +130,7 @@ def _add_backward_option(p: argparse.ArgumentParser, demo: bool = False) -> None
 
 
 def _add_forward_option(p: argparse.ArgumentParser, demo: bool = False) -> None:
-    scope = ("added with and without SGM" if demo else
+    scope = ("the source so modified in every attack" if demo else
              "once for every source, or once per --source in order (none = without)")
     p.add_argument("--forward", action="append", type=forward_method,
                    metavar="METHOD[:key=value,...]",

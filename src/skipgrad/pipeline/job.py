@@ -199,7 +199,8 @@ def check_job(job: AttackJob) -> None:
         raise UserError(f"--amp must be one of {', '.join(AMP_MODES)}, got {job.amp!r} (float16 "
                         f"is not offered: input gradients underflow in it without loss scaling)")
     backward_plans(job)
-    forward_plans(job)
+    if job.compile:
+        _refuse_compiled_draws(job)
     if job.weights and len(job.weights) != len(job.sources):
         raise UserError(f"{len(job.weights)} --weights for {len(job.sources)} --source; give one "
                         f"weights file per source, in the same order")
@@ -268,12 +269,10 @@ def forward_record(job: AttackJob, models: Sequence[WrappedModel]) -> list[list[
 
 def method_records(job: AttackJob, models: Sequence[WrappedModel]) -> dict[str, list[list[dict]]]:
     """``{"backward": ..., "forward": ...}``: per source, each method's record (see
-    :func:`backward_record`), after checking that every method applies and that none conflicts;
-    with ``--compile``, a forward method that draws anew at each forward pass (Ghost) is refused:
-    the compiled path enters the contexts once, without the attack's per-image streams."""
+    :func:`backward_record`), after checking that every method applies and that none
+    conflicts."""
     import skipgrad
     from skipgrad.attacks.loop import backward_contexts
-    from skipgrad.backward.base import BackwardContext
 
     plans = {kind: _plans(job, kind) for kind in ("backward", "forward")}
     try:
@@ -289,12 +288,24 @@ def method_records(job: AttackJob, models: Sequence[WrappedModel]) -> dict[str, 
         for kind, plan in (("backward", backward), ("forward", forward)):
             records[kind].append([] if plan is None else [_method_record(choice, next(by_method))
                                                           for choice in plan.methods])
-    drawing = [c for c in contexts if type(c).follow_attack is not BackwardContext.follow_attack]
-    if job.compile and drawing:
-        raise UserError(f"--compile cannot run --forward {type(drawing[0]).__name__}: it draws "
-                        f"anew at every forward pass from per-image streams, and the compiled "
-                        f"path enters the contexts once without them; run without --compile")
     return records
+
+
+def _refuse_compiled_draws(job: AttackJob) -> None:
+    """``--compile`` enters the contexts once, without the attack's per-image streams, so a
+    method that draws anew at every forward pass (Ghost: its context takes the streams through
+    ``follow_attack``) cannot run compiled; refuse it in one line."""
+    from skipgrad.backward.base import BackwardContext
+
+    for plan in forward_plans(job):
+        for choice in plan.methods if plan is not None else ():
+            factory = choice.info.factory
+            if getattr(factory, "follow_attack", None) not in (None,
+                                                               BackwardContext.follow_attack):
+                raise UserError(f"--compile cannot run --forward {choice.label}: it draws anew "
+                                f"at every forward pass from the images' own random streams, "
+                                f"and the compiled path enters the contexts once without them; "
+                                f"run without --compile")
 
 
 def _method_record(choice, context) -> dict:
