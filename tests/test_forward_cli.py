@@ -187,3 +187,34 @@ def test_inspect_lists_forward_methods(tmp_path, capsys):
     assert main(["inspect", "zoo:fmnist-cnn", "--limit", "2", "--forward", "ghost"]) == 2
     assert "--forward ghost on zoo:fmnist-cnn: ghost found no residual block" in \
         capsys.readouterr().err
+
+
+def test_sweep_runs_every_gamma_on_the_modified_source(tmp_path):
+    out = tmp_path / "s"
+    assert main(["sweep", "--source", RESNET, "--gammas", "0.5", "--target", "zoo:fmnist-cnn",
+                 "--out", str(out), "--forward", "iaa", *FAST]) == 0
+    assert sorted(p.name for p in (out / "attacks").iterdir()) == [
+        "zoo-fmnist-resnet20__ifgsm__nosgm__forward-iaa",
+        "zoo-fmnist-resnet20__ifgsm__sgm0.5__forward-iaa"]
+    assert json.loads((out / "sweep.json").read_text())["attack"] == "ifgsm+iaa"
+
+
+def test_demo_passes_forward_to_the_benchmark(tmp_path, monkeypatch):
+    import skipgrad.pipeline.demo as demo
+
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda out, **kw: seen.update(kw) or out / "r.md")
+    assert main(["demo", "--out", str(tmp_path), "--forward", "ghost:erosion=0.1"]) == 0
+    assert seen["forward"] == "ghost:erosion=0.1" and "backward" not in seen
+
+
+@pytest.mark.slow  # six attack folders scored on every zoo model: minutes on a shared CPU
+def test_demo_modifies_the_source_in_every_cell(tmp_path):
+    from skipgrad.pipeline.demo import DEMO_ATTACKS, run_demo
+
+    out = tmp_path / "d"
+    run_demo(out, limit=8, quiet=True, forward="iaa", log=lambda _m: None)
+    rows = json.loads((out / "transfer.json").read_text())["rows"]
+    assert {(r["attack"], r["sgm"], tuple(r["forward"])) for r in rows} == {
+        (a, g, ("iaa",)) for a in DEMO_ATTACKS for g in (None, 0.5)}
+    assert all(p.name.endswith("__forward-iaa") for p in (out / "attacks").iterdir())
