@@ -3,8 +3,8 @@
 ``transfer.json`` follows docs/design.md, "Output contracts"::
 
     {"rows": [{"source": SPEC, "attack": "ifgsm", "sgm": null | gamma, "target": SPEC,
-               "success_rate": r, "n": n, "ci95": [lo, hi], "backward": [NAME, ...], "forward": [NAME, ...],
-               "clean_correct": k, "successes_on_correct": m,
+               "success_rate": r, "n": n, "ci95": [lo, hi], "backward": [NAME, ...],
+               "forward": [NAME, ...], "clean_correct": k, "successes_on_correct": m,
                "clean_accuracy": k / n, "success_rate_on_correct": m / k}, ...]}
 
 ``backward`` lists the backward-pass methods of the attack (``[]`` for none), each as its
