@@ -218,3 +218,23 @@ def test_demo_modifies_the_source_in_every_cell(tmp_path):
     assert {(r["attack"], r["sgm"], tuple(r["forward"])) for r in rows} == {
         (a, g, ("iaa",)) for a in DEMO_ATTACKS for g in (None, 0.5)}
     assert all(p.name.endswith("__forward-iaa") for p in (out / "attacks").iterdir())
+
+
+def test_transfer_rows_keep_forward_through_json_and_csv():
+    from skipgrad.pipeline.report import TransferRow, csv_text
+
+    row = TransferRow(RESNET, "mi", 0.5, "zoo:fmnist-cnn", 0.5, 4, (0.1, 0.9), ("linbp",),
+                      forward=("ghost:erosion=0.1", "iaa"))
+    assert row.to_json()["forward"] == ["ghost:erosion=0.1", "iaa"]
+    assert TransferRow.from_json(json.loads(json.dumps(row.to_json()))) == row
+    (line,) = csv.DictReader(csv_text([row]).splitlines())
+    assert line["forward"] == "ghost:erosion=0.1+iaa" and line["backward"] == "linbp"
+    assert row.method == "mi+linbp+ghost:erosion=0.1+iaa+sgm (γ=0.5)"
+
+
+def test_show_names_the_forward_methods(tmp_path, capsys):
+    out = tmp_path / "shown"
+    assert _attack(out, "--forward", "iaa") == 0
+    capsys.readouterr()
+    assert main(["show", str(out)]) == 0
+    assert "forward [[" in capsys.readouterr().out
