@@ -107,10 +107,10 @@ def test_runs_without_forward_keep_their_manifest_and_record(tmp_path):
 
 
 @pytest.mark.parametrize("method, source, reason", [
-    ("ghost", "zoo:fmnist-cnn", "ghost found no residual block with a known skip path in "
-                                "zoo:fmnist-cnn"),
-    ("iaa", "zoo:fmnist-vit", "iaa found no ReLU and no residual branch it can scale in "
-                              "zoo:fmnist-vit")])
+    ("ghost", "zoo:fmnist-cnn",
+     "ghost found no residual block with a known skip path in zoo:fmnist-cnn"),
+    ("iaa", "zoo:fmnist-vit",
+     "iaa found no ReLU and no residual branch it can scale in zoo:fmnist-vit")])
 def test_a_method_that_cannot_apply_is_refused_before_any_work(method, source, reason, tmp_path,
                                                               capsys):
     out = tmp_path / "refused"
@@ -200,7 +200,7 @@ def test_sweep_runs_every_gamma_on_the_modified_source(tmp_path):
 
 
 def test_demo_passes_forward_to_the_benchmark(tmp_path, monkeypatch):
-    import skipgrad.pipeline.demo as demo
+    from skipgrad.pipeline import demo
 
     seen = {}
     monkeypatch.setattr(demo, "run_demo", lambda out, **kw: seen.update(kw) or out / "r.md")

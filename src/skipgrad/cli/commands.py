@@ -136,7 +136,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     """``skipgrad sweep``: one attack over a list of gammas, transfer success per target."""
     from skipgrad.pipeline.job import run_options, settings_of
-    from skipgrad.pipeline.plans import per_source_backward, per_source_forward, template_from
+    from skipgrad.pipeline.plans import (per_source_backward, per_source_forward,
+                                         template_from)
     from skipgrad.pipeline.sweep import format_best, run_sweep
     from skipgrad.pipeline.transfer import model_refs_of
 

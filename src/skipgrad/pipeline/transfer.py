@@ -275,7 +275,8 @@ def _check_sources(plan: TransferPlan, device, problems: list[str]
                    ) -> tuple[TransferPlan, list[str]]:
     """Load each source once: weights present, backward methods apply; a source without blocks
     under SGM gets the baseline column only."""
-    from skipgrad.pipeline.job import has_methods, load_sources, method_records, sgm_problem
+    from skipgrad.pipeline.job import (has_methods, load_sources, method_records,
+                                       sgm_problem)
 
     own, no_blocks = [], []
     for index, source in enumerate(plan.sources):
