@@ -68,7 +68,7 @@ def test_transfer_report_files(tmp_path: Path) -> None:
     paths = write_transfer_report(_rows(), tmp_path, "Table 1")
     doc = json.loads(paths["json"].read_text())
     assert [set(r) for r in doc["rows"]] == [
-        {"source", "attack", "sgm", "target", "success_rate", "n", "ci95", "backward",
+        {"source", "attack", "sgm", "target", "success_rate", "n", "ci95", "backward", "forward",
          "clean_correct", "successes_on_correct", "clean_accuracy", "success_rate_on_correct"}] * 4
     assert doc["rows"][0]["clean_accuracy"] is None  # rows made without clean counts say so
     assert doc["rows"][0]["sgm"] is None and doc["rows"][2]["sgm"] == 0.2

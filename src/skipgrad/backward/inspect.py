@@ -284,13 +284,15 @@ class MethodChanges:
                 "changes": [{"module": c.module, "what": c.what} for c in self.changes]}
 
 
-def method_changes(model: nn.Module, choices: list | None = None) -> list[MethodChanges]:
-    """Build each method (``MethodChoice``; default: every registered one with its defaults) on
-    ``model`` without entering it, and list what it would change or why it does not apply."""
+def method_changes(model: nn.Module, choices: list | None = None,
+                   kind: str = "backward") -> list[MethodChanges]:
+    """Build each method (``MethodChoice``; default: every registered one of ``kind`` with its
+    defaults) on ``model`` without entering it, and list what it would change or why it does not
+    apply."""
     from skipgrad.backward.registry import choose, known_methods, resolved_settings
 
     if choices is None:
-        choices = [choose(info.name) for info in known_methods()
+        choices = [choose(info.name) for info in known_methods(kind)
                    if all(key in info.defaults for key in info.settings)]
     found = []
     for choice in choices:
@@ -305,9 +307,13 @@ def method_changes(model: nn.Module, choices: list | None = None) -> list[Method
     return found
 
 
-def format_method_changes(found: list[MethodChanges], model: str) -> str:
-    """A terminal listing: per method, its settings and every module it changes (and how)."""
-    lines = [f"backward-pass methods on {model} (--backward METHOD[:key=value,...]):"]
+def format_method_changes(found: list[MethodChanges], model: str, kind: str = "backward") -> str:
+    """A terminal listing: per method, its settings and every module it changes (and how); the
+    heading names the ``kind`` (forward methods change the source's predictions too)."""
+    lines = [f"backward-pass methods on {model} (--backward METHOD[:key=value,...]):"
+             if kind == "backward" else
+             f"forward methods on {model} (--forward METHOD[:key=value,...]; they change the "
+             f"source's forward values, so its predictions, too):"]
     for entry in found:
         settings = ", ".join(f"{k}={_setting(v)}" for k, v in entry.settings.items())
         lines.append(f"{entry.label}: {entry.summary}")

@@ -55,10 +55,17 @@ def cmd_attack(args: argparse.Namespace) -> int:
               f"(calibration curve in {args.out}/run.json)")
     compiled = (f", after {summary.compile_seconds:.1f} s compiling"
                 if summary.compile_seconds else "")
+    white_box = f"white-box success on the source: {100 * summary.source_success:.1f}%"
+    if summary.modified_source_success is not None:  # --forward changes the source's predictions
+        from skipgrad.backward.registry import describe
+
+        method = describe(job.attack.forward_per_source(len(job.sources)))
+        white_box = (f"white-box success on the unmodified source: "
+                     f"{100 * summary.source_success:.1f}%, on the source modified by --forward "
+                     f"{method}: {100 * summary.modified_source_success:.1f}%")
     print(f"{summary.total} images in {args.out} ({summary.skipped} already done, "
           f"{summary.attacked} attacked in {summary.seconds:.1f} s, {summary.cpu_seconds:.1f} s "
-          f"CPU{compiled}); "
-          f"white-box success on the source: {100 * summary.source_success:.1f}%")
+          f"CPU{compiled}); {white_box}")
     return 0
 
 
@@ -129,7 +136,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     """``skipgrad sweep``: one attack over a list of gammas, transfer success per target."""
     from skipgrad.pipeline.job import run_options, settings_of
-    from skipgrad.pipeline.plans import per_source_backward, template_from
+    from skipgrad.pipeline.plans import (per_source_backward, per_source_forward,
+                                         template_from)
     from skipgrad.pipeline.sweep import format_best, run_sweep
     from skipgrad.pipeline.transfer import model_refs_of
 
@@ -139,7 +147,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     targets = model_refs_of(args.target, args.target_weights, "target")
     result = run_sweep(source, args.attack, args.gammas, targets,
                        template_from(settings_of(flags), args.data), args.out, run_options(flags),
-                       log=_log(args.quiet), backward=per_source_backward(args.backward, 1))
+                       log=_log(args.quiet), backward=per_source_backward(args.backward, 1),
+                       forward=per_source_forward(args.forward, 1))
     print(format_best(result))
     print("wrote " + ", ".join(str(p) for p in result.files.values()))
     return 0
@@ -153,7 +162,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     found = inspect_spec(args.spec, weights=args.weights, backward=args.backward, data=args.data,
                          limit=args.limit, channels=args.channels, gamma=args.gamma,
-                         device=args.device)
+                         device=args.device, forward=args.forward)
     if found.random_weights_reason:
         print(f"skipgrad: note: {found.random_weights_reason}; analysing the architecture with "
               f"random weights (gradient shares then describe an untrained network)",
@@ -182,10 +191,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """``skipgrad demo``: the embedded Fashion-MNIST benchmark."""
     from skipgrad.pipeline.demo import run_demo
-    from skipgrad.pipeline.plans import per_source_backward
+    from skipgrad.pipeline.plans import per_source_backward, per_source_forward
 
     chosen = {k: v for k, v in (("source", args.source), ("gamma", args.sgm),
-                                ("backward", per_source_backward(args.backward, 1)))
+                                ("backward", per_source_backward(args.backward, 1)),
+                                ("forward", per_source_forward(args.forward, 1)))
               if v is not None}
     report = run_demo(args.out, limit=args.limit, device=args.device, quiet=args.quiet,
                       seed=args.seed, batch_size=args.batch_size, **chosen)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from skipgrad.analysis.selection import DEFAULT_GAMMAS
 from skipgrad.cli import commands
-from skipgrad.cli.types import (backward_method, channels, gamma, gamma_list, levels,
-                                non_negative_int, positive_int, sgm_choice)
+from skipgrad.cli.types import (backward_method, channels, forward_method, gamma, gamma_list,
+                                levels, non_negative_int, positive_int, sgm_choice)
 
 EXIT_USAGE = 2
 
@@ -111,7 +111,8 @@ def _add_attack_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true", default=None,
                    help="channels-last memory format for the source models and images")
     p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the source models (with SGM and --backward attached) for "
+                   help="torch.compile the source models (with SGM, --backward and --forward "
+                        "attached; not with a --forward method that draws, such as ghost) for "
                         "long runs: compile time is spent once, before the attack (needs a C++ "
                         "compiler on CPU)")
 
@@ -125,12 +126,25 @@ def _add_backward_option(p: argparse.ArgumentParser, demo: bool = False) -> None
                                          f"linbp:branch_scale=0.5; {scope}; repeated with one "
                                          f"source, they compose (skipgrad inspect lists what "
                                          f"each changes)"))
+    _add_forward_option(p, demo)
 
 
-def _method_names() -> str:
+def _add_forward_option(p: argparse.ArgumentParser, demo: bool = False) -> None:
+    scope = ("the source so modified in every attack" if demo else
+             "once for every source, or once per --source in order (none = without)")
+    p.add_argument("--forward", action="append", type=forward_method,
+                   metavar="METHOD[:key=value,...]",
+                   help=LazyHelp(lambda: f"method that changes the source's forward pass too "
+                                         f"({_method_names('forward')}), e.g. ghost:erosion=0.16 "
+                                         f"or iaa:beta=20; {scope}; composes with --sgm and "
+                                         f"--backward; the white-box success is then reported "
+                                         f"on the unmodified and on the modified source"))
+
+
+def _method_names(kind: str = "backward") -> str:
     from skipgrad.backward.registry import known_methods  # loads torch: only when help is shown
 
-    return ", ".join(info.name for info in known_methods()) or "none registered"
+    return ", ".join(info.name for info in known_methods(kind)) or "none registered"
 
 
 def _add_demo(sub) -> None:
@@ -269,6 +283,10 @@ def _add_inspect(sub) -> None:
                    metavar="METHOD[:key=value,...]",
                    help="list what this backward-pass method changes (repeatable; default: "
                         "every registered method with its defaults)")
+    p.add_argument("--forward", action="append", type=forward_method,
+                   metavar="METHOD[:key=value,...]",
+                   help="list what this forward method (ghost, iaa) changes (repeatable; "
+                        "default: every registered forward method with its defaults)")
     p.add_argument("--data", default="fmnist:test", help="images to measure on (default "
                                                          "fmnist:test)")
     p.add_argument("--limit", type=positive_int, default=32, help="images used (default 32)")

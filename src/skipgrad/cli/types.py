@@ -75,6 +75,18 @@ def backward_method(text: str) -> str | None:
     return None if plan is None else plan.label
 
 
+def forward_method(text: str) -> str | None:
+    """``--forward METHOD[:key=value,...]`` (Ghost networks, IAA; joined with ``+``), checked
+    against the registered forward methods and returned in canonical form; ``none`` -> None."""
+    from skipgrad.backward.registry import BackwardSpecError, parse_forward
+
+    try:
+        plan = parse_forward(text)
+    except BackwardSpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return None if plan is None else plan.label
+
+
 def gamma_list(text: str) -> tuple[float, ...]:
     """Comma-separated gammas in (0, 1], e.g. ``0.1,0.2,0.5,1``; in the order given, no repeats."""
     values: list[float] = []

@@ -1,7 +1,8 @@
 """``skipgrad demo``: the bundled Fashion-MNIST transfer benchmark, and its paired SGM statistics.
 
 With ``--backward METHOD`` every attack also runs with that backward-pass method, without and with
-SGM, and the report adds the method's paired effects.
+SGM, and the report adds the method's paired effects. With ``--forward METHOD`` (Ghost networks,
+IAA: docs/forward.md) the source is modified by that method in every attack.
 
 The demo is an ordinary transfer experiment (:func:`skipgrad.pipeline.transfer.run_transfer`): one residual
 source of the bundled zoo, I-FGSM, MI and DI each without and with SGM, every zoo model as a target
@@ -48,13 +49,14 @@ def defended_targets() -> list[str]:
 def run_demo(out: Path, *, limit: int | None = None, device: str = "auto", quiet: bool = False,
              seed: int = 0, batch_size: int | None = None, source: str = DEMO_SOURCE,
              gamma: float = DEMO_GAMMA, backward: str | None = None,
-             log: Callable[[str], None] = print) -> Path:
+             forward: str | None = None, log: Callable[[str], None] = print) -> Path:
     """Run the benchmark into ``out`` and return the path of ``report.md``.
 
     ``source`` (a residual zoo model) and ``gamma`` default to the study's choice for a run of a
     few minutes; e.g. ``zoo:fmnist-resnet56`` shows larger gains at about three times the cost.
     ``backward`` (``METHOD[:key=value,...]``) adds every attack with that backward-pass method,
-    without and with SGM, and its paired effects (docs/backward.md).
+    without and with SGM, and its paired effects (docs/backward.md). ``forward`` (``--forward``,
+    docs/forward.md) modifies the source with that method in every attack.
     """
     from skipgrad.attacks.config import AttackSpec
     from skipgrad.backward import check_gamma
@@ -77,7 +79,7 @@ def run_demo(out: Path, *, limit: int | None = None, device: str = "auto", quiet
         targets=tuple(ModelRef(t) for t in targets + defended_targets()),
         template=AttackJob(sources=(), data="fmnist:test", attack=AttackSpec(seed=seed)),
         title=f"Fashion-MNIST transfer success from {short_name(source)}",
-        backward=(backward,) if backward else ())
+        backward=(backward,) if backward else (), forward=(forward,) if forward else ())
     opts = RunOptions(limit=limit or DEMO_IMAGES, batch_size=batch_size, device=device,
                       quiet=quiet)
     result = run_transfer(plan, Path(out), opts, log=log)
@@ -156,7 +158,7 @@ def write_examples_png(out: Path, plan, count: int = 4) -> Path:
     fig, axes = plt.subplots(len(cells), 3 * count, figsize=(1.2 * 3 * count, 1.35 * len(cells)),
                              squeeze=False)
     for row, (source, attack, gamma, backward) in enumerate(cells):
-        folder = cell_folder(out, source, attack, gamma, backward)
+        folder = cell_folder(out, source, attack, gamma, backward, plan.forward_of(source))
         output = open_attack_output(folder)
         predicted = [int(r["source_pred"]) for r in read_manifest(folder)]
         label = attack if backward is None else f"{attack}+{backward}"

@@ -46,7 +46,7 @@ from skipgrad.pipeline.job import (AttackJob, RunOptions, RunSummary, check_job,
                                    environment, load_sources, numerics, on_device, run_identity)
 from skipgrad.store import outdir, verify
 from skipgrad.store.atomic import atomic_write_many
-from skipgrad.store.records import (image_file, manifest_part, merge_manifest_parts, prepare_folder,
+from skipgrad.store.records import (FORWARD_PRED_COLUMN, image_file, manifest_part, merge_manifest_parts, prepare_folder,
                                     read_manifest, record_finish, write_manifest, write_rows)
 
 
@@ -156,15 +156,16 @@ def _attack_missing(job: AttackJob, out: Path, opts: RunOptions, data: ImageData
     mine = distributed.shard(todo)
     skipped = len(data) - sum(image_file(s) not in done for g in todo for s in g)
     new_rows: dict[str, dict[str, object]] = {}
-    with _attack_sources(job, models, mine, data, device) as (sources, spec, compile_seconds):
+    with _attack_sources(job, models, mine, data, device) as (sources, spec, compile_seconds,
+                                                              plain):
         started, cpu_started = time.perf_counter(), time.process_time()
         bar = progress_bar(len(data), "attack", opts.quiet or not world.is_main, initial=skipped)
         loaded = _loaded_groups(mine, data, opts, device, log)
         try:
             for group, clean in loaded:
                 missing = [s for s in group if image_file(s) not in done]
-                rows = _attack_group(job, out, (sources, spec), models, group, clean, missing,
-                                     device)
+                rows = _attack_group(job, out, (sources, spec), (plain, models), group, clean,
+                                     missing, device)
                 new_rows.update((r["file"], r) for r in rows)
                 _save_progress(out, done, new_rows)
                 bar.update(len(missing) * world.size)  # rank 0 speaks for all: shares are equal
@@ -175,24 +176,30 @@ def _attack_missing(job: AttackJob, out: Path, opts: RunOptions, data: ImageData
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     attacked = distributed.total(len(new_rows))  # also waits for every rank's last part
     wanted = {image_file(s) for s in data.samples}
-    success = distributed.on_main(lambda: _finish_manifest(out, wanted, job.attack.targeted,
-                                                           seconds))
-    return RunSummary(out, len(data), skipped, attacked, seconds, success, compile_seconds,
-                      cpu_seconds)
+    success = distributed.on_main(lambda: _finish_manifest(out, wanted, job, seconds))
+    return RunSummary(out, len(data), skipped, attacked, seconds, success[0], compile_seconds,
+                      cpu_seconds, success[1])
 
 
 @contextlib.contextmanager
 def _attack_sources(job: AttackJob, models: Sequence[WrappedModel], groups: list[list[Sample]],
                     data: ImageDataset, device: torch.device):
-    """``(modules, spec, compile seconds)`` for the attack calls: the loaded models and the job's
-    spec; with ``--compile``, the compiled models with the spec's SGM and backward-pass contexts
-    attached for the whole run (see :mod:`skipgrad.attacks.compiled`), compiled by a warm-up at
-    every group size of this run before the attack is timed."""
+    """``(modules, spec, compile seconds, unmodified models)`` for the attack calls: the loaded
+    models and the job's spec; with ``--compile``, the compiled models with the spec's SGM and
+    backward-pass contexts attached for the whole run (see :mod:`skipgrad.attacks.compiled`),
+    compiled by a warm-up at every group size of this run before the attack is timed. The
+    unmodified models predict the source's white-box success: the loaded models, or with
+    ``--compile`` and a forward method (whose context stays attached to them), copies taken
+    before."""
     if not job.compile or not groups:
-        yield list(models), job.attack, 0.0
+        yield list(models), job.attack, 0.0, list(models)
         return
+    import copy
+
     from skipgrad.attacks.compiled import compiled_sources, warm_up
 
+    plain = ([copy.deepcopy(m) for m in models] if job.attack.forward is not None
+             else list(models))
     with compiled_sources(models, job.attack) as (sources, spec):
         clean = on_device(data.load(groups[0]), job, device)
         labels = _labels(groups[0], job.attack.targeted, device)
@@ -203,7 +210,7 @@ def _attack_sources(job: AttackJob, models: Sequence[WrappedModel], groups: list
             raise UserError(f"--compile failed on {', '.join(m.config.spec for m in models)} "
                             f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}); "
                             f"run without --compile") from exc
-        yield sources, spec, seconds
+        yield sources, spec, seconds, plain
 
 
 def _labels(samples: Sequence[Sample], targeted: bool, device: torch.device) -> torch.Tensor:
@@ -238,20 +245,31 @@ def _save_progress(out: Path, done: dict[str, dict], new_rows: dict[str, dict]) 
         write_manifest(out, list({**done, **new_rows}.values()))
 
 
-def _finish_manifest(out: Path, wanted: set[str], targeted: bool, seconds: float) -> float:
+def _finish_manifest(out: Path, wanted: set[str], job: AttackJob, seconds: float
+                     ) -> tuple[float, float | None]:
+    """Merge the manifest, record the finish in run.json; the white-box success on the
+    unmodified source and, with a forward method, on the modified one (also in run.json)."""
     merge_manifest_parts(out)
-    rows = read_manifest(out)
-    record_finish(out, len(rows), seconds)
-    return _source_success({r["file"]: r for r in rows}, wanted, targeted)
+    rows = {r["file"]: r for r in read_manifest(out)}
+    success = _source_success(rows, wanted, job.attack.targeted)
+    modified = None
+    if job.attack.forward is not None:
+        modified = _source_success(rows, wanted, job.attack.targeted, FORWARD_PRED_COLUMN)
+    white_box = None if modified is None else {"source_success": success,
+                                               "modified_source_success": modified}
+    record_finish(out, len(rows), seconds, white_box)
+    return success, modified
 
 
 def _attack_group(job: AttackJob, out: Path, attacker: tuple[list[torch.nn.Module], AttackSpec],
-                  models: Sequence[WrappedModel], batch: list[Sample], clean: torch.Tensor,
-                  missing: list[Sample], device: torch.device) -> list[dict[str, object]]:
+                  models: tuple[Sequence[torch.nn.Module], Sequence[WrappedModel]],
+                  batch: list[Sample], clean: torch.Tensor, missing: list[Sample],
+                  device: torch.device) -> list[dict[str, object]]:
     """Attack one fixed group whole (its members set the float results) with ``attacker``'s
     modules and spec (see :func:`_attack_sources`), check the bound on the 8-bit levels, write
     the PNGs of its ``missing`` images and return their manifest rows (the source prediction by
-    the loaded ``models``). Finished images keep their files and rows: after a crash they hold
+    the unmodified and, with a forward method, by the modified source: ``models`` holds both
+    lists). Finished images keep their files and rows: after a crash they hold
     these same bytes; after a ``--limit`` change they were made in a smaller group and are kept
     rather than redone."""
     from skipgrad.attacks.loop import attack_with
@@ -271,11 +289,43 @@ def _attack_group(job: AttackJob, out: Path, attacker: tuple[list[torch.nn.Modul
         atomic_write_many([(outdir.inside(out, image_file(s)), encoded[s.id])
                            for s in batch if s.id in wanted])
     hashes = {i: verify.sha256_hex(data) for i, data in encoded.items()}
-    preds = predict(models, _from_levels(levels, adv.shape, device))
-    return [{"id": s.id, "file": image_file(s), "label": s.label,
+    plain, loaded = models
+    saved = _from_levels(levels, adv.shape, device)
+    preds = predict(plain, saved)
+    rows = [{"id": s.id, "file": image_file(s), "label": s.label,
              "target_label": "" if s.target is None else s.target, "source_pred": int(p),
              verify.SHA_COLUMN: hashes[s.id]}
             for s, p in zip(batch, preds.tolist()) if s.id in wanted]
+    if job.attack.forward is not None:
+        with numerics(job, device):
+            modified = _modified_predictions(job, loaded, saved, [s.id for s in batch])
+        by_id = dict(zip([s.id for s in batch], modified.tolist()))
+        for row in rows:
+            row[FORWARD_PRED_COLUMN] = int(by_id[row["id"]])
+    return rows
+
+
+def _modified_predictions(job: AttackJob, models: Sequence[WrappedModel], images: torch.Tensor,
+                          ids: list[int]) -> torch.Tensor:
+    """Top-1 of the source as the job's forward methods modify it, on the saved images. A method
+    that draws (Ghost) draws from the images' own streams of the run seed, so each image's
+    prediction depends on its id only. With ``--compile`` the contexts are attached already."""
+    if job.compile:
+        return predict(models, images)
+    import dataclasses
+
+    from skipgrad.attacks.loop import backward_contexts
+    from skipgrad.attacks.randomness import stream_factory
+    from skipgrad.backward.base import evaluation_mode
+
+    only_forward = dataclasses.replace(job.attack, sgm=None, sgm_official=False, backward=None)
+    contexts = backward_contexts(models, only_forward)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(evaluation_mode(models))
+        for context in contexts:
+            context.follow_attack(stream_factory(job.attack.seed, ids))
+            stack.enter_context(context)
+        return predict(models, images)
 
 
 def _from_levels(levels: list[np.ndarray], shape: torch.Size, device: torch.device) -> torch.Tensor:
@@ -294,11 +344,12 @@ def predict(models: Sequence[torch.nn.Module], images: torch.Tensor) -> torch.Te
     return logits.argmax(dim=1).cpu()
 
 
-def _source_success(rows: dict[str, dict], wanted: set[str], targeted: bool) -> float:
+def _source_success(rows: dict[str, dict], wanted: set[str], targeted: bool,
+                    column_name: str = "source_pred") -> float:
     chosen = [r for f, r in rows.items() if f in wanted]
-    if not chosen:
+    if not chosen or any(not r.get(column_name) for r in chosen):
         return float("nan")
     column = lambda key: torch.tensor([int(r[key]) for r in chosen])  # noqa: E731
-    hits = succeeded(column("source_pred"), column("label"),
+    hits = succeeded(column(column_name), column("label"),
                      column("target_label") if targeted else None)
     return float(hits.double().mean())

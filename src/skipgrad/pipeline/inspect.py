@@ -10,7 +10,7 @@ import torch
 
 from skipgrad.backward.inspect import (format_method_changes, format_report, inspect_model,
                                        method_changes, report_json)
-from skipgrad.backward.registry import parse_backward
+from skipgrad.backward.registry import parse_plan
 from skipgrad.data.datasets import open_dataset
 from skipgrad.errors import MissingWeightsError, UserError, first_line
 from skipgrad.models import WrappedModel, load_model
@@ -30,19 +30,25 @@ class Inspection:
 
 def inspect_spec(spec: str, *, weights: str | None = None, backward: list[str | None] | None = None,
                  data: str = "fmnist:test", limit: int = 8, channels: int | None = None,
-                 gamma: float = 0.2, device: str = "auto") -> Inspection:
+                 gamma: float = 0.2, device: str = "auto",
+                 forward: list[str | None] | None = None) -> Inspection:
     """Inspect model ``spec``: the modules each backward-pass method (all registered ones, or
-    those of ``backward``) would change, then SGM's blocks and gradient split at ``gamma`` on the
-    first ``limit`` images of ``data``. A method asked for by name that does not apply, or a model
-    that nothing applies to, is a one-line UserError."""
+    those of ``backward``) and each forward method (all, or those of ``forward``) would change,
+    then SGM's blocks and gradient split at ``gamma`` on the first ``limit`` images of ``data``.
+    Asking for one kind by name lists only that kind. A method asked for by name that does not
+    apply, or a model that nothing applies to, is a one-line UserError."""
     model, missing = _load(spec, weights, resolve_device(device))
     spec = model.config.spec
-    methods = method_changes(model, _choices(backward))
+    asked = {"backward": backward, "forward": forward}
+    listed = {kind: method_changes(model, _choices(values, kind), kind)
+              for kind, values in asked.items()
+              if values or not any(asked.values())}  # none asked: every method of both kinds
     problem = sgm_problem(model)
-    _check_inspectable(spec, methods, problem is None, backward)
-    parts = [format_method_changes(methods, spec)]
+    _check_inspectable(spec, listed, problem is None, asked)
+    parts = ["\n\n".join(format_method_changes(found, spec, kind)
+                         for kind, found in listed.items())]
     record = {"spec": spec, "random_weights": missing is not None, "data": data,
-              "backward": [m.to_json() for m in methods]}
+              **{kind: [m.to_json() for m in found] for kind, found in listed.items()}}
     if problem is None:
         images, labels = _batch(model, data, limit, channels)
         # Name the spec in the report rather than the wrapper class every loaded model shares.
@@ -54,20 +60,23 @@ def inspect_spec(spec: str, *, weights: str | None = None, backward: list[str | 
     return Inspection("\n".join(parts), record, missing)
 
 
-def _choices(values: list[str | None] | None):
-    """The methods ``--backward`` asks to list (None: every registered method)."""
+def _choices(values: list[str | None] | None, kind: str):
+    """The methods ``--backward`` or ``--forward`` (``kind``) asks to list (None: every
+    registered method of that kind)."""
     if not values:
         return None
-    return [choice for v in values if v for choice in parse_backward(v).methods]
+    return [choice for v in values if v for choice in parse_plan(v, kind).methods]
 
 
-def _check_inspectable(spec: str, methods: list, has_blocks: bool, asked: list | None) -> None:
+def _check_inspectable(spec: str, listed: dict[str, list], has_blocks: bool,
+                       asked: dict[str, list | None]) -> None:
     """Refuse, in one line, a method asked for by name that does not apply, or a model that no
     method and not SGM applies to."""
-    refused = [m for m in methods if not m.applies]
-    if asked and refused:
-        raise UserError(f"--backward {refused[0].label} on {spec}: {refused[0].reason}")
-    if not has_blocks and not any(m.applies for m in methods):
+    for kind, methods in listed.items():
+        refused = [m for m in methods if not m.applies]
+        if asked[kind] and refused:
+            raise UserError(f"--{kind} {refused[0].label} on {spec}: {refused[0].reason}")
+    if not has_blocks and not any(m.applies for found in listed.values() for m in found):
         raise UserError(f"{spec} has no residual or dense block SGM can decay (e.g. VGG, "
                         f"Inception-v3) and no backward-pass method applies to it; there is "
                         f"nothing to inspect")

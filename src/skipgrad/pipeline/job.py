@@ -63,12 +63,14 @@ _LEVEL_SETTINGS = ("eps", "step_size")
 def attack_from_settings(method: str = "ifgsm", sgm: float | None | tuple = None,
                          settings: dict | None = None,
                          backward: str | None | tuple[str | None, ...] = None,
-                         data: str | None = None, channels: int | None = None) -> AttackSpec:
+                         data: str | None = None, channels: int | None = None,
+                         forward: str | None | tuple[str | None, ...] = None) -> AttackSpec:
     """The AttackSpec of command-line/plan ``settings`` (keys of ``ATTACK_SETTINGS``, unset ones
     left out; eps and step size in the units of :mod:`skipgrad.units`: levels for L-inf, [0, 1]
-    for L2) with the composed attack ``method``, the SGM gamma(s) and the backward-pass
-    method(s). ``data`` (read as ``channels``, the ``--channels`` setting) sizes the L2 defaults
-    and the largest L2 eps. Bad values are a UserError."""
+    for L2) with the composed attack ``method``, the SGM gamma(s), the backward-pass method(s)
+    and the forward method(s) (``--forward``). ``data`` (read as ``channels``, the
+    ``--channels`` setting) sizes the L2 defaults and the largest L2 eps. Bad values are a
+    UserError."""
     import skipgrad
 
     values = dict(settings or {})
@@ -89,7 +91,8 @@ def attack_from_settings(method: str = "ifgsm", sgm: float | None | tuple = None
         values = {**units.l2_defaults(pixels, values.get("eps")), **values}
         _check_l2_levels(values, _channels(data, channels) * pixels)
     try:
-        return skipgrad.AttackSpec.parse(method, sgm=sgm, backward=backward, **values)
+        return skipgrad.AttackSpec.parse(method, sgm=sgm, backward=backward, forward=forward,
+                                         **values)
     except UserError:
         raise
     except (TypeError, ValueError) as exc:
@@ -162,9 +165,11 @@ def attack_settings(spec: AttackSpec) -> dict:
         record[key] = units.to_command_line(value, spec.norm) if key in _LEVEL_SETTINGS else value
     if spec.norm != "linf":
         record["eps_unit"] = units.unit_of(spec.norm)
-    if spec.backward is not None:  # only when set, so folders made before it still resume
-        record["backward"] = ([None if p is None else p.label for p in spec.backward]
-                              if isinstance(spec.backward, tuple) else spec.backward.label)
+    for kind in ("backward", "forward"):  # only when set, so older folders still resume
+        plans = getattr(spec, kind)
+        if plans is not None:
+            record[kind] = ([None if p is None else p.label for p in plans]
+                            if isinstance(plans, tuple) else plans.label)
     return record
 
 
@@ -176,7 +181,8 @@ def job_record(job: AttackJob) -> dict:
 
 
 # Attack settings that enter run.json only when they differ from these defaults.
-_OPTIONAL_IDENTITY = {"amp": "off", "channels_last": False, "compile": False, "backward": None}
+_OPTIONAL_IDENTITY = {"amp": "off", "channels_last": False, "compile": False, "backward": None,
+                      "forward": None}
 
 
 AMP_MODES = ("off", "bf16")
@@ -211,6 +217,9 @@ class RunSummary:
     # CPU time of this process over ``seconds`` (all threads): on a shared machine wall time
     # depends on the neighbours, CPU time much less.
     cpu_seconds: float = 0.0
+    # With a forward method: the white-box success on the source as the method modifies it
+    # (source_success is always on the unmodified source); None without one.
+    modified_source_success: float | None = None
 
 
 def check_job(job: AttackJob) -> None:
@@ -222,6 +231,8 @@ def check_job(job: AttackJob) -> None:
         raise UserError(f"--amp must be one of {', '.join(AMP_MODES)}, got {job.amp!r} (float16 "
                         f"is not offered: input gradients underflow in it without loss scaling)")
     backward_plans(job)
+    if job.compile:
+        _refuse_compiled_draws(job)
     if job.weights and len(job.weights) != len(job.sources):
         raise UserError(f"{len(job.weights)} --weights for {len(job.sources)} --source; give one "
                         f"weights file per source, in the same order")
@@ -250,36 +261,83 @@ def _positive(what: str, value: float) -> None:
 
 def backward_plans(job: AttackJob) -> tuple:
     """The job's backward-pass methods, one plan (or None) per source; bad text is a UserError."""
+    return _plans(job, "backward")
+
+
+def forward_plans(job: AttackJob) -> tuple:
+    """The job's forward methods (``--forward``), one plan (or None) per source, like
+    :func:`backward_plans`."""
+    return _plans(job, "forward")
+
+
+def _plans(job: AttackJob, kind: str) -> tuple:
     from skipgrad.backward.registry import BackwardSpecError
 
     try:
-        return job.attack.backward_per_source(len(job.sources))
+        return getattr(job.attack, f"{kind}_per_source")(len(job.sources))
     except BackwardSpecError as exc:
-        raise UserError(f"--backward: {exc}") from None
+        raise UserError(f"--{kind}: {exc}") from None
+
+
+def has_methods(job: AttackJob) -> bool:
+    """Whether the job has any backward-pass or forward method."""
+    return job.attack.backward is not None or job.attack.forward is not None
 
 
 def backward_record(job: AttackJob, models: Sequence[WrappedModel]) -> list[list[dict]]:
     """Per source: each method with its resolved settings and the modules it changes in that
     source, as run.json records them (part of the run's identity). Building the contexts on the
     loaded models is also the check that every method applies to its source, so that a method
-    with nothing to change (PNA on a CNN, LinBP on a ViT) or two methods that would redefine the
-    same module's backward fail here, before the folder is claimed."""
-    import contextlib
+    with nothing to change (PNA on a CNN, LinBP on a ViT, Ghost on a CNN without residual
+    blocks, IAA on a ViT) or two methods that would redefine the same module fail here, before
+    the folder is claimed."""
+    return method_records(job, models)["backward"]
 
+
+def forward_record(job: AttackJob, models: Sequence[WrappedModel]) -> list[list[dict]]:
+    """:func:`backward_record` of the job's forward methods (``--forward``)."""
+    return method_records(job, models)["forward"]
+
+
+def method_records(job: AttackJob, models: Sequence[WrappedModel]) -> dict[str, list[list[dict]]]:
+    """``{"backward": ..., "forward": ...}``: per source, each method's record (see
+    :func:`backward_record`), after checking that every method applies and that none
+    conflicts."""
     import skipgrad
     from skipgrad.attacks.loop import backward_contexts
 
-    plans = backward_plans(job)
+    plans = {kind: _plans(job, kind) for kind in ("backward", "forward")}
     try:
         contexts = backward_contexts(models, job.attack)
         with contextlib.ExitStack() as stack:  # entering them all finds conflicts, then leaves
             for context in contexts:
                 stack.enter_context(context)
     except InputError as exc:  # nothing to change, a conflict, a bad start=: the user's to fix
-        raise UserError(f"--backward {_plan_text(plans, models)}: {exc}") from None
+        raise UserError(f"{_plan_text(plans, models)}: {exc}") from None
     by_method = iter(c for c in contexts if not isinstance(c, skipgrad.skip_gradient))
-    return [[] if plan is None else [_method_record(choice, next(by_method))
-                                     for choice in plan.methods] for plan in plans]
+    records: dict[str, list[list[dict]]] = {"backward": [], "forward": []}
+    for backward, forward in zip(plans["backward"], plans["forward"]):  # the contexts' order
+        for kind, plan in (("backward", backward), ("forward", forward)):
+            records[kind].append([] if plan is None else [_method_record(choice, next(by_method))
+                                                          for choice in plan.methods])
+    return records
+
+
+def _refuse_compiled_draws(job: AttackJob) -> None:
+    """``--compile`` enters the contexts once, without the attack's per-image streams, so a
+    method that draws anew at every forward pass (Ghost: its context takes the streams through
+    ``follow_attack``) cannot run compiled; refuse it in one line."""
+    from skipgrad.backward.base import BackwardContext
+
+    for plan in forward_plans(job):
+        for choice in plan.methods if plan is not None else ():
+            factory = choice.info.factory
+            if getattr(factory, "follow_attack", None) not in (None,
+                                                               BackwardContext.follow_attack):
+                raise UserError(f"--compile cannot run --forward {choice.label}: it draws anew "
+                                f"at every forward pass from the images' own random streams, "
+                                f"and the compiled path enters the contexts once without them; "
+                                f"run without --compile")
 
 
 def _method_record(choice, context) -> dict:
@@ -289,10 +347,11 @@ def _method_record(choice, context) -> dict:
             "modules": [change.module for change in context.changes]}
 
 
-def _plan_text(plans: Sequence, models: Sequence[WrappedModel]) -> str:
+def _plan_text(plans: Mapping[str, Sequence], models: Sequence[WrappedModel]) -> str:
     from skipgrad.backward.registry import describe
 
-    return f"{describe(plans)} on {', '.join(m.config.spec for m in models)}"
+    given = " ".join(f"--{kind} {describe(p)}" for kind, p in plans.items() if any(p))
+    return f"{given} on {', '.join(m.config.spec for m in models)}"
 
 
 def load_sources(job: AttackJob, device: torch.device) -> list[WrappedModel]:
@@ -324,8 +383,10 @@ def run_identity(job: AttackJob, models: Sequence[WrappedModel], data: ImageData
     identity["data"] = data.spec
     identity["channels"] = data.channels
     identity["group_size"] = group_size
-    record = backward_record(job, models) if job.attack.backward is not None else None
-    identity["backward"] = record if record and any(record) else None
+    records = method_records(job, models) if has_methods(job) else {}
+    for kind in ("backward", "forward"):
+        record = records.get(kind)
+        identity[kind] = record if record and any(record) else None
     for key, default in _OPTIONAL_IDENTITY.items():
         if identity[key] == default:
             del identity[key]

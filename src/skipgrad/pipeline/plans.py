@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from skipgrad.backward.registry import BackwardSpecError, combine, parse_backward
+from skipgrad.backward.registry import BackwardSpecError, combine, parse_plan
 from skipgrad.gamma import parse_gamma
 from skipgrad.errors import InputError, UserError
 from skipgrad.pipeline.job import (ATTACK_SETTINGS, JOB_SETTINGS, AttackJob, RunOptions,
@@ -20,17 +20,33 @@ def per_source_backward(values: list[str | None] | None, n_sources: int
     """Repeated ``--backward`` against the number of ``--source``: given once it applies to every
     source; with one source, several compose (as if joined with ``+``); otherwise exactly one per
     source, in order (``none`` for a source without). Other counts are refused in one line."""
+    return per_source_methods(values, n_sources, "backward")
+
+
+def per_source_methods(values: list[str | None] | None, n_sources: int, kind: str
+                       ) -> str | None | tuple[str | None, ...]:
+    """Repeated ``--backward`` or ``--forward`` (``kind``) against the number of ``--source``,
+    by the rule of :func:`per_source_backward`."""
     if not values:
         return None
     if len(values) == 1:
         return values[0]
     if n_sources == 1:
-        plan = combine(parse_backward(v) if v else None for v in values)
+        try:
+            plan = combine(parse_plan(v, kind) if v else None for v in values)
+        except BackwardSpecError as exc:
+            raise UserError(f"--{kind}: {exc}") from None
         return None if plan is None else plan.label
     if len(values) != n_sources:
-        raise UserError(f"{len(values)} --backward for {n_sources} --source; give one for all "
+        raise UserError(f"{len(values)} --{kind} for {n_sources} --source; give one for all "
                         f"sources or one per --source, in order (none for a source without)")
     return None if not any(values) else tuple(values)
+
+
+def per_source_forward(values: list[str | None] | None, n_sources: int
+                       ) -> str | None | tuple[str | None, ...]:
+    """Repeated ``--forward`` against the number of ``--source`` (the rule of ``--backward``)."""
+    return per_source_methods(values, n_sources, "forward")
 
 
 def per_source_sgm(values: list | None, n_sources: int) -> float | str | None | tuple:
@@ -66,24 +82,25 @@ def attack_job(flags: Mapping[str, object]) -> tuple[AttackJob, bool]:
     spec = attack_from_settings(flags.get("attack") or "ifgsm", None if auto else sgm,
                                 {k: v for k, v in settings.items() if k in ATTACK_SETTINGS},
                                 per_source_backward(flags.get("backward"), len(sources)),
-                                data=flags["data"], channels=settings.get("channels"))
+                                data=flags["data"], channels=settings.get("channels"),
+                                forward=per_source_forward(flags.get("forward"), len(sources)))
     job = AttackJob(sources=sources, data=flags["data"], attack=spec,
                     weights=tuple(flags.get("weights") or ()),
                     **{k: v for k, v in settings.items() if k in JOB_SETTINGS})
     return job, auto
 
 
-def backward_label(text: str) -> str | None:
-    """A ``METHOD[:key=value,...]`` text checked against the registered methods, in canonical
-    form; ``none`` -> None."""
-    plan = parse_backward(text)
+def backward_label(text: str, kind: str = "backward") -> str | None:
+    """A ``METHOD[:key=value,...]`` text checked against the registered methods of ``kind``, in
+    canonical form; ``none`` -> None."""
+    plan = parse_plan(text, kind)
     return None if plan is None else plan.label
 
 
 # The keys of a plan that shape the matrix, and those that say how to run it; every other key of
 # PLAN_SCHEMA is an attack or job setting (pipeline.job.ATTACK_SETTINGS, JOB_SETTINGS).
 STRUCTURE_KEYS = ("sources", "targets", "preset", "attacks", "sgm", "baseline", "out", "data",
-                  "title", "backward")
+                  "title", "backward", "forward")
 RUN_KEYS = ("limit", "batch_size", "device", "quiet")
 
 
@@ -103,34 +120,37 @@ def transfer_plan(flags: dict, config: dict) -> tuple[TransferPlan, Path, RunOpt
     if out is None or data is None or not sources or not targets:
         raise UserError("transfer needs --source, --target, --data and --out "
                         "(as flags or in the --config file)")
-    backward = _backward(flags.get("backward"), plan_cfg.get("backward"), len(sources))
+    backward = _methods(flags.get("backward"), plan_cfg.get("backward"), len(sources), "backward")
+    forward = _methods(flags.get("forward"), plan_cfg.get("forward"), len(sources), "forward")
     column_baseline = baseline
-    if backward and not gammas and not baseline and not per_source:  # methods alone, no SGM
+    if (backward or forward) and not gammas and not baseline and not per_source:  # methods alone, no SGM
         gammas, column_baseline = [None], True
     column = gammas_with_baseline(list(gammas), column_baseline or bool(per_source))
     plan = TransferPlan(sources, attacks, column, targets,
                         template_from({**settings, **settings_of(flags)}, data),
                         flags.get("title") or plan_cfg.get("title", "Transfer success rate"),
-                        backward=backward, backward_baseline=baseline, source_gammas=per_source)
+                        backward=backward, backward_baseline=baseline, source_gammas=per_source,
+                        forward=forward)
     return plan, out, run_options(flags, run_cfg)
 
 
-def _backward(flags: list | None, config: object, n_sources: int) -> tuple:
-    """Each source's backward-pass methods (a label or None) from the flags, else the plan's
-    ``backward`` key (a string for every source or a list with one per source)."""
+def _methods(flags: list | None, config: object, n_sources: int, kind: str) -> tuple:
+    """Each source's methods of ``kind`` (``backward`` or ``forward``; a label or None) from the
+    flags, else the plan's key of that name (a string for every source or a list with one per
+    source)."""
     if flags is None and config is not None:
         values = config if isinstance(config, list) else [config]
         if not all(isinstance(v, str) for v in values):
-            raise UserError(f"backward in the plan must be a method string or a list of them "
+            raise UserError(f"{kind} in the plan must be a method string or a list of them "
                             f"(\"none\" for a source without), got {config!r}")
         if len(values) not in (1, n_sources):  # in a plan a list is per source, never composed
-            raise UserError(f"backward in the plan has {len(values)} entries for {n_sources} "
+            raise UserError(f"{kind} in the plan has {len(values)} entries for {n_sources} "
                             f"sources; give one for all or one per source (join methods with +)")
         try:
-            flags = [backward_label(v) for v in values]
+            flags = [backward_label(v, kind) for v in values]
         except BackwardSpecError as exc:
-            raise UserError(f"backward: {exc}") from None
-    chosen = per_source_backward(flags, n_sources)
+            raise UserError(f"{kind}: {exc}") from None
+    chosen = per_source_methods(flags, n_sources, kind)
     if chosen is None:
         return ()
     return chosen if isinstance(chosen, tuple) else (chosen,) * n_sources
@@ -189,6 +209,7 @@ _NUMBER, _INT, _BOOL, _TEXT = "a number", "an integer", "true or false", "a stri
 PLAN_SCHEMA: dict[str, str] = {
     "data": _TEXT, "sources": "a list of specs", "targets": "a list of specs", "preset": _TEXT,
     "attacks": "a list of attack names", "sgm": "gammas", "baseline": _BOOL, "backward": "backward-pass methods",
+    "forward": "forward methods",
     "out": _TEXT, "title": _TEXT, "limit": _INT, "batch_size": _INT, "device": _TEXT,
     "quiet": _BOOL, "eps": _NUMBER, "step_size": _NUMBER, "steps": _INT, "norm": _TEXT,
     "loss": _TEXT, "targeted": _BOOL, "seed": _INT, "decay": _NUMBER, "di_prob": _NUMBER,

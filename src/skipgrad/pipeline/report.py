@@ -4,11 +4,12 @@
 
     {"rows": [{"source": SPEC, "attack": "ifgsm", "sgm": null | gamma, "target": SPEC,
                "success_rate": r, "n": n, "ci95": [lo, hi], "backward": [NAME, ...],
-               "clean_correct": k, "successes_on_correct": m,
+               "forward": [NAME, ...], "clean_correct": k, "successes_on_correct": m,
                "clean_accuracy": k / n, "success_rate_on_correct": m / k}, ...]}
 
 ``backward`` lists the backward-pass methods of the attack (``[]`` for none), each as its
-``METHOD[:key=value]`` label with the settings that differ from the defaults. The last four keys
+``METHOD[:key=value]`` label with the settings that differ from the defaults; ``forward`` lists
+the forward methods (``--forward``: Ghost networks, IAA) that modified the source the same way. The last four keys
 are the second denominator, as ``evaluate`` reports it: ``k`` of the ``n`` clean originals the
 target classified correctly (a smoothed target's abstention is not correct), and ``m`` of those
 ``k`` it got wrong after the attack (null where unknown, e.g. rows read from an older file).
@@ -29,7 +30,7 @@ from skipgrad.store.atomic import atomic_write_bytes, atomic_write_text
 
 CSV_COLUMNS = ("source", "attack", "sgm", "target", "success_rate", "n", "ci95_low", "ci95_high",
                "backward", "clean_accuracy", "clean_correct", "success_rate_on_correct",
-               "successes_on_correct")
+               "successes_on_correct", "forward")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class TransferRow:
     # (an abstention is not correct), and how many of those the attack then fooled.
     clean_correct: int | None = None
     successes_on_correct: int | None = None
+    forward: tuple[str, ...] = ()  # forward methods that modified the source (--forward)
 
     @property
     def clean_accuracy(self) -> float | None:
@@ -64,14 +66,16 @@ class TransferRow:
 
     @property
     def method(self) -> str:
-        """Row label of the matrix: the attack, its backward-pass methods, its SGM gamma if any."""
-        label = "+".join((self.attack, *self.backward))
+        """Row label of the matrix: the attack, its backward-pass and forward methods, its SGM
+        gamma if any."""
+        label = "+".join((self.attack, *self.backward, *self.forward))
         return label if self.sgm is None else f"{label}+sgm (γ={self.sgm:g})"
 
     def to_json(self) -> dict:
         record = asdict(self)
         record["ci95"] = list(self.ci95)
         record["backward"] = list(self.backward)
+        record["forward"] = list(self.forward)
         record["clean_accuracy"] = self.clean_accuracy
         record["success_rate_on_correct"] = self.success_rate_on_correct
         return record
@@ -82,7 +86,8 @@ class TransferRow:
         return cls(record["source"], record["attack"], record["sgm"], record["target"],
                    float(record["success_rate"]), int(record["n"]), tuple(record["ci95"]),
                    tuple(record.get("backward", ())),
-                   *(None if c is None else int(c) for c in counts))
+                   *(None if c is None else int(c) for c in counts),
+                   forward=tuple(record.get("forward", ())))
 
 
 def short_name(spec: str) -> str:
@@ -132,7 +137,7 @@ def csv_text(rows: Sequence[TransferRow]) -> str:
                          f"{r.success_rate:.6f}", r.n, f"{r.ci95[0]:.6f}", f"{r.ci95[1]:.6f}",
                          "+".join(r.backward), _csv_rate(r.clean_accuracy),
                          _csv_count(r.clean_correct), _csv_rate(r.success_rate_on_correct),
-                         _csv_count(r.successes_on_correct)])
+                         _csv_count(r.successes_on_correct), "+".join(r.forward)])
     return buffer.getvalue()
 
 

@@ -8,7 +8,7 @@ from skipgrad.errors import UserError
 from skipgrad.store.records import read_evaluations
 from skipgrad.store.records import read_manifest, read_run, shown
 
-_SETTINGS = ("sources", "attack", "sgm", "backward", "norm", "eps", "step_size", "steps", "loss",
+_SETTINGS = ("sources", "attack", "sgm", "backward", "forward", "norm", "eps", "step_size", "steps", "loss",
              "targeted", "seed", "data")
 
 

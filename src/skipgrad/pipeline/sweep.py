@@ -78,27 +78,34 @@ class SweepResult:
 
 def sweep_plan(source: ModelRef, attack: str, gammas: Sequence[float],
                targets: Sequence[ModelRef], template: AttackJob,
-               backward: str | None = None) -> TransferPlan:
+               backward: str | None = None, forward: str | None = None) -> TransferPlan:
     """The transfer plan of a sweep: gamma 1.0 is run as the no-SGM baseline (``None``). With
-    ``backward`` (a ``METHOD[...]`` label) every gamma runs with that method, 1.0 included."""
+    ``backward`` (a ``METHOD[...]`` label) every gamma runs with that method, 1.0 included, and
+    with ``forward`` (``--forward``) on the source that method modifies."""
     column = tuple(None if g == 1.0 else g for g in sweep_gammas(gammas))
-    label = attack if backward is None else f"{attack}+{backward}"
     return TransferPlan((source,), (attack,), column, tuple(targets), template,
-                        f"SGM gamma sweep: {short_name(source.spec)}, {label}",
-                        backward=(backward,) if backward else (), backward_baseline=False)
+                        f"SGM gamma sweep: {short_name(source.spec)}, "
+                        f"{_label(attack, backward, forward)}",
+                        backward=(backward,) if backward else (), backward_baseline=False,
+                        forward=(forward,) if forward else ())
+
+
+def _label(attack: str, backward: str | None, forward: str | None) -> str:
+    return "+".join(p for p in (attack, backward, forward) if p is not None)
 
 
 def run_sweep(source: ModelRef, attack: str, gammas: Sequence[float],
               targets: Sequence[ModelRef], template: AttackJob, out: Path,
               opts: RunOptions = RunOptions(),
-              log: Callable[[str], None] = print, backward: str | None = None) -> SweepResult:
+              log: Callable[[str], None] = print, backward: str | None = None,
+              forward: str | None = None) -> SweepResult:
     """Run (or resume) every gamma's attack folder, evaluate the targets, write sweep.json/.png.
-    ``backward``: backward-pass methods added to every gamma (``METHOD[:key=value,...]``)."""
-    plan = sweep_plan(source, attack, gammas, targets, template, backward)
+    ``backward``: backward-pass methods added to every gamma (``METHOD[:key=value,...]``);
+    ``forward``: forward methods (``--forward``) that modify the source at every gamma."""
+    plan = sweep_plan(source, attack, gammas, targets, template, backward, forward)
     _require_blocks(source, template.attack.sgm_official)
     transfer = run_transfer(plan, out, opts, log)
-    label = attack if backward is None else f"{attack}+{backward}"
-    result = SweepResult(source.spec, label, template.data, sweep_gammas(gammas),
+    result = SweepResult(source.spec, _label(attack, backward, forward), template.data, sweep_gammas(gammas),
                          curves_from_rows(transfer.rows), effects=sgm_effects(transfer.outcomes))
     # Every torchrun rank holds the same rows; rank 0 alone writes the files (as for transfer).
     written = distributed.on_main(lambda: write_sweep(result, out)) or {}

@@ -35,7 +35,7 @@ from pathlib import Path
 from skipgrad.pipeline import distributed
 
 from skipgrad.store import outdir
-from skipgrad.backward.registry import parse_backward
+from skipgrad.backward.registry import parse_backward, parse_forward
 from skipgrad.gamma import check_gamma
 from skipgrad.errors import UserError
 from skipgrad.store.records import calibration_warning
@@ -78,11 +78,20 @@ class TransferPlan:
     # Per source: its own gamma column (None: the plan's ``gammas``), e.g. from a plan's
     # ``sgm = {SPEC = gamma}`` table or for a source without blocks (baseline only).
     source_gammas: tuple[tuple[float | None, ...] | None, ...] = ()
+    # Per source: the forward methods (``--forward``, a label or None) that modify it in every
+    # cell of that source (empty: none at all); the source is then the modified one throughout.
+    forward: tuple[str | None, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.backward and len(self.backward) != len(self.sources):
-            raise UserError(f"{len(self.backward)} backward entries for {len(self.sources)} "
-                            f"sources; give one for all sources or one per source, in order")
+        for kind in ("backward", "forward"):
+            given = getattr(self, kind)
+            if given and len(given) != len(self.sources):
+                raise UserError(f"{len(given)} {kind} entries for {len(self.sources)} sources; "
+                                f"give one for all sources or one per source, in order")
+
+    def forward_of(self, source: ModelRef) -> str | None:
+        """The forward methods of ``source`` (its own in every cell), or None."""
+        return self.forward[self.sources.index(source)] if self.forward else None
 
     def variants(self, index: int) -> tuple[str | None, ...]:
         """The backward column of source ``index``: None (without), then its method if any."""
@@ -127,23 +136,27 @@ def gammas_with_baseline(gammas: list[float | None], baseline: bool) -> tuple[fl
 
 
 def cell_folder(out: Path, source: ModelRef, attack: str, gamma: float | None,
-                backward: str | None = None) -> Path:
+                backward: str | None = None, forward: str | None = None) -> Path:
     """Readable, filesystem-safe folder name of one matrix row; a backward-pass method adds a
-    last part (``__linbp-branch_scale=0.5+bpa``), so folders without one keep their names."""
+    last part (``__linbp-branch_scale=0.5+bpa``) and a forward method one more
+    (``__forward-iaa-beta=32``), so folders without them keep their names."""
     label = source.spec if source.weights is None else f"{source.spec}-{Path(source.weights).stem}"
     safe = re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-")
     sgm = "nosgm" if gamma is None else f"sgm{gamma:g}"
     name = f"{safe}__{attack.replace('+', '-')}__{sgm}"
     if backward is not None:
         name += "__" + re.sub(r"[^A-Za-z0-9._=+-]+", "-", backward).strip("-")
+    if forward is not None:
+        name += "__forward-" + re.sub(r"[^A-Za-z0-9._=+-]+", "-", forward).strip("-")
     return out / "attacks" / name
 
 
 def cell_job(template: AttackJob, source: ModelRef, attack: str, gamma: float | None,
-             backward: str | None = None) -> AttackJob:
+             backward: str | None = None, forward: str | None = None) -> AttackJob:
     """The attack job of one matrix row: the plan's shared settings with this source, attack name,
-    SGM gamma and backward-pass method(s)."""
-    spec = dataclasses.replace(template.attack.with_method(attack), sgm=gamma, backward=backward)
+    SGM gamma, backward-pass method(s) and forward method(s)."""
+    spec = dataclasses.replace(template.attack.with_method(attack), sgm=gamma, backward=backward,
+                               forward=forward)
     return dataclasses.replace(template, sources=(source.spec,), attack=spec,
                                weights=(source.weights,))
 
@@ -176,14 +189,18 @@ def _attack_cells(plan: TransferPlan, out: Path, opts: RunOptions,
     folders = []
     for i, (source, attack, gamma, backward) in enumerate(plan.cells(), start=1):
         outdir.check_stop()
-        job = cell_job(plan.template, source, attack, gamma, backward)
-        folder = cell_folder(out, source, attack, gamma, backward)
+        forward = plan.forward_of(source)
+        job = cell_job(plan.template, source, attack, gamma, backward, forward)
+        folder = cell_folder(out, source, attack, gamma, backward, forward)
         extra = "" if backward is None else f" backward={backward}"
+        extra += "" if forward is None else f" forward={forward}"
         sgm = "no SGM" if gamma is None else f"SGM {gamma:g}"
         log(f"[{i}/{len(plan.cells())}] {source.spec} {attack}, {sgm}{extra} -> {folder}")
         summary = run_attack_job(job, folder, opts, log=lambda _msg: None)
+        modified = ("" if summary.modified_source_success is None else
+                    f" (modified source {100 * summary.modified_source_success:.1f}%)")
         log(f"    {summary.skipped} reused, {summary.attacked} attacked, "
-            f"source success {100 * summary.source_success:.1f}%")
+            f"source success {100 * summary.source_success:.1f}%{modified}")
         folders.append((source, attack, gamma, backward, folder))
     return folders
 
@@ -258,17 +275,19 @@ def _check_sources(plan: TransferPlan, device, problems: list[str]
                    ) -> tuple[TransferPlan, list[str]]:
     """Load each source once: weights present, backward methods apply; a source without blocks
     under SGM gets the baseline column only."""
-    from skipgrad.pipeline.job import backward_record, load_sources, sgm_problem
+    from skipgrad.pipeline.job import (has_methods, load_sources, method_records,
+                                       sgm_problem)
 
     own, no_blocks = [], []
     for index, source in enumerate(plan.sources):
         job = cell_job(plan.template, source, plan.template.attack.name, None,
-                       plan.backward[index] if plan.backward else None)
+                       plan.backward[index] if plan.backward else None,
+                       plan.forward[index] if plan.forward else None)
         own.append(plan.source_gammas[index] if plan.source_gammas else None)
         try:
             models = load_sources(job, device)
-            if job.attack.backward is not None:
-                backward_record(job, models)
+            if has_methods(job):
+                method_records(job, models)
         except UserError as exc:
             problems.append(f"source {source.spec}: {exc}")
             continue
@@ -330,8 +349,10 @@ def evaluate_cells(plan: TransferPlan, folders: list, opts: RunOptions,
         results = evaluate_output(output, models, batch_size=opts.batch_size, quiet=opts.quiet,
                                   prefetch=opts.prefetch, clean_cache=cache)
         names = tuple(parse_backward(backward).names) if backward is not None else ()
+        forward = plan.forward_of(source)
+        forward_names = tuple(parse_forward(forward).names) if forward is not None else ()
         rows += [TransferRow(source.spec, attack, gamma, spec, r.success_rate, r.n, r.ci95, names,
-                             r.clean_correct, r.successes_on_correct)
+                             r.clean_correct, r.successes_on_correct, forward=forward_names)
                  for spec, r in results.items()]
         outcomes.update({(source.spec, attack, gamma, backward, spec): r.per_image
                          for spec, r in results.items()})

@@ -29,6 +29,9 @@ RUN_FORMAT = 1
 
 # sha256: of the PNG as written, checked by evaluate (skipgrad.store.verify); empty in older folders.
 MANIFEST_COLUMNS = ("id", "file", "label", "target_label", "source_pred", "sha256")
+# With --forward: the prediction of the source as the forward methods modify it (source_pred is
+# always the unmodified source's); a column only folders with a forward method have.
+FORWARD_PRED_COLUMN = "source_pred_forward"
 
 
 # Folders made before the group size followed --batch-size were attacked in groups of 16; their
@@ -127,7 +130,9 @@ def write_manifest(out: Path, rows: Sequence[dict[str, object]]) -> None:
 
 def write_rows(path: Path, rows: Sequence[dict[str, object]]) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+    columns = MANIFEST_COLUMNS + ((FORWARD_PRED_COLUMN,)
+                                 if any(FORWARD_PRED_COLUMN in r for r in rows) else ())
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(sorted(rows, key=lambda r: int(r["id"])))
     atomic_write_text(path, buffer.getvalue())
@@ -176,13 +181,18 @@ def image_file(sample: Sample) -> str:
     return f"images/{sample.name}.png"
 
 
-def record_finish(out: Path, images: int, seconds: float) -> None:
+def record_finish(out: Path, images: int, seconds: float,
+                  white_box: dict | None = None) -> None:
     """Add to run.json what the folder holds now and how long this invocation attacked: the
     ``images`` count, ``finished`` time, ``elapsed_seconds`` of this invocation and
-    ``total_elapsed_seconds`` over every invocation that worked on the folder."""
+    ``total_elapsed_seconds`` over every invocation that worked on the folder; ``white_box``
+    (with ``--forward``: the success on the unmodified and on the modified source) replaces the
+    run's ``white_box`` key."""
     run = read_run(out)
     if run is None:
         return
+    if white_box is not None:
+        run["white_box"] = white_box
     env = run.setdefault("environment", {})
     total = float(env.get("total_elapsed_seconds") or 0) + seconds
     env.update(images=images, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
