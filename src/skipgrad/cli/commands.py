@@ -55,7 +55,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
               f"(calibration curve in {args.out}/run.json)")
     compiled = (f", after {summary.compile_seconds:.1f} s compiling"
                 if summary.compile_seconds else "")
-    print(f"{summary.total} images in {args.out} ({summary.skipped} already done, "
+    print(f"{summary.total} images from {', '.join(summary.sources)} in {args.out} "
+          f"({summary.skipped} already done, "
           f"{summary.attacked} attacked in {summary.seconds:.1f} s, {summary.cpu_seconds:.1f} s "
           f"CPU{compiled}); "
           f"white-box success on the source: {100 * summary.source_success:.1f}%")
@@ -171,7 +172,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     from skipgrad.models.defenses import defense_help
     from skipgrad.models.listing import defenses_table, model_rows, rows_table
 
-    rows = model_rows(args.preset)
+    rows = model_rows(args.preset, args.spec)
     if args.json:
         print(json.dumps({"models": rows, "defenses": defense_help()}, indent=2))
     else:

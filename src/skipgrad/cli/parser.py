@@ -237,6 +237,9 @@ def _add_transfer(sub) -> None:
 
 def _add_models(sub) -> None:
     p = sub.add_parser("models", help="list model specs with input size and mean/std")
+    p.add_argument("spec", nargs="*", metavar="SPEC",
+                   help="specs to resolve and list, e.g. tv:resnet50 (default: the presets' "
+                        "models)")
     p.add_argument("--preset", help="wu2020 (the paper's zoo), fmnist (the bundled zoo) or "
                                     "fmnist-defended (adv. trained and input-transformed targets)")
     p.add_argument("--json", action="store_true",

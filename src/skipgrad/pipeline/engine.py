@@ -43,7 +43,8 @@ from skipgrad.models import WrappedModel
 from skipgrad.pipeline import distributed
 from skipgrad.pipeline.device import resolve_device, resolve_group_size
 from skipgrad.pipeline.job import (AttackJob, RunOptions, RunSummary, check_job, check_sgm,
-                                   environment, load_sources, numerics, on_device, run_identity)
+                                   environment, load_sources, numerics, on_device, run_identity,
+                                   source_names)
 from skipgrad.store import outdir, verify
 from skipgrad.store.atomic import atomic_write_many
 from skipgrad.store.records import (image_file, manifest_part, merge_manifest_parts, prepare_folder,
@@ -178,7 +179,7 @@ def _attack_missing(job: AttackJob, out: Path, opts: RunOptions, data: ImageData
     success = distributed.on_main(lambda: _finish_manifest(out, wanted, job.attack.targeted,
                                                            seconds))
     return RunSummary(out, len(data), skipped, attacked, seconds, success, compile_seconds,
-                      cpu_seconds)
+                      cpu_seconds, source_names(job, models))
 
 
 @contextlib.contextmanager

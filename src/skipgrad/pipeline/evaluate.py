@@ -32,7 +32,7 @@ from skipgrad.data.images import read_image
 from skipgrad.analysis.success import succeeded
 from skipgrad.errors import UserError
 from skipgrad.models import WrappedModel, load_model
-from skipgrad.models.defenses import canonical_spec
+from skipgrad.models.loading import named_spec
 from skipgrad.progress import progress_bar
 from skipgrad.pipeline.engine import predict
 from skipgrad.store.records import read_manifest, read_run
@@ -287,9 +287,9 @@ def load_targets(targets: Sequence[str], weights: Sequence[str | None] | None,
     weights = list(weights or [None] * len(targets))
     if len(weights) != len(targets):
         raise UserError(f"{len(weights)} --weights for {len(targets)} --target; give one per target")
-    # Keyed by the canonical spec, so that defaults of a defense (smoothing's n, alpha, seed)
-    # appear in every table and JSON.
-    return {canonical_spec(spec): load_model(spec, weights=w, device=device)
+    # Keyed by the spec as outputs name it: the weights a bare hub spec resolves to, and the
+    # defaults of a defense (smoothing's n, alpha, seed), appear in every table and JSON.
+    return {named_spec(spec, w): load_model(spec, weights=w, device=device)
             for spec, w in zip(targets, weights)}
 
 

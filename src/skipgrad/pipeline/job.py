@@ -180,6 +180,9 @@ class RunSummary:
     # CPU time of this process over ``seconds`` (all threads): on a shared machine wall time
     # depends on the neighbours, CPU time much less.
     cpu_seconds: float = 0.0
+    # The sources as resolved (``tv:resnet50`` -> ``tv:resnet50.IMAGENET1K_V1``), a local weights
+    # file named after its spec: what the summary line says was attacked from.
+    sources: tuple[str, ...] = ()
 
 
 def check_job(job: AttackJob) -> None:
@@ -272,6 +275,13 @@ def load_sources(job: AttackJob, device: torch.device) -> list[WrappedModel]:
         for model in models:
             model.to(memory_format=torch.channels_last)
     return models
+
+
+def source_names(job: AttackJob, models: Sequence[WrappedModel]) -> tuple[str, ...]:
+    """Each source as resolved, with its local weights file when one was given."""
+    weights = job.weights or (None,) * len(models)
+    return tuple(m.config.spec if w is None else f"{m.config.spec} ({w})"
+                 for m, w in zip(models, weights))
 
 
 def numerics(job: AttackJob, device: torch.device) -> contextlib.AbstractContextManager:

@@ -38,6 +38,7 @@ from skipgrad.store import outdir
 from skipgrad.backward.registry import parse_backward
 from skipgrad.gamma import check_gamma
 from skipgrad.errors import UserError
+from skipgrad.models.loading import named_spec
 from skipgrad.store.records import calibration_warning
 from skipgrad.pipeline.evaluate import (evaluate_output, load_targets, open_attack_output,
                                record_evaluation)
@@ -330,10 +331,11 @@ def evaluate_cells(plan: TransferPlan, folders: list, opts: RunOptions,
         results = evaluate_output(output, models, batch_size=opts.batch_size, quiet=opts.quiet,
                                   prefetch=opts.prefetch, clean_cache=cache)
         names = tuple(parse_backward(backward).names) if backward is not None else ()
-        rows += [TransferRow(source.spec, attack, gamma, spec, r.success_rate, r.n, r.ci95, names,
+        named = named_spec(source.spec, source.weights)  # tv:resnet50 -> its weights' tag
+        rows += [TransferRow(named, attack, gamma, spec, r.success_rate, r.n, r.ci95, names,
                              r.clean_correct, r.successes_on_correct)
                  for spec, r in results.items()]
-        outcomes.update({(source.spec, attack, gamma, backward, spec): r.per_image
+        outcomes.update({(named, attack, gamma, backward, spec): r.per_image
                          for spec, r in results.items()})
         distributed.on_main(lambda: record_evaluation(folder, results))
         warning = calibration_warning(folder, list(results))
