@@ -129,12 +129,13 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """``skipgrad sweep``: one attack over a list of gammas, transfer success per target."""
-    from skipgrad.pipeline.job import run_options, settings_of
+    from skipgrad.pipeline.job import refuse_unused_settings, run_options, settings_of
     from skipgrad.pipeline.plans import per_source_backward, template_from
     from skipgrad.pipeline.sweep import format_best, run_sweep
     from skipgrad.pipeline.transfer import model_refs_of
 
     flags = vars(args)
+    refuse_unused_settings(settings_of(flags), [args.attack], sgm=True)  # every gamma is SGM
     source = model_refs_of([args.source], [args.source_weights] if args.source_weights else None,
                            "source")[0]
     targets = model_refs_of(args.target, args.target_weights, "target")

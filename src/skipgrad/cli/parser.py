@@ -29,12 +29,45 @@ class _Formatter(argparse.HelpFormatter):
         return super()._expand_help(action)
 
 
+# Where _StoreOnce notes, during one parse, the options already given (removed after the parse).
+_GIVEN = "_skipgrad_given_options"
+
+
+class _StoreOnce(argparse._StoreAction):
+    """The default action of every single-valued option: giving it twice is refused rather than
+    letting the last one win silently (``--attack mi --attack ifgsm`` would run I-FGSM).
+    Repeatable options say so and use ``append``."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        given = vars(namespace).setdefault(_GIVEN, {})
+        if self.dest in given:
+            raise argparse.ArgumentError(self, f"given twice ({given[self.dest]} and "
+                                               f"{option_string or ''} {_shown(values)}); "
+                                               f"this option takes one value")
+        given[self.dest] = f"{option_string or ''} {_shown(values)}".strip()
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _shown(values: object) -> str:
+    if isinstance(values, (list, tuple)):
+        return " ".join(map(_shown, values))
+    return f"{values:g}" if isinstance(values, float) else str(values)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors in our format (no usage dump) and lazy help texts."""
+    """argparse with one-line errors in our format (no usage dump), lazy help texts, and
+    single-valued options that refuse to be given twice (:class:`_StoreOnce`)."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", _Formatter)
         super().__init__(*args, **kwargs)
+        self.register("action", None, _StoreOnce)
+        self.register("action", "store", _StoreOnce)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        namespace, extras = super().parse_known_args(args, namespace)
+        vars(namespace).pop(_GIVEN, None)
+        return namespace, extras
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"skipgrad: error: {message} (see `{self.prog} --help`)\n")

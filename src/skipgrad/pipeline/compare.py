@@ -15,7 +15,7 @@ from skipgrad.pipeline import distributed
 from skipgrad.errors import UserError
 from skipgrad.pipeline.evaluate import AttackOutput, evaluate_output, load_targets, open_attack_output
 from skipgrad.pipeline.device import resolve_device
-from skipgrad.store.records import shown
+from skipgrad.store.records import comparable_config, shown
 from skipgrad.analysis.stats import PairedComparison, benjamini_hochberg, paired_comparison
 
 
@@ -67,8 +67,11 @@ def compare_folders(folder_a: Path, folder_b: Path, targets: Sequence[str], *,
     comparisons = {t: paired_comparison(results_a[t].per_image, results_b[t].per_image)
                    for t in models}
     q = benjamini_hochberg([c.p_value for c in comparisons.values()])
-    return FolderComparison(Path(folder_a), Path(folder_b), a.run.get("config", {}),
-                            b.run.get("config", {}), comparisons, dict(zip(comparisons, q)))
+    # As the identity states them: settings of parts an attack lacks (an old I-FGSM folder's
+    # decay) differ in nothing that made the images.
+    settings_a, settings_b = (comparable_config(o.run.get("config", {})) for o in (a, b))
+    return FolderComparison(Path(folder_a), Path(folder_b), settings_a, settings_b, comparisons,
+                            dict(zip(comparisons, q)))
 
 
 def comparison_markdown(result: FolderComparison) -> str:

@@ -9,7 +9,7 @@ import math
 import platform
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,12 +121,19 @@ def _pixels(data: str | None) -> int:
 
 def attack_settings(spec: AttackSpec) -> dict:
     """The inverse of :func:`attack_from_settings`: the spec in command-line units, as run.json
-    records it (``attack`` is the canonical composed name; per-source gammas are a list). An L2
+    records it (``attack`` is the canonical composed name; per-source gammas are a list). The
+    settings of parts the attack does not have (``decay`` of an I-FGSM run, ``sgm_official``
+    without SGM: :data:`~skipgrad.attacks.config.PART_SETTINGS`) are left out: they do not change
+    the images, so they do not define the run (older folders that hold them still resume,
+    :func:`skipgrad.store.records.comparable_config`). An L2
     run also records its ``eps_unit``: its sizes were levels before they were [0, 1] units, so a
     folder made then must not be resumed as if they were the same."""
     record: dict = {"attack": spec.name,
                     "sgm": list(spec.sgm) if isinstance(spec.sgm, tuple) else spec.sgm}
+    unused = spec.unused_settings()  # of parts the attack lacks: they change nothing
     for key in ATTACK_SETTINGS:
+        if key in unused:
+            continue
         value = getattr(spec, key)
         record[key] = units.to_command_line(value, spec.norm) if key in _LEVEL_SETTINGS else value
     if spec.norm != "linf":
@@ -135,6 +142,30 @@ def attack_settings(spec: AttackSpec) -> dict:
         record["backward"] = ([None if p is None else p.label for p in spec.backward]
                               if isinstance(spec.backward, tuple) else spec.backward.label)
     return record
+
+
+def refuse_unused_settings(given: Iterable[str], attacks: Sequence[str], sgm: bool) -> None:
+    """Refuse, in one line, settings (command-line flags or plan keys) of a part that none of the
+    run's ``attacks`` has (with ``sgm``: whether any of its runs uses SGM): they would change
+    nothing, so the run would not be what was asked for (``--attack ifgsm --decay 0.5`` makes the
+    bytes of plain ``ifgsm``)."""
+    from skipgrad.attacks.config import parts_using, unused_settings
+
+    parts = frozenset({"sgm"} if sgm else ()).union(
+        *(AttackSpec.parse(name).parts for name in attacks))
+    unused = [key for key in unused_settings(parts) if key in set(given)]
+    if not unused:
+        return
+    label = lambda part: "SGM" if part == "sgm" else part  # noqa: E731
+    flags = ", ".join(f"--{key.replace('_', '-')} (a setting of "
+                      f"{' and '.join(map(label, parts_using(key)))})" for key in unused)
+    owners = " or ".join(dict.fromkeys(label(p) for key in unused for p in parts_using(key)))
+    names = ", ".join(dict.fromkeys(AttackSpec.parse(name).name for name in attacks))
+    lacking = (f"the attack {names} has no {owners}" if len(attacks) == 1 else
+               f"no attack of this run ({names}) has {owners}")
+    it = "it" if len(unused) == 1 else "them"
+    raise UserError(f"{flags} would change nothing: {lacking}; drop {it} or add the "
+                    f"part to the attack{' (--sgm GAMMA for SGM)' if 'SGM' in owners else ''}")
 
 
 def job_record(job: AttackJob) -> dict:

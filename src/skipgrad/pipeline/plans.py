@@ -10,7 +10,8 @@ from skipgrad.backward.registry import BackwardSpecError, combine, parse_backwar
 from skipgrad.gamma import parse_gamma
 from skipgrad.errors import InputError, UserError
 from skipgrad.pipeline.job import (ATTACK_SETTINGS, JOB_SETTINGS, AttackJob, RunOptions,
-                                   attack_from_settings, run_options, settings_of)
+                                   attack_from_settings, refuse_unused_settings, run_options,
+                                   settings_of)
 from skipgrad.pipeline.transfer import ModelRef, TransferPlan, gammas_with_baseline, model_refs_of
 
 
@@ -63,6 +64,7 @@ def attack_job(flags: Mapping[str, object]) -> tuple[AttackJob, bool]:
     if given and not auto:
         raise UserError(f"{', '.join(given)} only apply to --sgm auto; drop them or use --sgm auto")
     settings = settings_of(flags)
+    refuse_unused_settings(settings, [flags.get("attack") or "ifgsm"], sgm=sgm is not None)
     spec = attack_from_settings(flags.get("attack") or "ifgsm", None if auto else sgm,
                                 {k: v for k, v in settings.items() if k in ATTACK_SETTINGS},
                                 per_source_backward(flags.get("backward"), len(sources)),
@@ -108,8 +110,10 @@ def transfer_plan(flags: dict, config: dict) -> tuple[TransferPlan, Path, RunOpt
     if backward and not gammas and not baseline and not per_source:  # methods alone, no SGM
         gammas, column_baseline = [None], True
     column = gammas_with_baseline(list(gammas), column_baseline or bool(per_source))
-    plan = TransferPlan(sources, attacks, column, targets,
-                        template_from({**settings, **settings_of(flags)}, data),
+    chosen = {**settings, **settings_of(flags)}
+    refuse_unused_settings(chosen, attacks, sgm=any(
+        g is not None for g in (*column, *(g for c in per_source if c for g in c))))
+    plan = TransferPlan(sources, attacks, column, targets, template_from(chosen, data),
                         flags.get("title") or plan_cfg.get("title", "Transfer success rate"),
                         backward=backward, backward_baseline=baseline, source_gammas=per_source)
     return plan, out, run_options(flags, run_cfg)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from skipgrad.errors import UserError
+from skipgrad.errors import InputError, UserError
 from skipgrad.store import outdir
 from skipgrad.store.atomic import atomic_write_text
 
@@ -68,7 +68,8 @@ def claim_folder(out: Path, identity: dict, env: dict, notes: dict | None = None
     if existing is None and ((out / "images").exists() or (out / "manifest.csv").exists()):
         raise UserError(f"output folder {out} holds images or a manifest but no run.json; "
                         f"use another --out")
-    if existing is not None and existing.get("config") != identity and read_manifest(out):
+    if existing is not None and comparable_config(existing.get("config") or {}) != identity \
+            and read_manifest(out):
         raise UserError(f"output folder {out} holds another run ({_differences(existing, identity)}); "
                         f"use another --out or remove it")
     if existing is not None:  # what the folder already holds stays true in run.json
@@ -90,8 +91,24 @@ def _carried_over(old: dict, env: dict, has_images: bool) -> dict:
     return env
 
 
+def comparable_config(config: dict) -> dict:
+    """A recorded run config as today's identity states it: without the settings of parts its
+    attack does not have (:data:`skipgrad.attacks.config.PART_SETTINGS`). Folders made before
+    those settings left the identity record ``decay``, ``di_prob``, ... for every attack; they
+    changed nothing there, so such a folder resumes (and compares) as the run it is."""
+    from skipgrad.attacks.config import AttackSpec  # loads torch: only when a run is compared
+
+    if "attack" not in config:
+        return config
+    try:
+        unused = AttackSpec.parse(config["attack"], sgm=config.get("sgm")).unused_settings()
+    except (InputError, TypeError, ValueError):  # not a record we can read: compared as it is
+        return config
+    return {k: v for k, v in config.items() if k not in unused}
+
+
 def _differences(existing: dict, identity: dict) -> str:
-    old = existing.get("config") or {}
+    old = comparable_config(existing.get("config") or {})
     keys = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
     return "; ".join(f"{k}: {shown(old.get(k))} there vs {shown(identity.get(k))} now"
                      for k in keys[:4])
