@@ -64,11 +64,11 @@ def attack_job(flags: Mapping[str, object]) -> tuple[AttackJob, bool]:
     if given and not auto:
         raise UserError(f"{', '.join(given)} only apply to --sgm auto; drop them or use --sgm auto")
     settings = settings_of(flags)
-    refuse_unused_settings(settings, [flags.get("attack") or "ifgsm"], sgm=sgm is not None)
     spec = attack_from_settings(flags.get("attack") or "ifgsm", None if auto else sgm,
                                 {k: v for k, v in settings.items() if k in ATTACK_SETTINGS},
                                 per_source_backward(flags.get("backward"), len(sources)),
                                 data=flags["data"])
+    refuse_unused_settings(settings, [spec.name], sgm=sgm is not None)  # values checked first
     job = AttackJob(sources=sources, data=flags["data"], attack=spec,
                     weights=tuple(flags.get("weights") or ()),
                     **{k: v for k, v in settings.items() if k in JOB_SETTINGS})
@@ -111,9 +111,10 @@ def transfer_plan(flags: dict, config: dict) -> tuple[TransferPlan, Path, RunOpt
         gammas, column_baseline = [None], True
     column = gammas_with_baseline(list(gammas), column_baseline or bool(per_source))
     chosen = {**settings, **settings_of(flags)}
+    template = template_from(chosen, data)  # bad values first, then settings nothing uses
     refuse_unused_settings(chosen, attacks, sgm=any(
         g is not None for g in (*column, *(g for c in per_source if c for g in c))))
-    plan = TransferPlan(sources, attacks, column, targets, template_from(chosen, data),
+    plan = TransferPlan(sources, attacks, column, targets, template,
                         flags.get("title") or plan_cfg.get("title", "Transfer success rate"),
                         backward=backward, backward_baseline=baseline, source_gammas=per_source)
     return plan, out, run_options(flags, run_cfg)
