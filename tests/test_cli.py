@@ -59,10 +59,13 @@ def work(tmp_path_factory) -> Path:
 
 
 def _attack(work: Path, out: str, *extra: str) -> int:
+    # A single-valued option is given once (twice is refused): ``extra`` replaces these defaults.
+    defaults = [a for flag, value in (("--eps", str(EPS)), ("--step-size", "1"), ("--steps", "3"),
+                                      ("--batch-size", "3")) if flag not in extra
+                for a in (flag, value)]
     return main(["attack", "--source", f"file:{work / 'source.safetensors'}", "--attack", "mi",
                  "--sgm", "0.5", "--data", str(work / "data"), "--out", str(work / out),
-                 "--eps", str(EPS), "--step-size", "1", "--steps", "3", "--batch-size", "3",
-                 "--quiet", *extra])
+                 *defaults, "--quiet", *extra])
 
 
 def _levels(path: Path) -> np.ndarray:

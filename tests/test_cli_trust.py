@@ -18,8 +18,11 @@ SOURCE = "zoo:fmnist-resnet20"
 
 
 def _attack(out: Path, *extra: str) -> int:
-    return main(["attack", "--source", SOURCE, "--data", "fmnist:test", "--limit", "2",
-                 "--steps", "2", "--out", str(out), "--quiet", *extra])
+    # A single-valued option is given once (twice is refused): ``extra`` replaces these defaults.
+    defaults = [a for flag, value in (("--limit", "2"), ("--steps", "2")) if flag not in extra
+                for a in (flag, value)]
+    return main(["attack", "--source", SOURCE, "--data", "fmnist:test", *defaults,
+                 "--out", str(out), "--quiet", *extra])
 
 
 def _error(capsys) -> str:
