@@ -74,7 +74,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     results = evaluate_folder(args.folder, args.target, weights=args.weights, device=args.device,
                               batch_size=args.batch_size, quiet=args.quiet, data=args.data,
-                              prefetch=args.prefetch, check=not args.no_verify)
+                              prefetch=args.prefetch, check=not args.no_verify,
+                              limit=args.limit)
     title = f"transfer success of {args.folder}" + (" (files NOT verified: --no-verify)"
                                                       if args.no_verify else "")
     print(format_table(results, title=title))
@@ -103,7 +104,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     comparison = compare_folders(args.folder_a, args.folder_b, args.target, weights=args.weights,
                                  device=args.device, batch_size=args.batch_size, quiet=args.quiet,
-                                 prefetch=args.prefetch)
+                                 prefetch=args.prefetch, limit=args.limit)
     print(comparison_markdown(comparison))
     _warn_calibration([args.folder_a, args.folder_b], args.target)
     if args.json:

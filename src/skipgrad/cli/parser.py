@@ -230,6 +230,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--no-verify", action="store_true",
                    help="score the files without checking them against the manifest's SHA-256 "
                         "and the eps bound (e.g. folders made before the hashes)")
+    p.add_argument("--limit", type=positive_int, metavar="N",
+                   help="score only the first N images the folder holds (by id)")
     _add_run_options(p, evaluate=True)
     p.set_defaults(func=commands.cmd_evaluate)
 
@@ -243,6 +245,10 @@ def _add_compare(sub) -> None:
     p.add_argument("--weights", action="append", metavar="FILE",
                    help="local weights, one per --target in the same order")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the comparison as JSON")
+    p.add_argument("--limit", type=positive_int, metavar="N",
+                   help="compare on the first N images both folders hold (by id), e.g. a "
+                        "64-image run against the first 64 of a 200-image one (default: all, "
+                        "which must then be the same images)")
     _add_run_options(p)
     p.set_defaults(func=commands.cmd_compare)
 

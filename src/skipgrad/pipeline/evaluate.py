@@ -12,9 +12,10 @@ so every rank scores the same full result; only rank 0 writes files.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,6 +130,24 @@ def open_attack_output(folder: Path, data_override: str | None = None,
     return AttackOutput(folder, run, data, samples, [folder / r["file"] for r in rows],
                         bool(config.get("targeted")),
                         [r.get(verify.SHA_COLUMN) or None for r in rows])
+
+
+def keep_images(output: AttackOutput, ids: Collection[int]) -> AttackOutput:
+    """The output restricted to the images whose id is in ``ids`` (in the manifest's id order)."""
+    keep = [i for i, sample in enumerate(output.samples) if sample.id in ids]
+    return dataclasses.replace(
+        output, samples=[output.samples[i] for i in keep], files=[output.files[i] for i in keep],
+        hashes=[output.hashes[i] for i in keep] if output.hashes else [])
+
+
+def first_images(output: AttackOutput, count: int) -> AttackOutput:
+    """The first ``count`` images the folder holds, by id (``evaluate --limit``); a folder that
+    holds fewer is refused rather than scored on fewer than were asked for."""
+    ids = sorted(s.id for s in output.samples)
+    if len(ids) < count:
+        raise UserError(f"{output.folder} holds {len(ids)} finished images, fewer than --limit "
+                        f"{count}")
+    return keep_images(output, set(ids[:count]))
 
 
 def _clean_data(config: dict, override: str | None) -> ImageDataset:
@@ -267,11 +286,14 @@ def evaluate_folder(folder: Path, targets: Sequence[str], *,
                     weights: Sequence[str | None] | None = None, device: str = "auto",
                     batch_size: int | None = None, quiet: bool = False,
                     data: str | None = None, prefetch: int | None = None,
-                    check: bool = True) -> dict[str, TargetResult]:
+                    check: bool = True, limit: int | None = None) -> dict[str, TargetResult]:
     """Evaluate every target spec on one attack folder (``data`` overrides where the clean images
     are, should they have moved since the attack); ``check=False`` skips the verification of the
-    files (``evaluate --no-verify``)."""
+    files (``evaluate --no-verify``); ``limit`` scores only the first ``limit`` images the folder
+    holds, by id (:func:`first_images`)."""
     output = open_attack_output(folder, data)
+    if limit is not None:
+        output = first_images(output, limit)
     if check:
         _require_hashes(output)  # before any model is loaded
     models = load_targets(targets, weights, distributed.device_for(resolve_device(device)))
