@@ -196,6 +196,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_zoo_list(args: argparse.Namespace) -> int:
+    """``skipgrad zoo list``: every zoo spec, adversarially trained members marked, and whether
+    its weights are on disk (the one enumeration: ``models.loading.zoo_specs``)."""
+    from skipgrad.models.loading import zoo_specs
+
+    plain, present = set(zoo_specs()), set(zoo_specs(defended=True, present=True))
+    for spec in zoo_specs(defended=True):
+        kind = "plain" if spec in plain else "adversarially trained"
+        weights = "bundled" if spec in present else "weights missing (skipgrad zoo train NAME)"
+        print(f"{spec:<28} {kind:<22} {weights}")
+    return 0
+
+
 def cmd_zoo_train(args: argparse.Namespace) -> int:
     """``skipgrad zoo train NAME``."""
     from skipgrad.models.zoo.training import RECIPES, train_model

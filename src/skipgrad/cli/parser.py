@@ -298,6 +298,8 @@ def _add_zoo(sub) -> None:
     t.add_argument("--batch-size", type=positive_int, default=128)
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=commands.cmd_zoo_train)
+    listing = zoo_sub.add_parser("list", help="the zoo's specs, with their weights' status")
+    listing.set_defaults(func=commands.cmd_zoo_list)
 
 
 def _add_inspect(sub) -> None:
