@@ -158,9 +158,10 @@ def test_evaluate_json_has_the_documented_keys(work: Path, capsys) -> None:
     doc = json.loads(report.read_text())
     assert set(doc["targets"]) == {f"file:{work / 'source.safetensors'}", "timm:test_efficientnet"}
     for entry in doc["targets"].values():
-        # The documented keys, plus the per-image outcomes added for paired comparisons.
+        # The documented keys (docs/design.md, "Output contracts").
         assert set(entry) == {"success_rate", "n", "ci95", "clean_accuracy",
-                              "success_rate_on_correct", "per_image_success"}
+                              "success_rate_on_correct", "clean_correct", "successes_on_correct",
+                              "per_image_success"}
         assert entry["n"] == N_IMAGES and 0 <= entry["ci95"][0] <= entry["ci95"][1] <= 1
     assert "timm:test_efficientnet" in capsys.readouterr().out
 

@@ -43,7 +43,9 @@ def test_json_schema_is_exactly_the_documented_one() -> None:
     doc = results_json({"zoo:fmnist-vgg": TargetResult("zoo:fmnist-vgg", 10, 7, 9, 6)})
     entry = doc["targets"]["zoo:fmnist-vgg"]
     assert set(doc) == {"targets"}
-    assert set(entry) == {"success_rate", "n", "ci95", "clean_accuracy", "success_rate_on_correct"}
+    assert set(entry) == {"success_rate", "n", "ci95", "clean_accuracy", "success_rate_on_correct",
+                          "clean_correct", "successes_on_correct"}
+    assert (entry["clean_correct"], entry["successes_on_correct"]) == (9, 6)
     assert entry["n"] == 10 and entry["success_rate"] == 0.7 and len(entry["ci95"]) == 2
     assert entry["ci95"][0] < 0.7 < entry["ci95"][1]
     json.dumps(doc)  # serialisable
@@ -178,3 +180,30 @@ def test_compare_limit_pairs_a_short_run_with_the_start_of_a_long_one(short_and_
 def _bits(record: dict) -> list[int]:
     """Per-image outcomes of an evaluate record: a list of 0/1 (or, in older records, a string)."""
     return [int(c) for c in record["per_image_success"]]
+
+
+# ---------------------------------------------------------------- issue 24, item 7: the JSON record
+
+def test_evaluate_json_and_the_folder_record_hold_outcome_lists_and_both_counts(
+        short_and_long, tmp_path) -> None:
+    from skipgrad.pipeline.evaluate import bits_outcomes
+    from skipgrad.store.records import read_evaluations
+
+    from skipgrad.data.fmnist import load_fmnist
+    from skipgrad.models import load_model
+
+    short, _ = short_and_long
+    doc = _evaluated(short, tmp_path / "e.json")
+    recorded = read_evaluations(short)["zoo:fmnist-vgg"]
+    images, labels = load_fmnist("test", limit=4)  # the clean side, computed here
+    with torch.no_grad():
+        correct = (load_model("zoo:fmnist-vgg")(images).argmax(1) == labels).tolist()
+    for entry in (doc["targets"]["zoo:fmnist-vgg"], recorded):
+        bits = entry["per_image_success"]
+        assert isinstance(bits, list) and set(bits) <= {0, 1} and len(bits) == entry["n"] == 4
+        assert sum(bits) == round(entry["success_rate"] * 4)
+        assert entry["clean_correct"] == sum(correct)
+        assert entry["successes_on_correct"] == sum(b and c for b, c in zip(bits, correct))
+    # records written before held a string of 0/1: read the same
+    assert torch.equal(bits_outcomes("0110"), bits_outcomes([0, 1, 1, 0]))
+    assert bits_outcomes([0, 1, 1, 0]).tolist() == [False, True, True, False]

@@ -160,6 +160,12 @@ def _add_backward_option(p: argparse.ArgumentParser, demo: bool = False) -> None
                                          f"each changes)"))
 
 
+def _presets() -> str:
+    from skipgrad.models.presets import preset_help  # loads torch: only when help is shown
+
+    return preset_help()
+
+
 def _method_names() -> str:
     from skipgrad.backward.registry import known_methods  # loads torch: only when help is shown
 
@@ -249,7 +255,7 @@ def _add_compare(sub) -> None:
                    help="compare on the first N images both folders hold (by id), e.g. a "
                         "64-image run against the first 64 of a 200-image one (default: all, "
                         "which must then be the same images)")
-    _add_run_options(p)
+    _add_run_options(p, evaluate=True)  # compare predicts; it attacks nothing
     p.set_defaults(func=commands.cmd_compare)
 
 
@@ -264,8 +270,8 @@ def _add_transfer(sub) -> None:
     p.add_argument("--sgm", action="append", type=gamma, help="gamma; repeat for several")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the runs without SGM (and, with --backward, those without the method)")
-    p.add_argument("--preset", help="take sources/targets not given otherwise from a preset "
-                                    "(wu2020, fmnist)")
+    p.add_argument("--preset", help=LazyHelp(lambda: f"take sources/targets not given otherwise "
+                                                     f"from a preset: {_presets()}"))
     p.add_argument("--out", type=Path)
     p.add_argument("--title")
     _add_data_options(p, required=False)
@@ -279,8 +285,7 @@ def _add_models(sub) -> None:
     p.add_argument("spec", nargs="*", metavar="SPEC",
                    help="specs to resolve and list, e.g. tv:resnet50 (default: the presets' "
                         "models)")
-    p.add_argument("--preset", help="wu2020 (the paper's zoo), fmnist (the bundled zoo) or "
-                                    "fmnist-defended (adv. trained and input-transformed targets)")
+    p.add_argument("--preset", help=LazyHelp(lambda: f"list a preset's models: {_presets()}"))
     p.add_argument("--json", action="store_true",
                    help='print JSON instead of tables: {"models": [...], "defenses": [...]}')
     p.set_defaults(func=commands.cmd_models)

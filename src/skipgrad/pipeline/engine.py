@@ -48,7 +48,8 @@ from skipgrad.pipeline.job import (AttackJob, RunOptions, RunSummary, check_job,
 from skipgrad.store import outdir, verify
 from skipgrad.store.atomic import atomic_write_many
 from skipgrad.store.records import (image_file, manifest_part, merge_manifest_parts, prepare_folder,
-                                    read_manifest, record_finish, write_manifest, write_rows)
+                                    read_manifest, record_finish, record_interrupted,
+                                    write_manifest, write_rows)
 
 
 def image_groups(samples: Sequence[Sample], size: int) -> list[list[Sample]]:
@@ -159,6 +160,7 @@ def _attack_missing(job: AttackJob, out: Path, opts: RunOptions, data: ImageData
     new_rows: dict[str, dict[str, object]] = {}
     with _attack_sources(job, models, mine, data, device) as (sources, spec, compile_seconds):
         started, cpu_started = time.perf_counter(), time.process_time()
+        saved = started  # when the last finished group was saved
         bar = progress_bar(len(data), "attack", opts.quiet or not world.is_main, initial=skipped)
         loaded = _loaded_groups(mine, data, opts, device, log)
         try:
@@ -168,8 +170,14 @@ def _attack_missing(job: AttackJob, out: Path, opts: RunOptions, data: ImageData
                                      device)
                 new_rows.update((r["file"], r) for r in rows)
                 _save_progress(out, done, new_rows)
+                saved = time.perf_counter()
                 bar.update(len(missing) * world.size)  # rank 0 speaks for all: shares are equal
                 outdir.check_stop()
+        except BaseException:  # Ctrl-C, SIGTERM, an error: the finished groups' time is kept
+            if world.is_main:
+                with contextlib.suppress(Exception):  # never hide why the run stopped
+                    record_interrupted(out, saved - started)
+            raise
         finally:
             loaded.close()
             bar.close()

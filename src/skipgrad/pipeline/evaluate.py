@@ -79,23 +79,28 @@ class TargetResult:
         return self.successes_on_correct / self.clean_correct
 
     def to_json(self) -> dict:
-        """The per-target object of ``evaluate --json`` (docs/design.md, "Output contracts")."""
+        """The per-target object of ``evaluate --json`` (docs/design.md, "Output contracts"), with
+        both denominators' counts (``clean_correct`` of ``n``, ``successes_on_correct`` of
+        ``clean_correct``) as transfer.json rows carry them."""
         lo, hi = self.ci95
         return {"success_rate": self.success_rate, "n": self.n, "ci95": [lo, hi],
                 "clean_accuracy": self.clean_accuracy,
                 "success_rate_on_correct": self.success_rate_on_correct,
+                "clean_correct": self.clean_correct,
+                "successes_on_correct": self.successes_on_correct,
                 **({"per_image_success": outcome_bits(self.per_image)}
                    if self.per_image is not None else {})}
 
 
-def outcome_bits(success: torch.Tensor) -> str:
-    """Per-image outcomes as a compact string, one ``0``/``1`` per image in id order."""
-    return "".join("1" if s else "0" for s in success.bool().tolist())
+def outcome_bits(success: torch.Tensor) -> list[int]:
+    """Per-image outcomes as JSON stores them: a list of ``0``/``1``, one per image in id order."""
+    return [int(s) for s in success.bool().tolist()]
 
 
-def bits_outcomes(bits: str) -> torch.Tensor:
-    """The inverse of :func:`outcome_bits`."""
-    return torch.tensor([c == "1" for c in bits], dtype=torch.bool)
+def bits_outcomes(bits: list[int] | str) -> torch.Tensor:
+    """The inverse of :func:`outcome_bits`; records written before it held a list (evaluate
+    --json files, evaluations.json) hold a string of ``0``/``1`` and read the same."""
+    return torch.tensor([str(b) == "1" for b in bits], dtype=torch.bool)
 
 
 @dataclass
