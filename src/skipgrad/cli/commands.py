@@ -79,7 +79,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     title = f"transfer success of {args.folder}" + (" (files NOT verified: --no-verify)"
                                                       if args.no_verify else "")
     print(format_table(results, title=title))
-    _warn_calibration([args.folder], args.target)
+    _warn_calibration([args.folder], list(results))  # the targets as resolved
     record_evaluation(args.folder, results, verified=not args.no_verify)
     if args.json:
         write_results_json(results, args.json, args.folder)
@@ -106,7 +106,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                  device=args.device, batch_size=args.batch_size, quiet=args.quiet,
                                  prefetch=args.prefetch, limit=args.limit)
     print(comparison_markdown(comparison))
-    _warn_calibration([args.folder_a, args.folder_b], args.target)
+    _warn_calibration([args.folder_a, args.folder_b], list(comparison.comparisons))
     if args.json:
         atomic_write_text(args.json, json.dumps(comparison_json(comparison), indent=2) + "\n")
         print(f"wrote {args.json}")
