@@ -122,8 +122,8 @@ def _unknown(kind: str, name: str, known: list[str]) -> UserError:
 # ---------------------------------------------------------------- torchvision
 
 # The weights a bare ``tv:NAME`` means: the transfer literature's surrogates are torchvision's
-# original ImageNet weights (``pretrained=True``, since torchvision 0.13 ``IMAGENET1K_V1``); the SGM
-# and LinBP releases load them (LinBP: the original ``resnet50-19c8e357.pth``). torchvision's DEFAULT
+# original ImageNet weights (``pretrained=True``, since torchvision 0.13 ``IMAGENET1K_V1``): the SGM
+# release loads them through ``pretrainedmodels``, LinBP's as the original ``resnet50-19c8e357.pth``. torchvision's DEFAULT
 # is a newer recipe where one exists (IMAGENET1K_V2 for ResNet-50/101/152, ...), a different
 # surrogate that transfers differently: TransferAttack loads DEFAULT, and its tracker has users whose
 # numbers moved by exactly this (issues #45, #60). DEFAULT stays one tag away
