@@ -138,6 +138,17 @@ def test_a_setting_of_a_part_not_in_the_attack_is_refused_in_one_line(
     assert not (tmp_path / "a").exists()  # refused before anything was made
 
 
+def test_sweep_refuses_a_setting_of_a_part_not_in_its_attack(tmp_path: Path, capsys) -> None:
+    from skipgrad.cli import main
+
+    assert main(["sweep", "--source", "zoo:fmnist-resnet20", "--target", "zoo:fmnist-cnn",
+                 "--data", "fmnist:test", "--limit", "2", "--attack", "mi", "--ti-kernel", "5",
+                 "--out", str(tmp_path / "s"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--ti-kernel (a setting of ti) would change nothing: the attack mi has no ti" in err
+    assert not (tmp_path / "s").exists()
+
+
 @pytest.mark.parametrize("argv, shown", [
     (["attack", "--source", "zoo:fmnist-cnn", "--data", "fmnist:test", "--out", "o",
       "--attack", "mi", "--attack", "ifgsm"], "--attack mi and --attack ifgsm"),
