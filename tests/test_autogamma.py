@@ -106,3 +106,22 @@ def test_auto_errors_are_one_line_exit_2(argv: list[str], words: str, tmp_path: 
     code = main(["attack", *argv, "--out", str(tmp_path / "o"), "--steps", "2", "--quiet"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1 and words in err[0], err
+
+
+def test_an_auto_folder_recording_unused_settings_resumes_and_reuses_its_gamma(
+        auto_run: dict, tmp_path: Path, capsys) -> None:
+    """Before the settings of absent parts left the identity, `--attack ifgsm --decay 0.5` wrote
+    decay 0.5 into the config and the calibration record; the images were plain I-FGSM's."""
+    assert _attack(tmp_path) == 0
+    path = tmp_path / "run.json"
+    run = json.loads(path.read_text())
+    old = {"decay": 0.5, "di_prob": 0.5, "di_scale": 1.1, "ti_kernel": 7}
+    run["config"].update(old)
+    run["sgm_auto"]["settings"]["attack"].update(old)
+    path.write_text(json.dumps(run))
+    capsys.readouterr()
+    assert main(["attack", *[a for a in AUTO if a != "--quiet"], "--data", "fmnist:test",
+                 "--out", str(tmp_path)]) == 0
+    assert "reusing gamma" in capsys.readouterr().err
+    assert "decay" not in json.loads(path.read_text())["config"]
+    assert json.loads(path.read_text())["config"]["sgm_official"] is False  # SGM's: kept

@@ -17,7 +17,8 @@ from skipgrad.analysis.success import succeeded
 from skipgrad.cli import main
 from skipgrad.models.defenses import ABSTAIN
 from skipgrad.pipeline import autogamma
-from skipgrad.pipeline.job import AttackJob, RunOptions, attack_from_settings
+from skipgrad.pipeline.job import AttackJob, RunOptions
+from skipgrad.pipeline.settings import attack_from_settings
 from skipgrad.pipeline.transfer import ModelRef, TransferPlan, preflight
 
 
@@ -153,7 +154,7 @@ def test_non_finite_positions_belong_to_each_error() -> None:
 
 
 def test_the_plan_schema_knows_every_setting() -> None:
-    from skipgrad.pipeline.job import ATTACK_SETTINGS, JOB_SETTINGS
+    from skipgrad.pipeline.settings import ATTACK_SETTINGS, JOB_SETTINGS
     from skipgrad.pipeline.plans import PLAN_SCHEMA, RUN_KEYS, STRUCTURE_KEYS
 
     assert set(ATTACK_SETTINGS + JOB_SETTINGS + RUN_KEYS + STRUCTURE_KEYS) <= set(PLAN_SCHEMA)

@@ -141,3 +141,12 @@ def test_fmnist_spec_names_images_by_split_and_index() -> None:
     batch = data.load(data.samples)
     assert batch.shape == (3, 1, 28, 28) and batch.dtype == torch.float32
     assert torch.equal(batch, (batch * 255).round() / 255)
+
+
+def test_mixed_sizes_are_refused_saying_sizes_must_match_as_the_readme_does(tmp_path: Path) -> None:
+    _png(tmp_path / "0" / "a.png", size=(8, 8))
+    _png(tmp_path / "0" / "b.png", size=(9, 8))
+    with pytest.raises(UserError, match="all images of one data folder must have the same size"):
+        open_dataset(str(tmp_path))
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert "All images of a data folder must have the same size" in readme

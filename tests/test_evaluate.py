@@ -43,7 +43,9 @@ def test_json_schema_is_exactly_the_documented_one() -> None:
     doc = results_json({"zoo:fmnist-vgg": TargetResult("zoo:fmnist-vgg", 10, 7, 9, 6)})
     entry = doc["targets"]["zoo:fmnist-vgg"]
     assert set(doc) == {"targets"}
-    assert set(entry) == {"success_rate", "n", "ci95", "clean_accuracy", "success_rate_on_correct"}
+    assert set(entry) == {"success_rate", "n", "ci95", "clean_accuracy", "success_rate_on_correct",
+                          "clean_correct", "successes_on_correct"}
+    assert (entry["clean_correct"], entry["successes_on_correct"]) == (9, 6)
     assert entry["n"] == 10 and entry["success_rate"] == 0.7 and len(entry["ci95"]) == 2
     assert entry["ci95"][0] < 0.7 < entry["ci95"][1]
     json.dumps(doc)  # serialisable
@@ -111,3 +113,97 @@ def test_each_image_is_decoded_once_for_all_targets(tmp_path: Path, monkeypatch)
     together = evaluate.evaluate_folder(out, targets, quiet=True, batch_size=4)
     assert sorted(decoded) == sorted((out / "images").glob("*.png"))  # 10 files, each once
     assert together == alone and all(r.n == 10 for r in together.values())
+
+
+# ---------------------------------------------------------------- issue 24, item 6: --limit
+
+@pytest.fixture(scope="module")
+def short_and_long(tmp_path_factory) -> tuple[Path, Path]:
+    """A 4-image run (1 step) and an 8-image run (3 steps) of the same data."""
+    from skipgrad.cli import main
+
+    root = tmp_path_factory.mktemp("limit")
+    base = ["attack", "--source", "zoo:fmnist-cnn", "--data", "fmnist:test", "--batch-size", "4",
+            "--quiet"]
+    assert main([*base, "--limit", "4", "--steps", "1", "--out", str(root / "short")]) == 0
+    assert main([*base, "--limit", "8", "--steps", "3", "--out", str(root / "long")]) == 0
+    return root / "short", root / "long"
+
+
+def _evaluated(folder: Path, path: Path, *extra: str) -> dict:
+    from skipgrad.cli import main
+
+    assert main(["evaluate", str(folder), "--target", "zoo:fmnist-vgg", "--quiet", "--json",
+                 str(path), *extra]) == 0
+    return json.loads(path.read_text())
+
+
+def test_evaluate_limit_scores_the_first_n_images_of_the_folder(short_and_long, tmp_path,
+                                                                 capsys) -> None:
+    from skipgrad.cli import main
+
+    _, long = short_and_long
+    everything = _evaluated(long, tmp_path / "all.json")
+    first = _evaluated(long, tmp_path / "first.json", "--limit", "4")
+    assert everything["image_ids"] == list(range(8)) and first["image_ids"] == [0, 1, 2, 3]
+    bits = lambda doc: doc["targets"]["zoo:fmnist-vgg"]["per_image_success"]  # noqa: E731
+    assert bits(first) == bits(everything)[:4]
+    assert first["targets"]["zoo:fmnist-vgg"]["n"] == 4
+    capsys.readouterr()
+    assert main(["evaluate", str(long), "--target", "zoo:fmnist-vgg", "--limit", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "holds 8 finished images, fewer than --limit 9" in err and len(err.splitlines()) == 1
+
+
+def test_compare_limit_pairs_a_short_run_with_the_start_of_a_long_one(short_and_long, tmp_path,
+                                                                     capsys) -> None:
+    from skipgrad.cli import main
+
+    short, long = short_and_long
+    command = ["compare", str(short), str(long), "--target", "zoo:fmnist-vgg", "--quiet"]
+    assert main(command) == 2
+    assert "--limit N (4 in common)" in capsys.readouterr().err
+    assert main([*command, "--limit", "5"]) == 2
+    assert "4 finished images in common, fewer than --limit 5" in capsys.readouterr().err
+    assert main([*command, "--limit", "4", "--json", str(tmp_path / "c.json")]) == 0
+    compared = json.loads((tmp_path / "c.json").read_text())["targets"]["zoo:fmnist-vgg"]
+    # each side is what evaluate gives on those same four images
+    a = _evaluated(short, tmp_path / "a.json")["targets"]["zoo:fmnist-vgg"]
+    b = _evaluated(long, tmp_path / "b.json", "--limit", "4")["targets"]["zoo:fmnist-vgg"]
+    assert compared["n"] == 4
+    assert (compared["success_a"], compared["success_b"]) == (a["success_rate"], b["success_rate"])
+    only_a = sum(x == 1 and y == 0 for x, y in zip(_bits(a), _bits(b)))
+    only_b = sum(x == 0 and y == 1 for x, y in zip(_bits(a), _bits(b)))
+    assert (compared["only_a"], compared["only_b"]) == (only_a, only_b)
+
+
+def _bits(record: dict) -> list[int]:
+    """Per-image outcomes of an evaluate record: a list of 0/1 (or, in older records, a string)."""
+    return [int(c) for c in record["per_image_success"]]
+
+
+# ---------------------------------------------------------------- issue 24, item 7: the JSON record
+
+def test_evaluate_json_and_the_folder_record_hold_outcome_lists_and_both_counts(
+        short_and_long, tmp_path) -> None:
+    from skipgrad.pipeline.evaluate import bits_outcomes
+    from skipgrad.store.records import read_evaluations
+
+    from skipgrad.data.fmnist import load_fmnist
+    from skipgrad.models import load_model
+
+    short, _ = short_and_long
+    doc = _evaluated(short, tmp_path / "e.json")
+    recorded = read_evaluations(short)["zoo:fmnist-vgg"]
+    images, labels = load_fmnist("test", limit=4)  # the clean side, computed here
+    with torch.no_grad():
+        correct = (load_model("zoo:fmnist-vgg")(images).argmax(1) == labels).tolist()
+    for entry in (doc["targets"]["zoo:fmnist-vgg"], recorded):
+        bits = entry["per_image_success"]
+        assert isinstance(bits, list) and set(bits) <= {0, 1} and len(bits) == entry["n"] == 4
+        assert sum(bits) == round(entry["success_rate"] * 4)
+        assert entry["clean_correct"] == sum(correct)
+        assert entry["successes_on_correct"] == sum(b and c for b, c in zip(bits, correct))
+    # records written before held a string of 0/1: read the same
+    assert torch.equal(bits_outcomes("0110"), bits_outcomes([0, 1, 1, 0]))
+    assert bits_outcomes([0, 1, 1, 0]).tolist() == [False, True, True, False]

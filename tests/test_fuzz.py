@@ -180,10 +180,14 @@ def attack_argvs(draw) -> tuple[list[str], list[str]]:
 @example((["--norm", "l2", "--eps", "300"], ["--eps"]))
 def test_cli_attack_valid_options_succeed_and_invalid_ones_exit_2_with_one_line(drawn) -> None:
     argv, invalid = drawn
+    invalid = invalid + _absent_parts(argv) if not invalid else invalid
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
+        # a single-valued option is given once (twice is refused): the drawn one, else these
         base = ["attack", "--source", "zoo:fmnist-resnet20", "--data", "fmnist:test", "--out",
-                str(out), "--quiet", "--limit", "2", "--steps", "1"]
+                str(out), "--quiet",
+                *[a for flag, value in (("--limit", "2"), ("--steps", "1")) if flag not in argv
+                  for a in (flag, value)]]
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             code = main(base + argv)
@@ -196,6 +200,16 @@ def test_cli_attack_valid_options_succeed_and_invalid_ones_exit_2_with_one_line(
     assert code == 2, (argv, invalid, err.getvalue())
     lines = err.getvalue().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("skipgrad: error:"), (argv, lines)
+
+
+def _absent_parts(argv: list[str]) -> list[str]:
+    """The drawn settings of parts the (valid) drawn attack does not have: refused, exit 2."""
+    from skipgrad.attacks.config import parts_using
+
+    attack = argv[argv.index("--attack") + 1] if "--attack" in argv else "ifgsm"
+    parts = skipgrad.AttackSpec.parse(attack).parts
+    return [flag for flag in ("--decay", "--di-prob", "--ti-kernel")
+            if flag in argv and not set(parts_using(flag[2:].replace("-", "_"))) & parts]
 
 
 def test_a_bug_inside_the_library_keeps_its_traceback(monkeypatch) -> None:

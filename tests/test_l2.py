@@ -18,7 +18,7 @@ from PIL import Image
 from skipgrad.attacks.updates import quantise_in_ball
 from skipgrad.cli import main
 from skipgrad.data.fmnist import load_fmnist
-from skipgrad.pipeline.job import attack_from_settings
+from skipgrad.pipeline.settings import attack_from_settings
 from skipgrad.store.verify import bound_violation
 
 SOURCE = "zoo:fmnist-resnet20"

@@ -103,7 +103,9 @@ def test_resuming_with_another_batch_size_is_refused_and_rewrites_nothing(
     """A folder started in groups of 16 (as every folder made before --batch-size chose the
     group) resumes without --batch-size in its own groups; --batch-size 8 is one line, exit 2."""
     out = tmp_path / "resumed"
-    assert main(["attack", *SMALL, *GROUPS, "--limit", "20", "--out", str(out)]) == 0
+    # SMALL's own --limit 24 replaced (a single-valued option given twice is refused)
+    first_20 = ["20" if before == "--limit" else a for before, a in zip(("",) + SMALL, SMALL)]
+    assert main(["attack", *first_20, *GROUPS, "--out", str(out)]) == 0
     before, run_json = _tree(out), (out / "run.json").read_bytes()
     capsys.readouterr()
     assert main(["attack", *SMALL, "--batch-size", "8", "--out", str(out)]) == 2

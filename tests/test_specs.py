@@ -41,7 +41,7 @@ def test_bad_specs_are_user_errors(spec: str, message: str) -> None:
 
 def test_torchvision_config_comes_from_weight_metadata() -> None:
     config = resolve_config("tv:resnet152")
-    weights = torchvision.models.get_model_weights("resnet152").DEFAULT
+    weights = torchvision.models.get_model_weights("resnet152").IMAGENET1K_V1  # a bare spec's
     transforms = weights.transforms()
     assert config.spec == f"tv:resnet152.{weights.name}"
     assert config.input_size == (3, transforms.crop_size[0], transforms.crop_size[0])
@@ -152,3 +152,86 @@ def test_zoo_spec_resolves_to_fmnist_input() -> None:
     assert config.input_size == (1, 28, 28) and config.num_classes == 10
     with pytest.raises(UserError, match="unknown zoo model"):
         resolve_config("zoo:fmnist-nope")
+
+
+# ---------------------------------------------------------------- issue 24, item 2: bare tv: specs
+
+@pytest.mark.parametrize("arch", ["resnet50", "resnet152", "wide_resnet50_2", "densenet121",
+                                  "vgg19", "mobilenet_v2"])
+def test_a_bare_tv_spec_means_the_original_weights_of_the_transfer_papers(arch: str) -> None:
+    enum = torchvision.models.get_model_weights(arch)
+    config = resolve_config(f"tv:{arch}")
+    assert config.spec == f"tv:{arch}.IMAGENET1K_V1"
+    v1 = enum.IMAGENET1K_V1.transforms()
+    assert (config.mean, config.std) == (tuple(v1.mean), tuple(v1.std))
+    # torchvision's DEFAULT stays one tag away, under its own name
+    assert resolve_config(f"tv:{arch}.DEFAULT").spec == f"tv:{arch}.{enum.DEFAULT.name}"
+
+
+def test_the_newer_torchvision_weights_are_asked_for_by_tag() -> None:
+    assert torchvision.models.ResNet50_Weights.DEFAULT.name == "IMAGENET1K_V2"  # the trap
+    assert resolve_config("tv:resnet50.IMAGENET1K_V2").spec == "tv:resnet50.IMAGENET1K_V2"
+    assert resolve_config("tv:resnet50").spec != resolve_config("tv:resnet50.DEFAULT").spec
+    with pytest.raises(UserError, match="available: IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT"):
+        resolve_config("tv:resnet50.V3")
+
+
+def test_an_architecture_without_v1_weights_keeps_torchvisions_default() -> None:
+    enum = torchvision.models.get_model_weights("vit_h_14")
+    assert "IMAGENET1K_V1" not in enum.__members__
+    assert resolve_config("tv:vit_h_14").spec == f"tv:vit_h_14.{enum.DEFAULT.name}"
+
+
+def test_missing_weights_name_the_v1_file_a_bare_spec_wants(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SKIPGRAD_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "cache"))
+    with pytest.raises(MissingWeightsError) as info:
+        load_model("tv:resnet50")
+    message = str(info.value)
+    v1, v2 = (Path(w.url).name for w in torchvision.models.ResNet50_Weights)
+    assert "weights for tv:resnet50.IMAGENET1K_V1 are not in the local cache" in message
+    assert str(tmp_path / "cache" / "hub" / "checkpoints" / v1) in message and v2 not in message
+
+
+def test_models_lists_a_given_spec_as_it_resolves(capsys) -> None:
+    assert main(["models", "tv:resnet50", "tv:resnet50.IMAGENET1K_V2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["models"]
+    assert [r["spec"] for r in rows] == ["tv:resnet50.IMAGENET1K_V1", "tv:resnet50.IMAGENET1K_V2"]
+    assert [r["roles"] for r in rows] == [["given"], ["given"]]
+    assert main(["models", "tv:resnet50"]) == 0
+    assert "tv:resnet50.IMAGENET1K_V1" in capsys.readouterr().out
+
+
+def test_named_spec_resolves_hub_specs_and_keeps_local_ones() -> None:
+    from skipgrad.models.loading import named_spec
+
+    assert named_spec("tv:resnet50+jpeg:75") == "tv:resnet50.IMAGENET1K_V1+jpeg:75"
+    assert named_spec("tv:resnet50", "my.safetensors") == "tv:resnet50"  # the file's weights
+    assert named_spec("zoo:fmnist-cnn") == "zoo:fmnist-cnn"
+
+
+def test_attack_and_evaluate_name_the_weights_a_bare_spec_resolved_to(
+        monkeypatch, tmp_path: Path, capsys) -> None:
+    """The real loading path, offline: a random MobileNet-V2 state dict stands in the torch hub
+    cache under the V1 file's name (the name's hash check is switched off for it)."""
+    from skipgrad.models import hub
+
+    monkeypatch.setenv("SKIPGRAD_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(hub, "expected_sha256", lambda _path: None)
+    weights = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
+    cached = tmp_path / "cache" / "hub" / "checkpoints" / Path(weights.url).name
+    cached.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), cached)
+    out = tmp_path / "run"
+    assert main(["attack", "--source", "tv:mobilenet_v2", "--data", "fmnist:test", "--limit", "2",
+                 "--steps", "1", "--batch-size", "2", "--out", str(out), "--quiet"]) == 0
+    assert "images from tv:mobilenet_v2.IMAGENET1K_V1 in" in capsys.readouterr().out
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["sources"] == ["tv:mobilenet_v2.IMAGENET1K_V1"]
+    assert run["environment"]["models"][0]["weights"] == str(cached)
+    assert main(["evaluate", str(out), "--target", "tv:mobilenet_v2", "--quiet",
+                 "--json", str(tmp_path / "e.json")]) == 0
+    assert list(json.loads((tmp_path / "e.json").read_text())["targets"]) == [
+        "tv:mobilenet_v2.IMAGENET1K_V1"]

@@ -6,6 +6,7 @@ and that the IDX loader is deterministic and names corrupt files.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from pathlib import Path
 
@@ -136,6 +137,41 @@ def test_train_model_learns_from_a_small_subset(tmp_path: Path) -> None:
     assert path.is_file() and summary["sha256"] and summary["epochs"] == 2
     assert set(summary) >= {"name", "params", "test_accuracy", "train_seconds", "sha256",
                             "epochs", "seed"}
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_zoo_train_writes_its_weights_as_open_would_under_the_umask(
+        umask: int, mode: int, tmp_path: Path, capsys) -> None:
+    import os
+
+    from safetensors.torch import load_file
+
+    from skipgrad.cli import main
+
+    before = os.umask(umask)
+    try:
+        assert main(["zoo", "train", "cnn", "--epochs", "1", "--limit", "64", "--batch-size", "32",
+                     "--out", str(tmp_path), "--quiet"]) == 0
+    finally:
+        os.umask(before)
+    path = tmp_path / "fmnist-cnn.safetensors"
+    assert path.stat().st_mode & 0o777 == mode
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert set(load_file(str(path))) == set(load_zoo_model("cnn", pretrained=False).state_dict())
+    assert [p.name for p in tmp_path.iterdir()] == ["fmnist-cnn.safetensors"]  # no temporary left
+
+
+def test_zoo_list_prints_the_zoo_enumeration(capsys) -> None:
+    from skipgrad.cli import main
+    from skipgrad.models.loading import zoo_specs
+
+    assert main(["zoo", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == zoo_specs(defended=True)
+    assert all(line.endswith("bundled") for line in lines)  # the weights are committed
+    kinds = {line.split()[0]: "adversarially" in line for line in lines}
+    assert kinds["zoo:fmnist-cnn-at"] and not kinds["zoo:fmnist-cnn"]
 
 
 # ---------------------------------------------------------------- adversarially trained members

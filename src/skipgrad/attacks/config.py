@@ -1,13 +1,14 @@
 """Attack configuration: composable names such as ``"mi+di+ti"`` parsed into a frozen spec.
 
 :class:`AttackSpec` is the one carrier of an attack's parameters: the command line and the transfer
-plans build one (``skipgrad.pipeline.job.attack_from_settings``), ``runner.AttackJob`` holds it, and
+plans build one (``skipgrad.pipeline.settings.attack_from_settings``), ``runner.AttackJob`` holds it, and
 :func:`skipgrad.attack` builds one from its keywords and hands it to the loop.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from skipgrad.backward.registry import BackwardPlan, as_plan, per_source
@@ -28,6 +29,20 @@ _SWITCHES = {"pgd": "random_start", "di": "input_diversity", "ti": "translation_
              "sia": "structure_invariance", "bsr": "block_shuffle_rotation"}
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "margin")
+
+# Which settings belong to which part of an attack (a token of its name, or "sgm" for the Skip
+# Gradient Method). A part's settings change nothing when the part is not in the attack
+# (``ifgsm --decay 0.5`` makes the bytes of plain ``ifgsm``), so they are not part of such a run's
+# identity (``pipeline.job.attack_settings``) and a command line that sets them is refused
+# (``pipeline.job.refuse_unused_settings``). A new part with settings adds its row here; a setting
+# shared by several parts (``decay``: MI and NI) is used when any of them is present.
+PART_SETTINGS: dict[str, tuple[str, ...]] = {
+    "mi": ("decay",),
+    "ni": ("decay",),
+    "di": ("di_prob", "di_scale"),
+    "ti": ("ti_kernel",),
+    "sgm": ("sgm_official",),
+}
 
 
 @dataclass(frozen=True)
@@ -230,6 +245,18 @@ class AttackSpec:
                              f"step_size is in [0, 1] pixel units ({usual})")
 
     @property
+    def parts(self) -> frozenset[str]:
+        """The parts this attack is made of: the tokens of its name, its update rule, and
+        ``"sgm"`` when SGM decays any source (the keys of :data:`PART_SETTINGS`)."""
+        gammas = self.sgm if isinstance(self.sgm, tuple) else (self.sgm,)
+        sgm = {"sgm"} if any(g is not None for g in gammas) else set()
+        return frozenset(self.name.split("+")) | {self.update} | sgm
+
+    def unused_settings(self) -> tuple[str, ...]:
+        """The settings of parts this attack does not have (see :data:`PART_SETTINGS`)."""
+        return unused_settings(self.parts)
+
+    @property
     def name(self) -> str:
         """The canonical composed name, e.g. ``"mi+di+ti"``."""
         parts = ["pgd"] if self.random_start and self.update == "ifgsm" else [self.update]
@@ -237,6 +264,18 @@ class AttackSpec:
             parts.append("pgd")
         parts += [t for t in ("di", "ti") + COMPANIONS if getattr(self, _SWITCHES[t])]
         return "+".join(parts)
+
+
+def unused_settings(parts: Iterable[str]) -> tuple[str, ...]:
+    """The settings of :data:`PART_SETTINGS` that belong to none of ``parts``, in table order."""
+    used = {setting for part in parts for setting in PART_SETTINGS.get(part, ())}
+    return tuple(dict.fromkeys(setting for settings in PART_SETTINGS.values()
+                               for setting in settings if setting not in used))
+
+
+def parts_using(setting: str) -> tuple[str, ...]:
+    """The parts a setting belongs to (empty: every attack uses it)."""
+    return tuple(part for part, settings in PART_SETTINGS.items() if setting in settings)
 
 
 def parse_attack_name(name: str) -> dict[str, object]:

@@ -63,7 +63,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
         white_box = (f"white-box success on the unmodified source: "
                      f"{100 * summary.source_success:.1f}%, on the source modified by --forward "
                      f"{method}: {100 * summary.modified_source_success:.1f}%")
-    print(f"{summary.total} images in {args.out} ({summary.skipped} already done, "
+    print(f"{summary.total} images from {', '.join(summary.sources)} in {args.out} "
+          f"({summary.skipped} already done, "
           f"{summary.attacked} attacked in {summary.seconds:.1f} s, {summary.cpu_seconds:.1f} s "
           f"CPU{compiled}); {white_box}")
     return 0
@@ -80,11 +81,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     results = evaluate_folder(args.folder, args.target, weights=args.weights, device=args.device,
                               batch_size=args.batch_size, quiet=args.quiet, data=args.data,
-                              prefetch=args.prefetch, check=not args.no_verify)
+                              prefetch=args.prefetch, check=not args.no_verify,
+                              limit=args.limit)
     title = f"transfer success of {args.folder}" + (" (files NOT verified: --no-verify)"
                                                       if args.no_verify else "")
     print(format_table(results, title=title))
-    _warn_calibration([args.folder], args.target)
+    _warn_calibration([args.folder], list(results))  # the targets as resolved
     record_evaluation(args.folder, results, verified=not args.no_verify)
     if args.json:
         write_results_json(results, args.json, args.folder)
@@ -109,9 +111,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     comparison = compare_folders(args.folder_a, args.folder_b, args.target, weights=args.weights,
                                  device=args.device, batch_size=args.batch_size, quiet=args.quiet,
-                                 prefetch=args.prefetch)
+                                 prefetch=args.prefetch, limit=args.limit)
     print(comparison_markdown(comparison))
-    _warn_calibration([args.folder_a, args.folder_b], args.target)
+    _warn_calibration([args.folder_a, args.folder_b], list(comparison.comparisons))
     if args.json:
         atomic_write_text(args.json, json.dumps(comparison_json(comparison), indent=2) + "\n")
         print(f"wrote {args.json}")
@@ -135,13 +137,15 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """``skipgrad sweep``: one attack over a list of gammas, transfer success per target."""
-    from skipgrad.pipeline.job import run_options, settings_of
+    from skipgrad.pipeline.settings import refuse_unused_settings, settings_of
+    from skipgrad.pipeline.job import run_options
     from skipgrad.pipeline.plans import (per_source_backward, per_source_forward,
                                          template_from)
     from skipgrad.pipeline.sweep import format_best, run_sweep
     from skipgrad.pipeline.transfer import model_refs_of
 
     flags = vars(args)
+    refuse_unused_settings(settings_of(flags), [args.attack], sgm=True)  # every gamma is SGM
     source = model_refs_of([args.source], [args.source_weights] if args.source_weights else None,
                            "source")[0]
     targets = model_refs_of(args.target, args.target_weights, "target")
@@ -180,7 +184,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     from skipgrad.models.defenses import defense_help
     from skipgrad.models.listing import defenses_table, model_rows, rows_table
 
-    rows = model_rows(args.preset)
+    rows = model_rows(args.preset, args.spec)
     if args.json:
         print(json.dumps({"models": rows, "defenses": defense_help()}, indent=2))
     else:
@@ -200,6 +204,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     report = run_demo(args.out, limit=args.limit, device=args.device, quiet=args.quiet,
                       seed=args.seed, batch_size=args.batch_size, **chosen)
     print(f"wrote {report}")
+    return 0
+
+
+def cmd_zoo_list(args: argparse.Namespace) -> int:
+    """``skipgrad zoo list``: every zoo spec, adversarially trained members marked, and whether
+    its weights are on disk (the one enumeration: ``models.loading.zoo_specs``)."""
+    from skipgrad.models.loading import zoo_specs
+
+    plain, present = set(zoo_specs()), set(zoo_specs(defended=True, present=True))
+    for spec in zoo_specs(defended=True):
+        kind = "plain" if spec in plain else "adversarially trained"
+        weights = "bundled" if spec in present else "weights missing (skipgrad zoo train NAME)"
+        print(f"{spec:<28} {kind:<22} {weights}")
     return 0
 
 

@@ -29,12 +29,45 @@ class _Formatter(argparse.HelpFormatter):
         return super()._expand_help(action)
 
 
+# Where _StoreOnce notes, during one parse, the options already given (removed after the parse).
+_GIVEN = "_skipgrad_given_options"
+
+
+class _StoreOnce(argparse._StoreAction):
+    """The default action of every single-valued option: giving it twice is refused rather than
+    letting the last one win silently (``--attack mi --attack ifgsm`` would run I-FGSM).
+    Repeatable options say so and use ``append``."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        given = vars(namespace).setdefault(_GIVEN, {})
+        if self.dest in given:
+            raise argparse.ArgumentError(self, f"given twice ({given[self.dest]} and "
+                                               f"{option_string or ''} {_shown(values)}); "
+                                               f"this option takes one value")
+        given[self.dest] = f"{option_string or ''} {_shown(values)}".strip()
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _shown(values: object) -> str:
+    if isinstance(values, (list, tuple)):
+        return " ".join(map(_shown, values))
+    return f"{values:g}" if isinstance(values, float) else str(values)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors in our format (no usage dump) and lazy help texts."""
+    """argparse with one-line errors in our format (no usage dump), lazy help texts, and
+    single-valued options that refuse to be given twice (:class:`_StoreOnce`)."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", _Formatter)
         super().__init__(*args, **kwargs)
+        self.register("action", None, _StoreOnce)
+        self.register("action", "store", _StoreOnce)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        namespace, extras = super().parse_known_args(args, namespace)
+        vars(namespace).pop(_GIVEN, None)
+        return namespace, extras
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"skipgrad: error: {message} (see `{self.prog} --help`)\n")
@@ -141,6 +174,12 @@ def _add_forward_option(p: argparse.ArgumentParser, demo: bool = False) -> None:
                                          f"on the unmodified and on the modified source"))
 
 
+def _presets() -> str:
+    from skipgrad.models.presets import preset_help  # loads torch: only when help is shown
+
+    return preset_help()
+
+
 def _method_names(kind: str = "backward") -> str:
     from skipgrad.backward.registry import known_methods  # loads torch: only when help is shown
 
@@ -211,6 +250,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--no-verify", action="store_true",
                    help="score the files without checking them against the manifest's SHA-256 "
                         "and the eps bound (e.g. folders made before the hashes)")
+    p.add_argument("--limit", type=positive_int, metavar="N",
+                   help="score only the first N images the folder holds (by id)")
     _add_run_options(p, evaluate=True)
     p.set_defaults(func=commands.cmd_evaluate)
 
@@ -224,7 +265,11 @@ def _add_compare(sub) -> None:
     p.add_argument("--weights", action="append", metavar="FILE",
                    help="local weights, one per --target in the same order")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the comparison as JSON")
-    _add_run_options(p)
+    p.add_argument("--limit", type=positive_int, metavar="N",
+                   help="compare on the first N images both folders hold (by id), e.g. a "
+                        "64-image run against the first 64 of a 200-image one (default: all, "
+                        "which must then be the same images)")
+    _add_run_options(p, evaluate=True)  # compare predicts; it attacks nothing
     p.set_defaults(func=commands.cmd_compare)
 
 
@@ -239,8 +284,8 @@ def _add_transfer(sub) -> None:
     p.add_argument("--sgm", action="append", type=gamma, help="gamma; repeat for several")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the runs without SGM (and, with --backward, those without the method)")
-    p.add_argument("--preset", help="take sources/targets not given otherwise from a preset "
-                                    "(wu2020, fmnist)")
+    p.add_argument("--preset", help=LazyHelp(lambda: f"take sources/targets not given otherwise "
+                                                     f"from a preset: {_presets()}"))
     p.add_argument("--out", type=Path)
     p.add_argument("--title")
     _add_data_options(p, required=False)
@@ -251,8 +296,10 @@ def _add_transfer(sub) -> None:
 
 def _add_models(sub) -> None:
     p = sub.add_parser("models", help="list model specs with input size and mean/std")
-    p.add_argument("--preset", help="wu2020 (the paper's zoo), fmnist (the bundled zoo) or "
-                                    "fmnist-defended (adv. trained and input-transformed targets)")
+    p.add_argument("spec", nargs="*", metavar="SPEC",
+                   help="specs to resolve and list, e.g. tv:resnet50 (default: the presets' "
+                        "models)")
+    p.add_argument("--preset", help=LazyHelp(lambda: f"list a preset's models: {_presets()}"))
     p.add_argument("--json", action="store_true",
                    help='print JSON instead of tables: {"models": [...], "defenses": [...]}')
     p.set_defaults(func=commands.cmd_models)
@@ -270,6 +317,8 @@ def _add_zoo(sub) -> None:
     t.add_argument("--batch-size", type=positive_int, default=128)
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=commands.cmd_zoo_train)
+    listing = zoo_sub.add_parser("list", help="the zoo's specs, with their weights' status")
+    listing.set_defaults(func=commands.cmd_zoo_list)
 
 
 def _add_inspect(sub) -> None:

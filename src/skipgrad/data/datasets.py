@@ -146,5 +146,7 @@ def _inspect(samples: list[Sample], channels: int | None) -> tuple[int, tuple[in
             first_size, first_path = size, sample.path
         elif size != first_size:
             raise UserError(f"mismatched image sizes: {sample.path} is {size[1]}x{size[0]} but "
-                            f"{first_path} is {first_size[1]}x{first_size[0]}")
+                            f"{first_path} is {first_size[1]}x{first_size[0]}; all images of "
+                            f"one data folder must have the same size (the attack works on the "
+                            f"stored pixels and never resizes them): resize them beforehand")
     return (channels or (1 if all_gray else 3)), first_size

@@ -121,8 +121,23 @@ def _unknown(kind: str, name: str, known: list[str]) -> UserError:
 
 # ---------------------------------------------------------------- torchvision
 
+# The weights a bare ``tv:NAME`` means: the transfer literature's surrogates are torchvision's
+# original ImageNet weights (``pretrained=True``, since torchvision 0.13 ``IMAGENET1K_V1``): the SGM
+# release loads them through ``pretrainedmodels``, LinBP's as the original ``resnet50-19c8e357.pth``. torchvision's DEFAULT
+# is a newer recipe where one exists (IMAGENET1K_V2 for ResNet-50/101/152, ...), a different
+# surrogate that transfers differently: TransferAttack loads DEFAULT, and its tracker has users whose
+# numbers moved by exactly this (issues #45, #60). DEFAULT stays one tag away
+# (``tv:resnet50.DEFAULT`` or ``tv:resnet50.IMAGENET1K_V2``).
+LITERATURE_TAG = "IMAGENET1K_V1"
+
+
 def tv_weights(name: str):
-    """(architecture, weights enum member) for ``resnet152`` or ``resnet152.IMAGENET1K_V1``."""
+    """(architecture, weights enum member) for ``resnet152`` or ``resnet152.TAG``.
+
+    A bare name means :data:`LITERATURE_TAG` (the original weights the transfer papers attack
+    from) where torchvision has it, else torchvision's DEFAULT (e.g. ``vit_h_14``, SWAG only); a
+    tag is any member of the architecture's weights enum, ``DEFAULT`` included.
+    """
     import torchvision.models as tvm
 
     arch, _, tag = name.partition(".")
@@ -131,7 +146,7 @@ def tv_weights(name: str):
         raise _unknown("torchvision", arch, known)
     enum = tvm.get_model_weights(arch)
     if not tag:
-        return arch, enum.DEFAULT
+        return arch, enum.__members__.get(LITERATURE_TAG, enum.DEFAULT)
     if tag not in enum.__members__:
         raise UserError(f"unknown weights {tag!r} for tv:{arch} "
                         f"(available: {', '.join(enum.__members__)})")

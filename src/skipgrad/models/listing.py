@@ -1,6 +1,7 @@
 """``skipgrad models``: resolve specs offline and describe them (input size, mean/std, weights)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from skipgrad.errors import UserError
@@ -41,10 +42,14 @@ def _default_presets() -> list:
         return [WU2020]
 
 
-def model_rows(preset: str | None = None) -> list[dict]:
-    """One dict per spec; each architecture is constructed (without weights) to prove it resolves."""
+def model_rows(preset: str | None = None, specs: Sequence[str] = ()) -> list[dict]:
+    """One dict per spec (the given ``specs``, else every spec of the presets, or of ``preset``),
+    each named as it resolves (``tv:resnet50`` -> ``tv:resnet50.IMAGENET1K_V1``); each
+    architecture is constructed (without weights) to prove it resolves."""
+    roles_of = ({spec: ["given"] for spec in specs} if specs and not preset else
+                {**_roles(preset), **{spec: ["given"] for spec in specs}})
     rows = []
-    for spec, roles in _roles(preset).items():
+    for spec, roles in roles_of.items():
         config = resolve_config(split_spec(spec)[0])  # a defended spec builds its model
         rows.append({"spec": resolve_config(spec).spec, "roles": roles, "input_size": list(config.input_size),
                      "mean": list(config.mean), "std": list(config.std),

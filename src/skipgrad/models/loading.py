@@ -8,7 +8,7 @@ from torch import nn
 
 from skipgrad.errors import UserError
 from skipgrad.models import checkpoints, hub
-from skipgrad.models.defenses import DefendedModel, split_spec
+from skipgrad.models.defenses import DefendedModel, canonical_spec, split_spec
 from skipgrad.models.specs import ModelConfig, WrappedModel, parse_spec
 
 ZOO_PREFIX = "fmnist-"
@@ -33,6 +33,17 @@ def resolve_config(spec: str, weights: str | Path | None = None) -> ModelConfig:
         spec = f"tv:{config.arch}" if family == "tv" else config.spec
         config = config.replace(spec=spec, weights=str(Path(weights)))
     return config
+
+
+def named_spec(spec: str, weights: str | Path | None = None) -> str:
+    """The spec as tables and records name a model: a hub spec with the weights it resolves to
+    (``tv:resnet50`` -> ``tv:resnet50.IMAGENET1K_V1``, ``timm:resnet50`` -> its default tag),
+    defenses in canonical form; ``zoo:`` and ``file:`` specs, and any spec given a local
+    ``weights`` file, keep their own name (the weights are theirs). Resolves offline."""
+    base, _ = split_spec(spec)
+    if weights is None and parse_spec(base)[0] in ("tv", "timm"):
+        return resolve_config(spec).spec
+    return canonical_spec(spec)
 
 
 def load_model(spec: str, *, weights: str | Path | None = None, pretrained: bool = True,

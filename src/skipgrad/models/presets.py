@@ -57,13 +57,27 @@ def fmnist_defended_preset() -> Preset:
                   tuple(wrapped))
 
 
+# Every preset by name (built on demand: the zoo's may be missing in an install without it).
+PRESETS = {"wu2020": lambda: WU2020, "fmnist": fmnist_preset,
+           "fmnist-defended": fmnist_defended_preset}
+
+
 def get_preset(name: str) -> Preset:
     """Look a preset up by name; raises :class:`UserError` for unknown names."""
-    presets = {"wu2020": lambda: WU2020, "fmnist": fmnist_preset,
-               "fmnist-defended": fmnist_defended_preset}
-    if name not in presets:
-        raise UserError(f"unknown preset {name!r} (known: {', '.join(presets)})")
-    return presets[name]()
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    return PRESETS[name]()
+
+
+def preset_help() -> str:
+    """One line naming every preset with its description, for ``--help``."""
+    described = []
+    for name, make in PRESETS.items():
+        try:
+            described.append(f"{name}: {make().description}")
+        except UserError:  # e.g. no zoo in this install
+            described.append(name)
+    return "; ".join(described)
 
 
 def check_builds(config: ModelConfig) -> int:

@@ -1,6 +1,7 @@
 """Model specs: a short string names a network, its weights and its input pipeline.
 
-``tv:resnet152`` (torchvision, optionally ``tv:resnet152.IMAGENET1K_V1``), ``timm:inception_v3.tf_adv_in1k``
+``tv:resnet152`` (torchvision: bare, the original ImageNet weights the transfer papers use,
+``IMAGENET1K_V1``; another set by its tag, ``tv:resnet152.IMAGENET1K_V2``), ``timm:inception_v3.tf_adv_in1k``
 (timm, with its tag), ``zoo:fmnist-resnet20`` (the bundled Fashion-MNIST zoo) and ``file:PATH`` (a
 checkpoint that names its own architecture). Every spec resolves to a :class:`ModelConfig` taken from
 the library's own metadata (timm's ``pretrained_cfg``, torchvision's weight enums), never from a

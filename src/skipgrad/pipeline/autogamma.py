@@ -32,8 +32,8 @@ from skipgrad.gamma import check_gamma
 from skipgrad.analysis.success import succeeded
 from skipgrad.errors import UserError
 from skipgrad.models.loading import zoo_specs
-from skipgrad.store.records import LEGACY_GROUP_SIZE, read_run
-from skipgrad.pipeline.job import AttackJob, check_job, job_record, load_sources, numerics, on_device, require_sgm
+from skipgrad.store.records import LEGACY_GROUP_SIZE, comparable_config, read_run
+from skipgrad.pipeline.job import (AttackJob, check_job, job_record, load_sources, numerics, on_device, require_sgm)
 from skipgrad.pipeline.device import default_group_size, resolve_device, resolve_group_size
 from skipgrad.pipeline.transfer import model_refs_of
 from skipgrad.store import outdir
@@ -211,7 +211,7 @@ def resolve_auto_gamma(job: AttackJob, out: Path, request: AutoGammaRequest, lim
     group_size = request.group_size or default_group_size(device)
     settings = _settings(job, held, request, split, group_size)
     previous = (read_run(out) or {}).get("sgm_auto") if out.is_dir() else None
-    if previous and previous.get("settings") == settings:
+    if previous and _comparable(previous.get("settings")) == settings:
         log(f"--sgm auto: reusing gamma {previous['chosen_gamma']:g} recorded in {out}/run.json")
         return float(previous["chosen_gamma"]), previous
     log(f"--sgm auto: calibrating on {len(split.samples)} images ({split.rule}), held-out "
@@ -223,13 +223,25 @@ def resolve_auto_gamma(job: AttackJob, out: Path, request: AutoGammaRequest, lim
 def _settings(job: AttackJob, held: Sequence[tuple[str, str | None]], request: AutoGammaRequest,
               split: CalibrationSplit, group_size: int) -> dict:
     # Plain JSON types only, so the comparison with a record read back from run.json is exact.
-    attack = {k: v for k, v in job_record(job).items() if k != "sgm"}
+    # The calibration attacks with SGM at every gamma, so SGM's own settings are part of it.
+    with_sgm = dataclasses.replace(job, attack=dataclasses.replace(job.attack, sgm=1.0))
+    attack = {k: v for k, v in job_record(with_sgm).items() if k != "sgm"}
     # The group size is left out when it is the one every run had before it became --batch-size,
     # so that records made then are still reused.
     groups = {} if group_size == LEGACY_GROUP_SIZE else {"group_size": group_size}
     return json.loads(json.dumps({
         "attack": attack, "held_out": [list(h) for h in held], "gammas": list(request.gammas),
         "calibration_data": split.data.spec, "calibration_ids": split.ids(), **groups}))
+
+
+def _comparable(settings: object) -> object:
+    """A recorded calibration's settings as :func:`_settings` states them today (records made
+    before the settings of absent parts left the identity hold them: see
+    :func:`skipgrad.store.records.comparable_config`)."""
+    if not isinstance(settings, dict) or not isinstance(settings.get("attack"), dict):
+        return settings
+    attack = comparable_config({**settings["attack"], "sgm": 1.0})
+    return {**settings, "attack": {k: v for k, v in attack.items() if k != "sgm"}}
 
 
 def format_calibration(record: dict) -> str:

@@ -13,9 +13,10 @@ from pathlib import Path
 
 from skipgrad.pipeline import distributed
 from skipgrad.errors import UserError
-from skipgrad.pipeline.evaluate import AttackOutput, evaluate_output, load_targets, open_attack_output
+from skipgrad.pipeline.evaluate import (AttackOutput, evaluate_output, keep_images, load_targets,
+                                       open_attack_output)
 from skipgrad.pipeline.device import resolve_device
-from skipgrad.store.records import shown
+from skipgrad.store.records import comparable_config, shown
 from skipgrad.analysis.stats import PairedComparison, benjamini_hochberg, paired_comparison
 
 
@@ -37,27 +38,38 @@ class FolderComparison:
                 if self.settings_a.get(k) != self.settings_b.get(k)}
 
 
-def same_images(a: AttackOutput, b: AttackOutput) -> None:
-    """Refuse two folders that do not hold the same images (a paired test needs pairs)."""
+def same_images(a: AttackOutput, b: AttackOutput, limit: int | None = None
+                ) -> tuple[AttackOutput, AttackOutput]:
+    """The two folders on the same images (a paired test needs pairs): all of them, which must
+    then be the same ones, or with ``limit`` the first ``limit`` images they have in common, by
+    id (a 64-image run against the first 64 of a 200-image one). Anything else is refused."""
     if a.data.spec != b.data.spec:
         raise UserError(f"{a.folder} and {b.folder} were made from different data ({a.data.spec} "
                         f"vs {b.data.spec}); a paired comparison needs the same images")
     ids_a, ids_b = [s.id for s in a.samples], [s.id for s in b.samples]
+    common = sorted(set(ids_a) & set(ids_b))
+    if limit is not None:
+        if len(common) < limit:
+            raise UserError(f"{a.folder} and {b.folder} have {len(common)} finished images in "
+                            f"common, fewer than --limit {limit}")
+        chosen = set(common[:limit])
+        return keep_images(a, chosen), keep_images(b, chosen)
     if ids_a != ids_b:
         only = sorted(set(ids_a) ^ set(ids_b))
         raise UserError(f"{a.folder} holds {len(ids_a)} images and {b.folder} {len(ids_b)}, "
-                        f"not the same ones (e.g. id {only[0] if only else ids_a[0]}); finish "
-                        f"both runs or use the same --limit")
+                        f"not the same ones (e.g. id {only[0] if only else ids_a[0]}); compare "
+                        f"the first N they share with --limit N ({len(common)} in common)")
+    return a, b
 
 
 def compare_folders(folder_a: Path, folder_b: Path, targets: Sequence[str], *,
                     weights: Sequence[str | None] | None = None, device: str = "auto",
                     batch_size: int | None = None, quiet: bool = False,
-                    prefetch: int | None = None) -> FolderComparison:
+                    prefetch: int | None = None, limit: int | None = None) -> FolderComparison:
     """Evaluate every target on both folders and compare the outcomes image by image
-    (``batch_size`` and ``prefetch`` as :func:`skipgrad.pipeline.evaluate.evaluate_output`)."""
-    a, b = open_attack_output(folder_a), open_attack_output(folder_b)
-    same_images(a, b)
+    (``batch_size`` and ``prefetch`` as :func:`skipgrad.pipeline.evaluate.evaluate_output`;
+    ``limit``: the first ``limit`` images both folders hold, see :func:`same_images`)."""
+    a, b = same_images(open_attack_output(folder_a), open_attack_output(folder_b), limit)
     models = load_targets(list(targets), weights, distributed.device_for(resolve_device(device)))
     cache: dict = {}  # the clean predictions are shared: same images
     results_a = evaluate_output(a, models, batch_size=batch_size, quiet=quiet, prefetch=prefetch,
@@ -67,8 +79,11 @@ def compare_folders(folder_a: Path, folder_b: Path, targets: Sequence[str], *,
     comparisons = {t: paired_comparison(results_a[t].per_image, results_b[t].per_image)
                    for t in models}
     q = benjamini_hochberg([c.p_value for c in comparisons.values()])
-    return FolderComparison(Path(folder_a), Path(folder_b), a.run.get("config", {}),
-                            b.run.get("config", {}), comparisons, dict(zip(comparisons, q)))
+    # As the identity states them: settings of parts an attack lacks (an old I-FGSM folder's
+    # decay) differ in nothing that made the images.
+    settings_a, settings_b = (comparable_config(o.run.get("config", {})) for o in (a, b))
+    return FolderComparison(Path(folder_a), Path(folder_b), settings_a, settings_b, comparisons,
+                            dict(zip(comparisons, q)))
 
 
 def comparison_markdown(result: FolderComparison) -> str:

@@ -69,10 +69,13 @@ def run_demo(out: Path, *, limit: int | None = None, device: str = "auto", quiet
     if source not in targets:
         raise UserError(f"the demo source must be a bundled zoo model with weights "
                         f"({', '.join(targets)}); got {source}")
-    problem = sgm_problem(load_model(source))  # before any attack runs, not after the baselines
+    model = load_model(source)
+    problem = sgm_problem(model)  # before any attack runs, not after the baselines
     if problem is not None:
         raise UserError(f"the demo source {source} has no residual or dense blocks for SGM to "
                         f"decay ({problem}); choose a residual zoo model such as {DEMO_SOURCE}")
+    if backward:
+        _require_backward(model, source, backward)
     check_gamma(gamma)
     plan = TransferPlan(
         sources=(ModelRef(source),), attacks=DEMO_ATTACKS, gammas=(None, gamma),
@@ -96,6 +99,22 @@ def run_demo(out: Path, *, limit: int | None = None, device: str = "auto", quiet
     log("\n".join(summarise_effects(effects, source) + summarise_effects(method_effects, source)))
     log(f"report: {report.resolve()}")
     return report
+
+
+def _require_backward(model, source: str, backward: str) -> None:
+    """Refuse, in the demo's terms and before any attack, a backward-pass method that cannot
+    run on the demo's source (PNA on a CNN: nothing to change), with the one check every attack
+    makes (:func:`skipgrad.pipeline.job.backward_record`)."""
+    from skipgrad.attacks.config import AttackSpec
+    from skipgrad.errors import UserError
+    from skipgrad.pipeline.job import AttackJob, backward_record
+
+    job = AttackJob(sources=(source,), data="fmnist:test", attack=AttackSpec(backward=backward))
+    try:
+        backward_record(job, [model])
+    except UserError as exc:
+        raise UserError(f"the demo cannot run {exc}; give the demo a --source the method applies "
+                        f"to (skipgrad inspect SPEC lists what each method changes)") from None
 
 
 def backward_section(effects: Sequence[BackwardEffect], source: str) -> list[str]:

@@ -42,12 +42,12 @@ from skipgrad.errors import UserError
 from skipgrad.models import WrappedModel
 from skipgrad.pipeline import distributed
 from skipgrad.pipeline.device import resolve_device, resolve_group_size
-from skipgrad.pipeline.job import (AttackJob, RunOptions, RunSummary, check_job, check_sgm,
-                                   environment, load_sources, numerics, on_device, run_identity)
+from skipgrad.pipeline.job import (AttackJob, RunOptions, RunSummary, check_job, check_sgm, environment, load_sources, numerics, on_device, run_identity, source_names)
 from skipgrad.store import outdir, verify
 from skipgrad.store.atomic import atomic_write_many
-from skipgrad.store.records import (FORWARD_PRED_COLUMN, image_file, manifest_part, merge_manifest_parts, prepare_folder,
-                                    read_manifest, record_finish, write_manifest, write_rows)
+from skipgrad.store.records import (FORWARD_PRED_COLUMN, image_file, manifest_part,
+                                    merge_manifest_parts, prepare_folder, read_manifest,
+                                    record_finish, record_interrupted, write_manifest, write_rows)
 
 
 def image_groups(samples: Sequence[Sample], size: int) -> list[list[Sample]]:
@@ -159,6 +159,7 @@ def _attack_missing(job: AttackJob, out: Path, opts: RunOptions, data: ImageData
     with _attack_sources(job, models, mine, data, device) as (sources, spec, compile_seconds,
                                                               plain):
         started, cpu_started = time.perf_counter(), time.process_time()
+        saved = started  # when the last finished group was saved
         bar = progress_bar(len(data), "attack", opts.quiet or not world.is_main, initial=skipped)
         loaded = _loaded_groups(mine, data, opts, device, log)
         try:
@@ -168,8 +169,14 @@ def _attack_missing(job: AttackJob, out: Path, opts: RunOptions, data: ImageData
                                      missing, device)
                 new_rows.update((r["file"], r) for r in rows)
                 _save_progress(out, done, new_rows)
+                saved = time.perf_counter()
                 bar.update(len(missing) * world.size)  # rank 0 speaks for all: shares are equal
                 outdir.check_stop()
+        except BaseException:  # Ctrl-C, SIGTERM, an error: the finished groups' time is kept
+            if world.is_main:
+                with contextlib.suppress(Exception):  # never hide why the run stopped
+                    record_interrupted(out, saved - started)
+            raise
         finally:
             loaded.close()
             bar.close()
@@ -178,7 +185,8 @@ def _attack_missing(job: AttackJob, out: Path, opts: RunOptions, data: ImageData
     wanted = {image_file(s) for s in data.samples}
     success = distributed.on_main(lambda: _finish_manifest(out, wanted, job, seconds))
     return RunSummary(out, len(data), skipped, attacked, seconds, success[0], compile_seconds,
-                      cpu_seconds, success[1])
+                      cpu_seconds, modified_source_success=success[1],
+                      sources=source_names(job, models))
 
 
 @contextlib.contextmanager

@@ -12,9 +12,10 @@ so every rank scores the same full result; only rank 0 writes files.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from skipgrad.data.images import read_image
 from skipgrad.analysis.success import succeeded
 from skipgrad.errors import UserError
 from skipgrad.models import WrappedModel, load_model
-from skipgrad.models.defenses import canonical_spec
+from skipgrad.models.loading import named_spec
 from skipgrad.progress import progress_bar
 from skipgrad.pipeline.engine import predict
 from skipgrad.store.records import read_manifest, read_run
@@ -79,23 +80,28 @@ class TargetResult:
         return self.successes_on_correct / self.clean_correct
 
     def to_json(self) -> dict:
-        """The per-target object of ``evaluate --json`` (docs/design.md, "Output contracts")."""
+        """The per-target object of ``evaluate --json`` (docs/design.md, "Output contracts"), with
+        both denominators' counts (``clean_correct`` of ``n``, ``successes_on_correct`` of
+        ``clean_correct``) as transfer.json rows carry them."""
         lo, hi = self.ci95
         return {"success_rate": self.success_rate, "n": self.n, "ci95": [lo, hi],
                 "clean_accuracy": self.clean_accuracy,
                 "success_rate_on_correct": self.success_rate_on_correct,
+                "clean_correct": self.clean_correct,
+                "successes_on_correct": self.successes_on_correct,
                 **({"per_image_success": outcome_bits(self.per_image)}
                    if self.per_image is not None else {})}
 
 
-def outcome_bits(success: torch.Tensor) -> str:
-    """Per-image outcomes as a compact string, one ``0``/``1`` per image in id order."""
-    return "".join("1" if s else "0" for s in success.bool().tolist())
+def outcome_bits(success: torch.Tensor) -> list[int]:
+    """Per-image outcomes as JSON stores them: a list of ``0``/``1``, one per image in id order."""
+    return [int(s) for s in success.bool().tolist()]
 
 
-def bits_outcomes(bits: str) -> torch.Tensor:
-    """The inverse of :func:`outcome_bits`."""
-    return torch.tensor([c == "1" for c in bits], dtype=torch.bool)
+def bits_outcomes(bits: list[int] | str) -> torch.Tensor:
+    """The inverse of :func:`outcome_bits`; records written before it held a list (evaluate
+    --json files, evaluations.json) hold a string of ``0``/``1`` and read the same."""
+    return torch.tensor([str(b) == "1" for b in bits], dtype=torch.bool)
 
 
 @dataclass
@@ -130,6 +136,24 @@ def open_attack_output(folder: Path, data_override: str | None = None,
     return AttackOutput(folder, run, data, samples, [folder / r["file"] for r in rows],
                         bool(config.get("targeted")),
                         [r.get(verify.SHA_COLUMN) or None for r in rows])
+
+
+def keep_images(output: AttackOutput, ids: Collection[int]) -> AttackOutput:
+    """The output restricted to the images whose id is in ``ids`` (in the manifest's id order)."""
+    keep = [i for i, sample in enumerate(output.samples) if sample.id in ids]
+    return dataclasses.replace(
+        output, samples=[output.samples[i] for i in keep], files=[output.files[i] for i in keep],
+        hashes=[output.hashes[i] for i in keep] if output.hashes else [])
+
+
+def first_images(output: AttackOutput, count: int) -> AttackOutput:
+    """The first ``count`` images the folder holds, by id (``evaluate --limit``); a folder that
+    holds fewer is refused rather than scored on fewer than were asked for."""
+    ids = sorted(s.id for s in output.samples)
+    if len(ids) < count:
+        raise UserError(f"{output.folder} holds {len(ids)} finished images, fewer than --limit "
+                        f"{count}")
+    return keep_images(output, set(ids[:count]))
 
 
 def _clean_data(config: dict, override: str | None) -> ImageDataset:
@@ -269,11 +293,14 @@ def evaluate_folder(folder: Path, targets: Sequence[str], *,
                     weights: Sequence[str | None] | None = None, device: str = "auto",
                     batch_size: int | None = None, quiet: bool = False,
                     data: str | None = None, prefetch: int | None = None,
-                    check: bool = True) -> dict[str, TargetResult]:
+                    check: bool = True, limit: int | None = None) -> dict[str, TargetResult]:
     """Evaluate every target spec on one attack folder (``data`` overrides where the clean images
     are, should they have moved since the attack); ``check=False`` skips the verification of the
-    files (``evaluate --no-verify``)."""
+    files (``evaluate --no-verify``); ``limit`` scores only the first ``limit`` images the folder
+    holds, by id (:func:`first_images`)."""
     output = open_attack_output(folder, data)
+    if limit is not None:
+        output = first_images(output, limit)
     if check:
         _require_hashes(output)  # before any model is loaded
     models = load_targets(targets, weights, distributed.device_for(resolve_device(device)))
@@ -289,9 +316,9 @@ def load_targets(targets: Sequence[str], weights: Sequence[str | None] | None,
     weights = list(weights or [None] * len(targets))
     if len(weights) != len(targets):
         raise UserError(f"{len(weights)} --weights for {len(targets)} --target; give one per target")
-    # Keyed by the canonical spec, so that defaults of a defense (smoothing's n, alpha, seed)
-    # appear in every table and JSON.
-    return {canonical_spec(spec): load_model(spec, weights=w, device=device)
+    # Keyed by the spec as outputs name it: the weights a bare hub spec resolves to, and the
+    # defaults of a defense (smoothing's n, alpha, seed), appear in every table and JSON.
+    return {named_spec(spec, w): load_model(spec, weights=w, device=device)
             for spec, w in zip(targets, weights)}
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 from skipgrad.backward.registry import BackwardSpecError, combine, parse_plan
 from skipgrad.gamma import parse_gamma
 from skipgrad.errors import InputError, UserError
-from skipgrad.pipeline.job import (ATTACK_SETTINGS, JOB_SETTINGS, AttackJob, RunOptions,
-                                   attack_from_settings, run_options, settings_of)
+from skipgrad.pipeline.settings import (ATTACK_SETTINGS, JOB_SETTINGS, attack_from_settings, refuse_unused_settings, settings_of)
+from skipgrad.pipeline.job import AttackJob, RunOptions, run_options
 from skipgrad.pipeline.transfer import ModelRef, TransferPlan, gammas_with_baseline, model_refs_of
 
 
@@ -84,6 +84,7 @@ def attack_job(flags: Mapping[str, object]) -> tuple[AttackJob, bool]:
                                 per_source_backward(flags.get("backward"), len(sources)),
                                 data=flags["data"], channels=settings.get("channels"),
                                 forward=per_source_forward(flags.get("forward"), len(sources)))
+    refuse_unused_settings(settings, [spec.name], sgm=sgm is not None)  # values checked first
     job = AttackJob(sources=sources, data=flags["data"], attack=spec,
                     weights=tuple(flags.get("weights") or ()),
                     **{k: v for k, v in settings.items() if k in JOB_SETTINGS})
@@ -126,8 +127,11 @@ def transfer_plan(flags: dict, config: dict) -> tuple[TransferPlan, Path, RunOpt
     if (backward or forward) and not gammas and not baseline and not per_source:  # methods alone, no SGM
         gammas, column_baseline = [None], True
     column = gammas_with_baseline(list(gammas), column_baseline or bool(per_source))
-    plan = TransferPlan(sources, attacks, column, targets,
-                        template_from({**settings, **settings_of(flags)}, data),
+    chosen = {**settings, **settings_of(flags)}
+    template = template_from(chosen, data)  # bad values first, then settings nothing uses
+    refuse_unused_settings(chosen, attacks, sgm=any(
+        g is not None for g in (*column, *(g for c in per_source if c for g in c))))
+    plan = TransferPlan(sources, attacks, column, targets, template,
                         flags.get("title") or plan_cfg.get("title", "Transfer success rate"),
                         backward=backward, backward_baseline=baseline, source_gammas=per_source,
                         forward=forward)

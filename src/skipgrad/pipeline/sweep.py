@@ -29,6 +29,7 @@ from skipgrad.store.atomic import atomic_write_bytes, atomic_write_text
 from skipgrad.analysis.selection import best_gamma, sweep_gammas
 from skipgrad.analysis.effects import sgm_effects
 from skipgrad.errors import UserError
+from skipgrad.models.loading import named_spec
 from skipgrad.pipeline.report import TransferRow, short_name
 from skipgrad.pipeline.job import AttackJob, RunOptions, sgm_problem
 from skipgrad.pipeline.transfer import ModelRef, TransferPlan, run_transfer
@@ -105,7 +106,8 @@ def run_sweep(source: ModelRef, attack: str, gammas: Sequence[float],
     plan = sweep_plan(source, attack, gammas, targets, template, backward, forward)
     _require_blocks(source, template.attack.sgm_official)
     transfer = run_transfer(plan, out, opts, log)
-    result = SweepResult(source.spec, _label(attack, backward, forward), template.data, sweep_gammas(gammas),
+    result = SweepResult(named_spec(source.spec, source.weights), _label(attack, backward, forward),
+                         template.data, sweep_gammas(gammas),
                          curves_from_rows(transfer.rows), effects=sgm_effects(transfer.outcomes))
     # Every torchrun rank holds the same rows; rank 0 alone writes the files (as for transfer).
     written = distributed.on_main(lambda: write_sweep(result, out)) or {}

@@ -38,11 +38,12 @@ from skipgrad.store import outdir
 from skipgrad.backward.registry import parse_backward, parse_forward
 from skipgrad.gamma import check_gamma
 from skipgrad.errors import UserError
+from skipgrad.models.loading import named_spec
 from skipgrad.store.records import calibration_warning
 from skipgrad.pipeline.evaluate import (evaluate_output, load_targets, open_attack_output,
                                record_evaluation)
 from skipgrad.pipeline.report import TransferRow, write_transfer_report
-from skipgrad.pipeline.job import (AttackJob, RunOptions)
+from skipgrad.pipeline.job import AttackJob, RunOptions
 from skipgrad.pipeline.device import resolve_device
 from skipgrad.pipeline.engine import run_attack_job
 
@@ -239,7 +240,7 @@ def write_paired_effects(out: Path, outcomes: dict[tuple, object]) -> dict[str, 
 def setting_text(template: AttackJob, n: int) -> str:
     """What a matrix title states besides its name: images and the perturbation size, in the
     command line's unit, e.g. ``n = 1000 images, L-inf eps 16/255``."""
-    from skipgrad.pipeline.job import attack_settings
+    from skipgrad.pipeline.settings import attack_settings
 
     eps = attack_settings(template.attack)["eps"]
     size = (f"L-inf eps {eps:g}/255" if template.attack.norm == "linf"
@@ -275,8 +276,7 @@ def _check_sources(plan: TransferPlan, device, problems: list[str]
                    ) -> tuple[TransferPlan, list[str]]:
     """Load each source once: weights present, backward methods apply; a source without blocks
     under SGM gets the baseline column only."""
-    from skipgrad.pipeline.job import (has_methods, load_sources, method_records,
-                                       sgm_problem)
+    from skipgrad.pipeline.job import has_methods, load_sources, method_records, sgm_problem
 
     own, no_blocks = [], []
     for index, source in enumerate(plan.sources):
@@ -351,10 +351,11 @@ def evaluate_cells(plan: TransferPlan, folders: list, opts: RunOptions,
         names = tuple(parse_backward(backward).names) if backward is not None else ()
         forward = plan.forward_of(source)
         forward_names = tuple(parse_forward(forward).names) if forward is not None else ()
-        rows += [TransferRow(source.spec, attack, gamma, spec, r.success_rate, r.n, r.ci95, names,
+        named = named_spec(source.spec, source.weights)  # tv:resnet50 -> its weights' tag
+        rows += [TransferRow(named, attack, gamma, spec, r.success_rate, r.n, r.ci95, names,
                              r.clean_correct, r.successes_on_correct, forward=forward_names)
                  for spec, r in results.items()]
-        outcomes.update({(source.spec, attack, gamma, backward, spec): r.per_image
+        outcomes.update({(named, attack, gamma, backward, spec): r.per_image
                          for spec, r in results.items()})
         distributed.on_main(lambda: record_evaluation(folder, results))
         warning = calibration_warning(folder, list(results))

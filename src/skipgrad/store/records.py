@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from skipgrad.errors import UserError
+from skipgrad.errors import InputError, UserError
 from skipgrad.store import outdir
 from skipgrad.store.atomic import atomic_write_text
 
@@ -71,7 +71,8 @@ def claim_folder(out: Path, identity: dict, env: dict, notes: dict | None = None
     if existing is None and ((out / "images").exists() or (out / "manifest.csv").exists()):
         raise UserError(f"output folder {out} holds images or a manifest but no run.json; "
                         f"use another --out")
-    if existing is not None and existing.get("config") != identity and read_manifest(out):
+    if existing is not None and comparable_config(existing.get("config") or {}) != identity \
+            and read_manifest(out):
         raise UserError(f"output folder {out} holds another run ({_differences(existing, identity)}); "
                         f"use another --out or remove it")
     if existing is not None:  # what the folder already holds stays true in run.json
@@ -93,22 +94,60 @@ def _carried_over(old: dict, env: dict, has_images: bool) -> dict:
     return env
 
 
+def comparable_config(config: dict) -> dict:
+    """A recorded run config as today's identity states it: without the settings of parts its
+    attack does not have (:data:`skipgrad.attacks.config.PART_SETTINGS`). Folders made before
+    those settings left the identity record ``decay``, ``di_prob``, ... for every attack; they
+    changed nothing there, so such a folder resumes (and compares) as the run it is."""
+    from skipgrad.attacks.config import AttackSpec  # loads torch: only when a run is compared
+
+    if "attack" not in config:
+        return config
+    try:
+        unused = AttackSpec.parse(config["attack"], sgm=config.get("sgm")).unused_settings()
+    except (InputError, TypeError, ValueError):  # not a record we can read: compared as it is
+        return config
+    return {k: v for k, v in config.items() if k not in unused}
+
+
 def _differences(existing: dict, identity: dict) -> str:
-    old = existing.get("config") or {}
+    old = comparable_config(existing.get("config") or {})
     keys = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
     return "; ".join(f"{k}: {shown(old.get(k))} there vs {shown(identity.get(k))} now"
                      for k in keys[:4])
 
 
 def shown(value: object) -> str:
-    """A setting as a user reads it: ``none`` / ``true`` rather than Python's None / True."""
+    """A setting as a user reads it: ``none`` / ``true`` rather than Python's None / True, and
+    the backward-pass methods in the ``--backward`` grammar (``linbp:start=layer3.1,...``) rather
+    than the dicts run.json records them as; every command that prints settings uses this."""
     if value is None:
         return "none"
     if isinstance(value, bool):
         return str(value).lower()
+    if _is_method(value):
+        settings = ",".join(f"{k}={shown(v)}" for k, v in value["settings"].items())
+        return value["method"] + (f":{settings}" if settings else "")
+    if _per_source_methods(value):  # run.json's "backward": one list of methods per source
+        labels = ["+".join(map(shown, methods)) or "none" for methods in value]
+        return labels[0] if len(labels) == 1 else "[" + ", ".join(labels) + "]"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(shown(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {shown(v)}" for k, v in value.items()) + "}"
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _is_method(value: object) -> bool:
+    """A backward-pass method as run.json records it: method, resolved settings, modules."""
+    return isinstance(value, dict) and isinstance(value.get("method"), str) and \
+        isinstance(value.get("settings"), dict)
+
+
+def _per_source_methods(value: object) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(
+        isinstance(methods, list) and all(map(_is_method, methods)) for methods in value) and \
+        any(value)
 
 
 def read_manifest(out: Path) -> list[dict[str, str]]:
@@ -197,6 +236,18 @@ def record_finish(out: Path, images: int, seconds: float,
     total = float(env.get("total_elapsed_seconds") or 0) + seconds
     env.update(images=images, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                elapsed_seconds=round(seconds, 3), total_elapsed_seconds=round(total, 3))
+    atomic_write_text(out / "run.json", json.dumps(run, indent=2) + "\n")
+
+
+def record_interrupted(out: Path, seconds: float) -> None:
+    """Add to run.json's ``total_elapsed_seconds`` the time an interrupted invocation spent on
+    the image groups it finished (their files are kept, so a resumed run's total must keep their
+    time too; :func:`record_finish` then adds the resumed invocation's own)."""
+    run = read_run(out)
+    if run is None or seconds <= 0:
+        return
+    env = run.setdefault("environment", {})
+    env["total_elapsed_seconds"] = round(float(env.get("total_elapsed_seconds") or 0) + seconds, 3)
     atomic_write_text(out / "run.json", json.dumps(run, indent=2) + "\n")
 
 

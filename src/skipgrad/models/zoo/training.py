@@ -16,12 +16,13 @@ images, and the final robust accuracy is measured with a stronger white-box PGD 
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 from tqdm import tqdm
 
@@ -144,7 +145,7 @@ def train_model(name: str, out_dir: Path, *, epochs: int | None = None, seed: in
             "test_accuracy": f"{accuracy:.4f}", "limit": str(limit)}
     path = weights_path(name, out_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    write_weights(path, {k: v.contiguous() for k, v in model.state_dict().items()}, meta)
     summary = {"name": name, "params": sum(p.numel() for p in model.parameters()),
                "test_accuracy": accuracy, "test_accuracy_first1000": first1000,
                "train_seconds": round(seconds, 1), "sha256": _sha256(path), "epochs": epochs,
@@ -154,6 +155,23 @@ def train_model(name: str, out_dir: Path, *, epochs: int | None = None, seed: in
                        robust_accuracy_first1000=robust_accuracy(model, progress=progress),
                        robust_attack=ROBUST_PGD.describe())
     return summary
+
+
+def write_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file whole or not at all (a temporary name, then a rename), with the
+    permissions ``open()`` gives under the umask (0644 under 022). safetensors' ``save_file``
+    creates its file 0600, unreadable by the colleagues a shared weights folder is for; every other
+    file skipgrad writes follows the umask (:mod:`skipgrad.store.atomic`, above this module)."""
+    data = save(state, metadata=metadata)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _fit(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, recipe: Recipe,
