@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from tests.browser import check_page
-from skipgrad.analysis.effects import sgm_effects, transfer_q_values
+from skipgrad.analysis.effects import backward_effects, sgm_effects, transfer_q_values
 from skipgrad.analysis.stats import wilson_interval
 from skipgrad.pipeline.html_report import write_html_report
 from skipgrad.pipeline.report import (TransferRow, effects_markdown, effects_table, heatmap_png,
@@ -71,8 +71,9 @@ def _rows() -> list[TransferRow]:
 
 def _outcomes() -> dict:
     generator = torch.Generator().manual_seed(1)
-    return {("zoo:fmnist-resnet20", "ifgsm", g, None, t): torch.rand(32, generator=generator) < 0.4
-            for g in (None, 0.5) for t in ("zoo:fmnist-cnn-at", "zoo:fmnist-vgg", "zoo:fmnist-resnet20")}
+    return {("zoo:fmnist-resnet20", "ifgsm", g, b, t): torch.rand(32, generator=generator) < 0.4
+            for g in (None, 0.5) for b in (None, "linbp")
+            for t in ("zoo:fmnist-cnn-at", "zoo:fmnist-vgg", "zoo:fmnist-resnet20")}
 
 
 def _folder(root: Path, name: str, sgm) -> Path:
@@ -122,10 +123,12 @@ def test_every_string_is_escaped(page) -> None:
     assert [t for t, _ in Page(text).tags].count("img") == 1
 
 
-def test_effect_tables_hold_the_rows_of_the_markdown_tables(page) -> None:
+@pytest.mark.parametrize("family", [sgm_effects, backward_effects])
+def test_effect_tables_hold_the_rows_of_the_markdown_tables(page, family) -> None:
     _, text = page
-    effects = sgm_effects(_outcomes())
+    effects = family(_outcomes())
     header, rows = effects_table(effects, transfer_q_values(effects))
+    assert len(rows) == len(effects) == 6  # 3 targets x 2 (with and without the other change)
     tables = [t for t in Page(text).tables if t and t[0] == header]
     assert len(tables) == 1 and tables[0][1:] == rows
     markdown = [[c.strip() for c in line.strip("|").split(" | ")]

@@ -108,6 +108,7 @@ def render_page(title: str, parts: Iterable[str]) -> str:
 
 
 def section(heading: str, parts: Iterable[str]) -> str:
+    """An <h2> section of HTML fragments (empty ones dropped)."""
     return f"<h2>{e(heading)}</h2>\n" + "\n".join(p for p in parts if p)
 
 

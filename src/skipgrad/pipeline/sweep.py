@@ -114,9 +114,11 @@ def run_sweep(source: ModelRef, attack: str, gammas: Sequence[float],
     # Every torchrun rank holds the same rows; rank 0 alone writes the files (as for transfer).
     written = distributed.on_main(lambda: write_sweep(result, out)) or {}
     result.files = {**(transfer.files or {}), **written}
+    # The heatmap as the transfer wrote it (its files name what exists on this rank).
+    heatmap = [heatmap_figure(out)] if "heatmap" in (transfer.files or {}) else []
     html = distributed.on_main(lambda: write_transfer_html(
         out, transfer, plan.title, source=source.spec, summary=format_best(result),
-        figures=[(written["sweep_png"], SWEEP_CAPTION), heatmap_figure(out)]))
+        figures=[(written["sweep_png"], SWEEP_CAPTION), *heatmap]))
     if html is not None:  # None on the other torchrun ranks
         result.files["html"] = html
     return result
