@@ -290,19 +290,19 @@ def heatmap_png(rows: Sequence[TransferRow], title: str = "Transfer success rate
     import matplotlib.pyplot as plt
 
     keys, targets, cells = matrix(rows)
+    sources = _ordered(s for s, _ in keys)
+    # One source: named once, in the first panel's title, so each row label is just its attack
+    # and the axis label stays short enough for a panel of two rows.
+    one = f"; source {short_name(sources[0])}" if len(sources) == 1 else ""
+    labels = ([m for _, m in keys] if one else [f"{short_name(s)}  {m}" for s, m in keys])
+    n = ", ".join(map(str, sorted({r.n for r in rows})))
     panels = [(_panel_values(keys, targets, cells, lambda r: r.success_rate),
-               f"all images (n = {', '.join(map(str, sorted({r.n for r in rows})))}): the headline rate", None)]
+               f"all images (n = {n}): the headline rate{one}", None)]
     if any(r.success_rate_on_correct is not None for r in rows):
         panels.append((_panel_values(keys, targets, cells, lambda r: r.success_rate_on_correct),
                        "only the images the target classified correctly when clean\n"
                        "(cells: % and fooled/correct)",
                        lambda r: f"{r.successes_on_correct}/{r.clean_correct}"))
-    sources = _ordered(s for s, _ in keys)
-    # One source: name it once in the axis label, so each row label is just its attack.
-    labels = ([m for _, m in keys] if len(sources) == 1
-              else [f"{short_name(s)}  {m}" for s, m in keys])
-    ylabel = (f"attack (source {short_name(sources[0])})" if len(sources) == 1
-              else "source model, attack")
     fig, axes = plt.subplots(len(panels), 1, squeeze=False, sharex=True, dpi=110,
                              figsize=(2.0 + 1.25 * len(targets),
                                       0.7 + (0.7 + 0.5 * len(keys)) * len(panels)))
@@ -311,7 +311,7 @@ def heatmap_png(rows: Sequence[TransferRow], title: str = "Transfer success rate
         _annotate(ax, values, [[cells.get((k, t)) for t in targets] for k in keys], counts)
         ax.set_yticks(range(len(keys)), labels, fontsize=9)
         ax.set_title(subtitle, fontsize=9.5, loc="left")
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel("attack" if one else "source, attack")
         # One bar per panel, the same 0-100 scale: a bar shared by both would crowd the titles.
         fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02).set_label("success (%)")
     bottom = axes[-1, 0]
