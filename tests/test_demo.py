@@ -12,6 +12,7 @@ from skipgrad.cli import main
 from skipgrad.data.fmnist import load_fmnist
 from skipgrad.models.loading import zoo_specs
 from skipgrad.pipeline.demo import DEMO_ATTACKS, DEMO_DEFENDED, DEMO_GAMMA, DEMO_SOURCE
+from tests.browser import check_page
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +25,32 @@ def demo_out(tmp_path_factory):
 
 def test_demo_writes_every_documented_file(demo_out):
     demo_out, _ = demo_out
-    for name in ("report.md", "transfer.json", "transfer_heatmap.png", "examples.png",
-                 "sgm_effects.json"):
+    for name in ("report.md", "report.html", "transfer.json", "transfer_heatmap.png",
+                 "examples.png", "sgm_effects.json"):
         assert (demo_out / name).stat().st_size > 0, name
     for name in ("transfer_heatmap.png", "examples.png"):
         with Image.open(demo_out / name) as image:
             assert image.format == "PNG" and min(image.size) > 200
     report = (demo_out / "report.md").read_text()
     assert "McNemar" in report and "examples.png" in report and "transfer_heatmap.png" in report
+
+
+def test_report_md_reads_each_target_on_its_clean_correct_images(demo_out):
+    demo_out, targets = demo_out
+    report = (demo_out / "report.md").read_text()
+    rows = json.loads((demo_out / "transfer.json").read_text())["rows"]
+    for target in targets:
+        own = [r for r in rows if r["target"] == target]
+        k = own[0]["clean_correct"]
+        fooled = sorted(r["successes_on_correct"] for r in own)
+        counts = str(fooled[0]) if fooled[0] == fooled[-1] else f"{fooled[0]}–{fooled[-1]}"
+        assert f"it classified correctly when clean ({counts} of {k})." in report, target
+    assert "<details>" not in report.split("## What SGM changed")[0]  # shown, not folded
+
+
+def test_report_html_shows_heatmap_and_examples_in_chromium(demo_out):
+    demo_out, _ = demo_out
+    assert check_page(demo_out / "report.html") == {"images": 2, "broken": [], "errors": []}
 
 
 def test_transfer_json_schema_covers_every_attack_and_target(demo_out):

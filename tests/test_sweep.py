@@ -8,6 +8,7 @@ import pytest
 
 from skipgrad.cli import main
 from skipgrad.analysis.selection import best_gamma, sweep_gammas
+from tests.browser import check_page
 
 SOURCE = "zoo:fmnist-resnet20"
 TARGET = "zoo:fmnist-cnn"
@@ -55,6 +56,12 @@ def test_sweep_png_and_gamma_one_is_the_baseline_folder(sweep_dir: Path) -> None
     folders = sorted(p.name.split("__")[-1] for p in (sweep_dir / "attacks").iterdir())
     assert folders == ["nosgm", "sgm0.2", "sgm0.5"]  # no separate sgm1 run
     assert (sweep_dir / "transfer.json").is_file()
+
+
+def test_report_html_shows_curves_and_heatmap_in_chromium(sweep_dir: Path) -> None:
+    assert check_page(sweep_dir / "report.html") == {"images": 2, "broken": [], "errors": []}
+    text = (sweep_dir / "report.html").read_text()
+    assert "success (%) on the images each target classified correctly when clean" in text
 
 
 def test_best_gamma_ties_go_to_the_largest() -> None:

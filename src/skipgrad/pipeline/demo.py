@@ -21,8 +21,8 @@ from skipgrad.analysis.effects import BackwardEffect, SGMEffect, backward_effect
 from skipgrad.data.fmnist import FMNIST_CLASSES
 from skipgrad.data.images import read_image
 from skipgrad.models.loading import zoo_specs
-from skipgrad.pipeline.report import (TransferRow, effects_markdown, markdown_table, short_name,
-                                      summarise_effects)
+from skipgrad.pipeline.report import (TransferRow, effects_markdown, markdown_table,
+                                      on_correct_summary, short_name, summarise_effects)
 from skipgrad.store.atomic import atomic_write_bytes, atomic_write_text
 
 # Chosen from the study in docs/study.md: of the sources where SGM gains on this data, the one whose
@@ -95,9 +95,11 @@ def run_demo(out: Path, *, limit: int | None = None, device: str = "auto", quiet
     examples = write_examples_png(Path(out), plan)
     report = write_report(Path(out), plan, result.rows, effects, result.files, examples,
                           method_effects)
+    page = write_demo_html(Path(out), plan, result, examples)
     log(markdown_table(result.rows, plan.title))
+    log("\n".join(on_correct_summary(result.rows, source)) + "\n")
     log("\n".join(summarise_effects(effects, source) + summarise_effects(method_effects, source)))
-    log(f"report: {report.resolve()}")
+    log(f"report: {report.resolve()} (one page: {page.resolve()})")
     return report
 
 
@@ -117,6 +119,21 @@ def _require_backward(model, source: str, backward: str) -> None:
                         f"to (skipgrad inspect SPEC lists what each method changes)") from None
 
 
+def write_demo_html(out: Path, plan, result, examples: Path) -> Path:
+    """``report.html``: the transfer page with the demo's setting, its reading of the paired
+    effects and the examples figure."""
+    from skipgrad.pipeline.transfer import write_transfer_html
+
+    source = plan.sources[0].spec
+    readings = {"SGM": summarise_effects(sgm_effects(result.outcomes), source),
+                "backward-pass methods": summarise_effects(backward_effects(result.outcomes),
+                                                           source)}
+    return write_transfer_html(
+        out, result, "skipgrad demo: SGM on Fashion-MNIST", source=source, readings=readings,
+        intro=[_setting_sentence(plan, result.rows)],
+        later=[("Examples", examples, EXAMPLES_CAPTION)])
+
+
 def backward_section(effects: Sequence[BackwardEffect], source: str) -> list[str]:
     """The report's paired-effects section of a backward-pass method (nothing without one)."""
     if not effects:
@@ -133,15 +150,12 @@ def write_report(out: Path, plan, rows: Sequence[TransferRow], effects: Sequence
                  method_effects: Sequence[BackwardEffect] = ()) -> Path:
     """``report.md``: the matrix, the paired SGM (and backward-method) effects, a reading, links
     to the figures."""
-    n = rows[0].n if rows else 0
-    source, gamma = plan.sources[0].spec, plan.gammas[-1]
+    source = plan.sources[0].spec
     text = "\n".join([
         f"# skipgrad demo: SGM on Fashion-MNIST\n",
-        f"Source `{source}`; {n} test images; L-inf eps 16/255, step 2/255, 10 iterations, "
-        f"no random start; SGM γ = {gamma:g}; success rate = 1 − top-1 accuracy of the target "
-        f"on the adversarial images (all images counted; Wilson 95% intervals in transfer.json). "
-        f"The source's own column is the white-box result.\n",
-        markdown_table(rows, plan.title),
+        _setting_sentence(plan, rows).replace(source, f"`{source}`", 1) + "\n",
+        markdown_table(rows, plan.title, fold=False),
+        *on_correct_summary(rows, source), "",
         "## What SGM changed (paired, same images)\n",
         *summarise_effects(effects, source), "",
         effects_markdown(effects),
@@ -152,14 +166,28 @@ def write_report(out: Path, plan, rows: Sequence[TransferRow], effects: Sequence
         *backward_section(method_effects, source),
         f"![transfer heatmap]({files['heatmap'].name})\n",
         f"![clean, adversarial and amplified perturbation per attack]({examples.name})\n",
-        "Examples: the first test images, one row per attack; under each clean image its label, "
-        "under each adversarial image the source's prediction on the saved PNG (red: fooled); the "
-        "third image of each triple is the perturbation amplified 4x around mid-grey.\n",
+        EXAMPLES_CAPTION + "\n",
         f"Adversarial images (8-bit PNGs) are under `attacks/`; the matrix is also in "
-        f"{files['json'].name}, {files['csv'].name} and {files['markdown'].name}.\n"])
+        f"{files['json'].name}, {files['csv'].name} and {files['markdown'].name}; "
+        f"report.html has all of this on one page.\n"])
     path = out / "report.md"
     atomic_write_text(path, text)
     return path
+
+
+def _setting_sentence(plan, rows: Sequence[TransferRow]) -> str:
+    """What was run, in one paragraph (report.md and report.html)."""
+    n = rows[0].n if rows else 0
+    return (f"Source {plan.sources[0].spec}; {n} test images; L-inf eps 16/255, step 2/255, "
+            f"10 iterations, no random start; SGM γ = {plan.gammas[-1]:g}; success rate = 1 − "
+            f"top-1 accuracy of the target on the adversarial images (all images counted; Wilson "
+            f"95% intervals in transfer.json). The source's own column is the white-box result.")
+
+
+EXAMPLES_CAPTION = (
+    "Examples: the first test images, one row per attack; under each clean image its label, "
+    "under each adversarial image the source's prediction on the saved PNG (red: fooled); the "
+    "third image of each triple is the perturbation amplified 4x around mid-grey.")
 
 
 def write_examples_png(out: Path, plan, count: int = 4) -> Path:

@@ -149,10 +149,12 @@ def _csv_count(value: int | None) -> str:
     return "" if value is None else str(value)
 
 
-def markdown_table(rows: Sequence[TransferRow], title: str | None = None) -> str:
+def markdown_table(rows: Sequence[TransferRow], title: str | None = None,
+                   fold: bool = True) -> str:
     """Matrix as a Markdown table: success rate (%) with its 95% Wilson interval per cell, a last
-    row with each target's clean accuracy, and (folded) the success rate on the images each
-    target classified correctly when clean: both denominators, as ``evaluate`` prints them."""
+    row with each target's clean accuracy, and the success rate on the images each target
+    classified correctly when clean (folded unless ``fold`` is off): both denominators, as
+    ``evaluate`` prints them."""
     keys, targets, cells = matrix(rows)
     lines = _matrix_lines(keys, targets, cells, _md_cell)
     known = any(r.clean_correct is not None for r in rows)
@@ -169,7 +171,72 @@ def markdown_table(rows: Sequence[TransferRow], title: str | None = None) -> str
         note += (" A smoothed target (`+smooth:`) that abstains counts as not fooled on an "
                  "adversarial image and as not correct on a clean one.")
     text = (f"## {title}\n\n" if title else "") + "\n".join(lines) + "\n" + note + "\n"
-    return text + (_on_correct_table(keys, targets, cells) if known else "")
+    return text + (_on_correct_table(keys, targets, cells, fold) if known else "")
+
+
+@dataclass(frozen=True)
+class OnCorrect:
+    """One target's two denominators over the rows of a matrix, as display text: ranges
+    (``lo–hi``) over the rows, one value when they agree."""
+
+    target: str
+    clean: str  # clean accuracy, e.g. ``71.9% (23/32)``
+    headline: str  # success on all images (%)
+    on_correct: str  # success on the images it classified correctly when clean (%)
+    fooled: str  # ``0 of 23`` (empty when the rows have different clean-correct counts)
+
+
+def on_correct_spans(rows: Sequence[TransferRow]) -> list[OnCorrect]:
+    """Per target with clean counts, in matrix order: see :class:`OnCorrect`."""
+    found = []
+    for target in _ordered(r.target for r in rows):
+        own = [r for r in rows if r.target == target]
+        known = [r for r in own if r.success_rate_on_correct is not None]
+        if not known:
+            continue
+        counts = {r.clean_correct for r in known}
+        fooled = _span([r.successes_on_correct for r in known], "{:d}")
+        found.append(OnCorrect(target, _clean_text(own),
+                               _span([100 * r.success_rate for r in own]),
+                               _span([100 * r.success_rate_on_correct for r in known]),
+                               f"{fooled} of {counts.pop()}" if len(counts) == 1 else ""))
+    return found
+
+
+ON_CORRECT_NOTE = ("Success on all images beside success on the images each target classified "
+                   "correctly when clean (range over the rows of the matrix); a headline well "
+                   "above the second number is mostly the target's own clean errors.")
+
+
+def on_correct_summary(rows: Sequence[TransferRow], source: str | None = None) -> list[str]:
+    """Plain lines, one per target: its clean accuracy, the headline success (all images) and the
+    success on the images it classified correctly when clean, each as the range over the rows.
+    A target that misclassifies clean images counts them as successes in the headline (an
+    adversarially trained model at 28.1% may have fooled none of the images it got right), so
+    the two numbers are read together. Empty when no row has clean counts."""
+    lines = []
+    for span in on_correct_spans(rows):
+        of = f" ({span.fooled})" if span.fooled else ""
+        role = " (the source: white-box)" if span.target == source else ""
+        lines.append(f"- `{short_name(span.target)}`{role}, clean accuracy {span.clean}: "
+                     f"{span.headline}% of all images; {span.on_correct}% of the images it "
+                     f"classified correctly when clean{of}.")
+    return [ON_CORRECT_NOTE + "\n", *lines] if lines else []
+
+
+def _clean_text(rows: Sequence[TransferRow]) -> str:
+    """``71.9% (23/32)``, or the per-n figures of :func:`_clean_cell` when the rows differ."""
+    seen = _ordered((r.clean_correct, r.n) for r in rows if r.clean_correct is not None)
+    if len(seen) == 1 and seen[0][1]:
+        (k, n), = seen
+        return f"{100 * k / n:.1f}% ({k}/{n})"
+    return f"(%) {_clean_cell(rows)}"
+
+
+def _span(values: Sequence, fmt: str = "{:.1f}") -> str:
+    """``lo–hi`` of the values, or the one value when they agree."""
+    lo, hi = fmt.format(min(values)), fmt.format(max(values))
+    return lo if lo == hi else f"{lo}–{hi}"
 
 
 def _clean_cell(rows: Sequence[TransferRow]) -> str:
@@ -189,13 +256,15 @@ def _matrix_lines(keys: list, targets: list[str], cells: dict,
     return lines
 
 
-def _on_correct_table(keys: list, targets: list[str], cells: dict) -> str:
+def _on_correct_table(keys: list, targets: list[str], cells: dict, fold: bool = True) -> str:
     """The success rate among the images each target classified correctly when clean, with
-    that denominator in every cell, folded under a summary line."""
-    lines = _matrix_lines(keys, targets, cells, _on_correct_cell)
-    return ("\n<details><summary>Success rate (%) on the images each target classified correctly "
-            "when clean (m/k: fooled / clean-correct)</summary>\n\n" + "\n".join(lines)
-            + "\n\n</details>\n")
+    that denominator in every cell, folded under a summary line (or under a caption)."""
+    lines = "\n".join(_matrix_lines(keys, targets, cells, _on_correct_cell))
+    caption = ("Success rate (%) on the images each target classified correctly when clean "
+               "(m/k: fooled / clean-correct)")
+    if not fold:
+        return f"\n{caption}:\n\n{lines}\n"
+    return f"\n<details><summary>{caption}</summary>\n\n{lines}\n\n</details>\n"
 
 
 def _on_correct_cell(row: TransferRow | None) -> str:
@@ -212,25 +281,50 @@ def _md_cell(row: TransferRow | None) -> str:
 
 
 def heatmap_png(rows: Sequence[TransferRow], title: str = "Transfer success rate (%)") -> bytes:
-    """Render the matrix as a heatmap with the value printed in every cell; returns PNG bytes."""
+    """Render the matrix as a heatmap with the value printed in every cell; returns PNG bytes.
+
+    Two panels share the colour scale: success over all n images (the headline), and below it
+    success over the images each target classified correctly when clean (``m/k`` in each cell;
+    the tick labels give each target's clean accuracy). A target that misclassifies many clean
+    images shows a headline well above zero that the second panel can reveal as a floor (e.g.
+    28.1% of all images against 0 of the 23 it got right). Rows without clean counts (older
+    ``transfer.json`` files) draw the first panel only."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed, and safe in threads/CI
     import matplotlib.pyplot as plt
 
     keys, targets, cells = matrix(rows)
-    values = np.array([[100 * cells[(k, t)].success_rate if (k, t) in cells else np.nan
-                        for t in targets] for k in keys])
-    fig, ax = plt.subplots(figsize=(2.0 + 1.25 * len(targets), 1.2 + 0.5 * len(keys)), dpi=110)
-    image = ax.imshow(values, cmap="viridis", vmin=0, vmax=100, aspect="auto")
-    _annotate(ax, values)
-    ax.set_xticks(range(len(targets)), [short_name(t) for t in targets],
-                  rotation=30, ha="right", fontsize=9)
-    ax.set_yticks(range(len(keys)), [f"{short_name(s)}  {m}" for s, m in keys], fontsize=9)
-    ax.set_xlabel("target model")
-    ax.set_ylabel("source model, attack")
-    ax.set_title(title, fontsize=11)
-    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02).set_label("success rate (%)")
+    sources = _ordered(s for s, _ in keys)
+    # One source: named once, in the first panel's title, so each row label is just its attack
+    # and the axis label stays short enough for a panel of two rows.
+    one = f"; source {short_name(sources[0])}" if len(sources) == 1 else ""
+    labels = ([m for _, m in keys] if one else [f"{short_name(s)}  {m}" for s, m in keys])
+    n = ", ".join(map(str, sorted({r.n for r in rows})))
+    panels = [(_panel_values(keys, targets, cells, lambda r: r.success_rate),
+               f"all images (n = {n}): the headline rate{one}", None)]
+    if any(r.success_rate_on_correct is not None for r in rows):
+        panels.append((_panel_values(keys, targets, cells, lambda r: r.success_rate_on_correct),
+                       "only the images the target classified correctly when clean\n"
+                       "(cells: % and fooled/correct)",
+                       lambda r: f"{r.successes_on_correct}/{r.clean_correct}"))
+    fig, axes = plt.subplots(len(panels), 1, squeeze=False, sharex=True, dpi=110,
+                             figsize=(2.0 + 1.25 * len(targets),
+                                      0.7 + (0.7 + 0.5 * len(keys)) * len(panels)))
+    for ax, (values, subtitle, counts) in zip(axes[:, 0], panels):
+        image = ax.imshow(values, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+        _annotate(ax, values, [[cells.get((k, t)) for t in targets] for k in keys], counts)
+        ax.set_yticks(range(len(keys)), labels, fontsize=9)
+        ax.set_title(subtitle, fontsize=9.5, loc="left")
+        ax.set_ylabel("attack" if one else "source, attack")
+        # One bar per panel, the same 0-100 scale: a bar shared by both would crowd the titles.
+        fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02).set_label("success (%)")
+    bottom = axes[-1, 0]
+    bottom.set_xticks(range(len(targets)), [_target_label(t, rows, len(panels) > 1)
+                                            for t in targets], rotation=30, ha="right", fontsize=9)
+    bottom.set_xlabel("target model")
+    fig.suptitle(title, fontsize=11)
+    fig.subplots_adjust(hspace=0.3)  # room for the second panel's two-line title
     buffer = io.BytesIO()
     # A tight bounding box instead of tight_layout: long spec labels widen the canvas, never clip.
     fig.savefig(buffer, format="png", bbox_inches="tight", pad_inches=0.15)
@@ -238,12 +332,32 @@ def heatmap_png(rows: Sequence[TransferRow], title: str = "Transfer success rate
     return buffer.getvalue()
 
 
-def _annotate(ax, values) -> None:
+def _panel_values(keys: list, targets: list[str], cells: dict,
+                  rate: Callable[[TransferRow], float | None]) -> np.ndarray:
+    """Percentages of one panel, NaN where a cell or its rate is missing."""
+    def value(row: TransferRow | None) -> float:
+        found = None if row is None else rate(row)
+        return np.nan if found is None else 100 * found
+    return np.array([[value(cells.get((k, t))) for t in targets] for k in keys], dtype=float)
+
+
+def _target_label(target: str, rows: Sequence[TransferRow], with_clean: bool) -> str:
+    """A target's tick label; with its clean accuracy when all its rows share one (same images)."""
+    seen = {(r.clean_correct, r.n) for r in rows if r.target == target and r.clean_correct is not None}
+    if not with_clean or len(seen) != 1:
+        return short_name(target)
+    (k, n), = seen
+    return f"{short_name(target)} (clean {100 * k / n:.1f}%)" if n else short_name(target)
+
+
+def _annotate(ax, values: np.ndarray, cells: list[list[TransferRow | None]],
+              counts: Callable[[TransferRow], str] | None) -> None:
     # Dark text on the bright end of viridis, white on the dark end, so every value stays legible.
     for (i, j), value in np.ndenumerate(values):
         if value == value:  # skip NaN (missing cells)
-            ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=9,
-                    color="black" if value > 60 else "white")
+            text = f"{value:.1f}" + (f"\n{counts(cells[i][j])}" if counts else "")
+            ax.text(j, i, text, ha="center", va="center", fontsize=8.5 if counts else 9,
+                    linespacing=1.1, color="black" if value > 60 else "white")
 
 
 def write_transfer_report(rows: Sequence[TransferRow], out: Path,
@@ -259,34 +373,46 @@ def write_transfer_report(rows: Sequence[TransferRow], out: Path,
     return paths
 
 
-def effects_markdown(effects: Sequence[SGMEffect | BackwardEffect],
-                     q_values: dict[int, float] | None = None) -> str:
-    """A table of paired effects (SGM, or a backward-pass method): percentage points, 95%
-    interval, McNemar p, and with ``q_values`` (from :func:`transfer_q_values`) the
-    Benjamini-Hochberg q (``-`` for white-box cells, outside the family)."""
+def effects_table(effects: Sequence[SGMEffect | BackwardEffect],
+                  q_values: dict[int, float] | None = None) -> tuple[list[str], list[list[str]]]:
+    """The paired-effects table as (header, rows of cell text): percentage points, 95% interval,
+    McNemar p, and with ``q_values`` (from :func:`transfer_q_values`) the Benjamini-Hochberg q
+    (``-`` for white-box cells, outside the family). Markdown and HTML render these same cells."""
     sgm = all(isinstance(e, SGMEffect) for e in effects)
     what = "SGM" if sgm else "method"
-    q_head, q_rule = (" BH q |", "---:|") if q_values is not None else ("", "")
-    lines = [f"| source | attack | {'γ' if sgm else 'method'} | target | without {what} | "
-             f"with {what} | Δ (points) | 95% CI (Newcombe) | only w/o / only with "
-             f"| McNemar p |{q_head}",
-             f"|---|---|---:|---|---:|---:|---:|---|---:|---:|{q_rule}"]
+    header = ["source", "attack", "γ" if sgm else "method", "target", f"without {what}",
+              f"with {what}", "Δ (points)", "95% CI (Newcombe)", "only w/o / only with",
+              "McNemar p"] + (["BH q"] if q_values is not None else [])
+    rows = []
     for e in effects:
         c = e.comparison
         lo, hi = c.ci95
         key = f"{e.gamma:g}" if isinstance(e, SGMEffect) else e.method
-        lines.append(f"| {short_name(e.source)} | {e.variant} | {key} | {short_name(e.target)} "
-                     f"| {100 * c.rate_a:.1f} | {100 * c.rate_b:.1f} | {100 * c.difference:+.1f} "
-                     f"| [{100 * lo:+.1f}, {100 * hi:+.1f}] | {c.only_a} / {c.only_b} "
-                     f"| {c.p_value:.2g} |" + _q_cell(q_values, e))
-    return "\n".join(lines) + "\n"
+        rows.append([short_name(e.source), e.variant, key, short_name(e.target),
+                     f"{100 * c.rate_a:.1f}", f"{100 * c.rate_b:.1f}", f"{100 * c.difference:+.1f}",
+                     f"[{100 * lo:+.1f}, {100 * hi:+.1f}]", f"{c.only_a} / {c.only_b}",
+                     f"{c.p_value:.2g}"] + _q_cell(q_values, e))
+    return header, rows
 
 
-def _q_cell(q_values: dict[int, float] | None, effect: object) -> str:
+# Column alignment of :func:`effects_table` (True: numeric, right-aligned), BH q last.
+EFFECT_NUMERIC = (False, False, True, False, True, True, True, False, True, True, True)
+
+
+def effects_markdown(effects: Sequence[SGMEffect | BackwardEffect],
+                     q_values: dict[int, float] | None = None) -> str:
+    """:func:`effects_table` as a Markdown table."""
+    header, rows = effects_table(effects, q_values)
+    rule = "|" + "".join("---:|" if EFFECT_NUMERIC[i] else "---|" for i in range(len(header)))
+    return "\n".join(["| " + " | ".join(header) + " |", rule,
+                      *("| " + " | ".join(row) + " |" for row in rows)]) + "\n"
+
+
+def _q_cell(q_values: dict[int, float] | None, effect: object) -> list[str]:
     if q_values is None:
-        return ""
+        return []
     q = q_values.get(id(effect))
-    return f" {q:.2g} |" if q is not None else " - |"
+    return [f"{q:.2g}" if q is not None else "-"]
 
 
 def summarise_effects(effects: Sequence[SGMEffect | BackwardEffect], source: str) -> list[str]:

@@ -28,11 +28,13 @@ from skipgrad.pipeline import distributed
 from skipgrad.store.atomic import atomic_write_bytes, atomic_write_text
 from skipgrad.analysis.selection import best_gamma, sweep_gammas
 from skipgrad.analysis.effects import sgm_effects
+from skipgrad.analysis.stats import wilson_interval
 from skipgrad.errors import UserError
 from skipgrad.models.loading import named_spec
 from skipgrad.pipeline.report import TransferRow, short_name
 from skipgrad.pipeline.job import AttackJob, RunOptions, sgm_problem
-from skipgrad.pipeline.transfer import ModelRef, TransferPlan, run_transfer
+from skipgrad.pipeline.transfer import (ModelRef, TransferPlan, heatmap_figure, run_transfer,
+                                        write_transfer_html)
 
 @dataclass(frozen=True)
 class SweepPoint:
@@ -45,6 +47,15 @@ class SweepPoint:
     # The second denominator, as evaluate reports it (None where not recorded).
     clean_accuracy: float | None = None
     success_rate_on_correct: float | None = None
+    # Its counts (m fooled of the k clean-correct images), for the interval of the second panel.
+    clean_correct: int | None = None
+    successes_on_correct: int | None = None
+
+    def on_correct_ci95(self) -> tuple[float, float] | None:
+        """Wilson 95% interval of the success on the clean-correct images (None: unknown)."""
+        if not self.clean_correct or self.successes_on_correct is None:
+            return None
+        return wilson_interval(self.successes_on_correct, self.clean_correct)
 
     def to_json(self) -> dict:
         return {"success_rate": self.success_rate, "n": self.n, "ci95": list(self.ci95),
@@ -112,7 +123,19 @@ def run_sweep(source: ModelRef, attack: str, gammas: Sequence[float],
     # Every torchrun rank holds the same rows; rank 0 alone writes the files (as for transfer).
     written = distributed.on_main(lambda: write_sweep(result, out)) or {}
     result.files = {**(transfer.files or {}), **written}
+    # The heatmap as the transfer wrote it (its files name what exists on this rank).
+    heatmap = [heatmap_figure(out)] if "heatmap" in (transfer.files or {}) else []
+    html = distributed.on_main(lambda: write_transfer_html(
+        out, transfer, plan.title, source=source.spec, summary=format_best(result),
+        figures=[(written["sweep_png"], SWEEP_CAPTION), *heatmap]))
+    if html is not None:  # None on the other torchrun ranks
+        result.files["html"] = html
     return result
+
+
+SWEEP_CAPTION = ("Success against SGM gamma, one line per target with its 95% band, the mean over "
+                 "the transfer targets dashed: left, all images; right, only the images each "
+                 "target classified correctly when clean.")
 
 
 def _require_blocks(source: ModelRef, official: bool) -> None:
@@ -133,7 +156,7 @@ def curves_from_rows(rows: Sequence[TransferRow]) -> dict[str, dict[float, Sweep
         g = 1.0 if row.sgm is None else float(row.sgm)
         curves.setdefault(row.target, {})[g] = SweepPoint(
             g, row.success_rate, row.n, tuple(row.ci95), row.clean_accuracy,
-            row.success_rate_on_correct)
+            row.success_rate_on_correct, row.clean_correct, row.successes_on_correct)
     return curves
 
 
@@ -160,38 +183,57 @@ def write_sweep(result: SweepResult, out: Path) -> dict[str, Path]:
 
 
 def sweep_png(result: SweepResult) -> bytes:
-    """Success rate (%) against gamma, one line with its 95% band per target, the mean dashed."""
+    """Success rate (%) against gamma, one line with its 95% band per target, the mean dashed; on
+    the right the same on the images each target classified correctly when clean (its own
+    denominator: a target's clean errors lift the left panel only)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
-    for target, curve in result.curves.items():
-        gs = sorted(curve)
-        label = short_name(target) + (" (source, white-box)" if target == result.source else "")
-        line, = ax.plot(gs, [100 * curve[g].success_rate for g in gs], marker="o", label=label)
-        ax.fill_between(gs, [100 * curve[g].ci95[0] for g in gs],
-                        [100 * curve[g].ci95[1] for g in gs], color=line.get_color(), alpha=0.12)
-    mean = result.mean_curve()
-    ax.plot(list(mean), [100 * r for r in mean.values()], "k--", lw=2, label="mean (transfer)")
-    _style_axes(ax, result)
+    second = any(p.on_correct_ci95() is not None for c in result.curves.values() for p in c.values())
+    fig, axes = plt.subplots(1, 1 + second, figsize=(7.5 + 5.5 * second, 4.8), dpi=110,
+                             sharey=True, squeeze=False)
+    panels = [(lambda p: p.success_rate, lambda p: p.ci95, "all images")]
+    if second:
+        panels.append((lambda p: p.success_rate_on_correct, lambda p: p.on_correct_ci95(),
+                       "images the target classified correctly when clean"))
+    for ax, (rate, band, subtitle) in zip(axes[0], panels):
+        _plot_curves(ax, result, rate, band)
+        ax.set_title(subtitle, fontsize=10, loc="left")
+    _style_axes(axes[0], result)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight", pad_inches=0.15)
     plt.close(fig)
     return buffer.getvalue()
 
 
-def _style_axes(ax, result: SweepResult) -> None:
+def _plot_curves(ax, result: SweepResult, rate: Callable, band: Callable) -> None:
+    """One line per target with its 95% band, and the mean over the transfer targets dashed;
+    points whose rate is unknown are left out."""
+    for target, curve in result.curves.items():
+        gs = [g for g in sorted(curve) if rate(curve[g]) is not None]
+        label = short_name(target) + (" (source, white-box)" if target == result.source else "")
+        line, = ax.plot(gs, [100 * rate(curve[g]) for g in gs], marker="o", label=label)
+        ax.fill_between(gs, [100 * band(curve[g])[0] for g in gs],
+                        [100 * band(curve[g])[1] for g in gs], color=line.get_color(), alpha=0.12)
+    chosen = result.transfer_targets()
+    mean = {g: [rate(result.curves[t][g]) for t in chosen] for g in result.gammas}
+    mean = {g: sum(v) / len(v) for g, v in mean.items() if None not in v}
+    ax.plot(list(mean), [100 * r for r in mean.values()], "k--", lw=2, label="mean (transfer)")
+
+
+def _style_axes(axes, result: SweepResult) -> None:
     n = max(p.n for c in result.curves.values() for p in c.values())
-    ax.set_xlabel("SGM gamma (1.0 = no SGM)", fontsize=11)
-    ax.set_ylabel("transfer success rate (%)", fontsize=11)
-    ax.set_title(f"{short_name(result.source)}, {result.attack}: success vs gamma "
-                 f"({n} images)", fontsize=12)
-    ax.set_xticks(list(result.gammas), [f"{g:g}" for g in result.gammas], fontsize=9)
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    for ax in axes:
+        ax.set_xlabel("SGM gamma (1.0 = no SGM)", fontsize=11)
+        ax.set_xticks(list(result.gammas), [f"{g:g}" for g in result.gammas], fontsize=9)
+        ax.set_ylim(-3, 103)  # a curve at 0% or 100% stays visible, not on the frame
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("transfer success rate (%)", fontsize=11)
+    axes[0].figure.suptitle(f"{short_name(result.source)}, {result.attack}: success vs gamma "
+                            f"({n} images)", fontsize=12)
+    axes[-1].legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
 
 
 def format_best(result: SweepResult) -> str:
@@ -212,7 +254,25 @@ def format_best(result: SweepResult) -> str:
     lines.append(f"best gamma on average over {len(result.transfer_targets())} transfer target(s): "
                  f"{best_gamma(mean):g} ({100 * max(mean.values()):.1f}% vs "
                  f"{100 * mean[1.0]:.1f}% without SGM)")
+    lines[-1:-1] = _on_correct_lines(result, width)  # beside the headline, before the verdict
     return "\n".join(lines + _best_paired(result, best_gamma(mean)))
+
+
+def _on_correct_lines(result: SweepResult, width: int) -> list[str]:
+    """The same curves on the images each target classified correctly when clean (m/k at
+    gamma 1.0): a target's clean errors count as successes in the table above only."""
+    lines = []
+    for target, curve in result.curves.items():
+        cells = "  ".join("    -" if curve[g].success_rate_on_correct is None
+                          else f"{100 * curve[g].success_rate_on_correct:5.1f}"
+                          for g in result.gammas)
+        base = curve[result.gammas[-1]]
+        of = ("" if base.successes_on_correct is None
+              else f"   {base.successes_on_correct}/{base.clean_correct} at 1.0")
+        lines.append(f"{short_name(target):<{width}}  {cells}{of}")
+    if all(p.success_rate_on_correct is None for c in result.curves.values() for p in c.values()):
+        return []
+    return ["success (%) on the images each target classified correctly when clean", *lines]
 
 
 def _best_paired(result: SweepResult, gamma: float) -> list[str]:

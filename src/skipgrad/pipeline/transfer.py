@@ -42,6 +42,7 @@ from skipgrad.models.loading import named_spec
 from skipgrad.store.records import calibration_warning
 from skipgrad.pipeline.evaluate import (evaluate_output, load_targets, open_attack_output,
                                record_evaluation)
+from skipgrad.pipeline.html_report import write_html_report
 from skipgrad.pipeline.report import TransferRow, write_transfer_report
 from skipgrad.pipeline.job import AttackJob, RunOptions
 from skipgrad.pipeline.device import resolve_device
@@ -121,6 +122,9 @@ class TransferResult:
     # (source spec, attack, gamma, backward label or None, target spec) -> per-image success, for
     # paired statistics.
     outcomes: dict[tuple, object] = field(default_factory=dict)
+    # The attack folders in table order, and each target's weights hash (for report.html).
+    folders: list[Path] = field(default_factory=list)
+    target_weights: dict[str, str | None] = field(default_factory=dict)
 
 
 def gammas_with_baseline(gammas: list[float | None], baseline: bool) -> tuple[float | None, ...]:
@@ -178,9 +182,29 @@ def run_transfer(plan: TransferPlan, out: Path, opts: RunOptions = RunOptions(),
         outdir.check_stop()
         rows, outcomes = evaluate_cells(plan, folders, opts, log, targets)
     title = f"{plan.title} ({setting_text(plan.template, rows[0].n if rows else 0)})"
-    files = distributed.on_main(lambda: {**write_transfer_report(rows, out, title),
-                                         **write_paired_effects(out, outcomes)})
-    return TransferResult(rows, files, outcomes)
+    result = TransferResult(rows, {}, outcomes, [f[-1] for f in folders],
+                            {spec: m.config.weights_sha256 for spec, m in targets.items()})
+    result.files = distributed.on_main(lambda: {**write_transfer_report(rows, out, title),
+                                                **write_paired_effects(out, outcomes),
+                                                "html": write_transfer_html(out, result, title)})
+    return result
+
+
+def write_transfer_html(out: Path, result: TransferResult, title: str,
+                        figures: list[tuple[Path, str]] | None = None, **page) -> Path:
+    """``report.html`` of a transfer folder (:mod:`skipgrad.pipeline.html_report`): by default the
+    heatmap; ``figures`` and ``page`` (intro, summary, source) let demo and sweep add theirs."""
+    return write_html_report(out, title=title, rows=result.rows, outcomes=result.outcomes,
+                             folders=result.folders, target_weights=result.target_weights,
+                             figures=[heatmap_figure(out)] if figures is None else figures,
+                             **page)
+
+
+def heatmap_figure(out: Path) -> tuple[Path, str]:
+    """The transfer heatmap of ``out`` and its caption, for report.html."""
+    return (out / "transfer_heatmap.png",
+            "Transfer success (%): above, all images; below, only the images each target "
+            "classified correctly when clean (fooled/correct in each cell).")
 
 
 def _attack_cells(plan: TransferPlan, out: Path, opts: RunOptions,
