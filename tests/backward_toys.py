@@ -4,6 +4,7 @@ to attention layers (and so refuses CNNs, as PNA does)."""
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
 
 from skipgrad.backward import registry
@@ -77,3 +78,17 @@ def toy_methods(monkeypatch):
     registry.register_method("attnonly", AttentionOnly, summary="attention layers only")
     return fresh
 
+
+
+def residual_model(make: str) -> tuple[nn.Module, torch.Tensor]:
+    """``timm:NAME`` (10 classes, 2x3x32x32 input) or ``zoo:NAME`` (the zoo architecture,
+    2x1x28x28 input) with random weights seeded 0, in eval mode, and a random input batch."""
+    source, name = make.split(":")
+    torch.manual_seed(0)
+    if source == "timm":
+        import timm
+
+        return timm.create_model(name, num_classes=10).eval(), torch.rand(2, 3, 32, 32)
+    from skipgrad.models.zoo import build_model
+
+    return build_model(name).eval(), torch.rand(2, 1, 28, 28)

@@ -15,6 +15,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 import skipgrad
 from skipgrad import BackwardConflictError, NothingToChangeError
 from skipgrad.attacks.randomness import stream_factory
+from tests.backward_toys import residual_model
 from tests.conftest import TinyResNet, randomise_batchnorm
 
 EROSION = 0.22
@@ -199,16 +200,7 @@ def test_dropout_and_skip_erosion_together_on_a_resnet(tiny_resnet):
 @pytest.mark.parametrize("make", ["timm:resnet18", "timm:resnetv2_18", "zoo:resnet20",
                                   "zoo:preact-resnet20"])
 def test_applies_to_timm_preactivation_and_zoo_resnets(make):
-    source, name = make.split(":")
-    torch.manual_seed(0)
-    if source == "timm":
-        import timm
-
-        model, x = timm.create_model(name, num_classes=10).eval(), torch.rand(2, 3, 32, 32)
-    else:
-        from skipgrad.models.zoo import build_model
-
-        model, x = build_model(name).eval(), torch.rand(2, 1, 28, 28)
+    model, x = residual_model(make)
     blocks = [n for n, _, _ in skipgrad.find_blocks(model)]
     context = skipgrad.ghost(model, seed=0)
     assert [c.module for c in context.changes] == blocks and blocks

@@ -13,6 +13,7 @@ from torchvision.models import densenet121, resnet18, resnet50
 from torchvision.models.resnet import Bottleneck
 
 import skipgrad
+from tests.backward_toys import residual_model
 from skipgrad import BackwardConflictError, NothingToChangeError
 from skipgrad.backward.registry import known_methods, parse_backward, parse_forward
 from tests.conftest import TinyResNet, randomise_batchnorm
@@ -121,16 +122,8 @@ def test_one_scale_for_all_stages_equals_the_same_scale_per_stage(tiny_resnet, t
 @pytest.mark.parametrize("make", ["timm:resnet18", "timm:resnetv2_18", "zoo:preact-resnet20",
                                   "zoo:densenet"])
 def test_finds_the_stages_of_timm_preactivation_and_zoo_networks(make):
-    source, name = make.split(":")
-    torch.manual_seed(0)
-    if source == "timm":
-        import timm
-
-        model, x = timm.create_model(name, num_classes=10).eval(), torch.rand(2, 3, 32, 32)
-    else:
-        from skipgrad.models.zoo import build_model
-
-        model, x = build_model(name).eval(), torch.rand(2, 1, 28, 28)
+    source, _ = make.split(":")
+    model, x = residual_model(make)
     stages = {"timm": 4, "zoo": 3}[source]
     context = skipgrad.iaa(model, residual_scale=(0.5,) * stages)
     assert len(context.stages) == stages

@@ -134,7 +134,7 @@ def test_torchrun_two_processes_write_the_same_files(reference: Path, tmp_path: 
     out = tmp_path / "torchrun"
     done = _torchrun("attack", *SMALL, *GROUPS, "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("24 images in") == 1  # only rank 0 reports
+    assert done.stdout.count("24 images from zoo:fmnist-cnn in") == 1  # only rank 0 reports
     _assert_same(reference, out)
     assert json.loads((out / "run.json").read_text())["environment"]["world_size"] == 2
 
