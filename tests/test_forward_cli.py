@@ -237,4 +237,4 @@ def test_show_names_the_forward_methods(tmp_path, capsys):
     assert _attack(out, "--forward", "iaa") == 0
     capsys.readouterr()
     assert main(["show", str(out)]) == 0
-    assert "forward [[" in capsys.readouterr().out
+    assert "forward iaa:beta=20,residual_scale=1," in capsys.readouterr().out  # the --forward grammar

@@ -187,14 +187,14 @@ def test_quantised_l2_perturbations_meet_the_exact_integer_bound(eps: float) -> 
 def test_the_default_l2_step_follows_the_given_eps(tmp_path) -> None:
     runs = {eps: tmp_path / f"eps{eps}" for eps in ("1.5", "3", "16")}
     for eps, out in runs.items():
-        assert _attack(out, "--eps", eps, "--limit", "2") == 0
+        assert _attack(out, "--eps", eps) == 0
     steps = {eps: json.loads((out / "run.json").read_text())["config"]["step_size"]
              for eps, out in runs.items()}
     assert steps == {"1.5": 0.375, "3": 0.75, "16": 4.0}
     first = {eps: (out / "images" / "test_00000.png").read_bytes() for eps, out in runs.items()}
     assert len(set(first.values())) == 3
     # The default is exactly eps/4: an explicit --step-size 0.75 gives the same bytes.
-    assert _attack(tmp_path / "explicit", "--eps", "3", "--step-size", "0.75", "--limit", "2") == 0
+    assert _attack(tmp_path / "explicit", "--eps", "3", "--step-size", "0.75") == 0
     assert (tmp_path / "explicit" / "images" / "test_00000.png").read_bytes() == first["3"]
 
 
