@@ -42,6 +42,11 @@ PART_SETTINGS: dict[str, tuple[str, ...]] = {
     "di": ("di_prob", "di_scale"),
     "ti": ("ti_kernel",),
     "sgm": ("sgm_official",),
+    "si": ("si_copies",),
+    "vt": ("vt_neighbours", "vt_beta"),
+    "admix": ("admix_scales", "admix_mixes", "admix_eta"),
+    "sia": ("sia_copies", "sia_blocks"),
+    "bsr": ("bsr_copies", "bsr_blocks", "bsr_max_angle"),
 }
 
 

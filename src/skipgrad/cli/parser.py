@@ -138,6 +138,7 @@ def _add_attack_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ti-kernel", type=positive_int, help="TI kernel size, odd (default 7)")
     p.add_argument("--sgm-official", action="store_true", default=None,
                    help="use the authors' hook placement (torchvision ResNet/DenseNet)")
+    _add_companion_settings(p)
     _add_backward_option(p)
     p.add_argument("--amp", choices=("off", "bf16"),
                    help="autocast the source models to bfloat16 (mainly for GPUs; default off)")
@@ -148,6 +149,23 @@ def _add_attack_settings(p: argparse.ArgumentParser) -> None:
                         "attached; not with a --forward method that draws, such as ghost) for "
                         "long runs: compile time is spent once, before the attack (needs a C++ "
                         "compiler on CPU)")
+
+
+def _add_companion_settings(p: argparse.ArgumentParser) -> None:
+    """The companion parts' settings (defaults as published; each only with its part)."""
+    for flag, kind, text in (
+            ("--si-copies", positive_int, "SI: scaled copies x/2^i (default 5)"),
+            ("--vt-neighbours", positive_int, "VT: neighbours per step (default 20)"),
+            ("--vt-beta", float, "VT: neighbourhood radius in units of eps (default 1.5)"),
+            ("--admix-scales", positive_int, "Admix: scales per mixture (default 5)"),
+            ("--admix-mixes", positive_int, "Admix: mixtures per step (default 3)"),
+            ("--admix-eta", float, "Admix: mixing strength (default 0.2)"),
+            ("--sia-copies", positive_int, "SIA: transformed copies (default 20)"),
+            ("--sia-blocks", positive_int, "SIA: blocks per side (default 3)"),
+            ("--bsr-copies", positive_int, "BSR: shuffled copies (default 20)"),
+            ("--bsr-blocks", positive_int, "BSR: blocks per side (default 2)"),
+            ("--bsr-max-angle", float, "BSR: largest rotation in degrees (default 24)")):
+        p.add_argument(flag, type=kind, help=text)
 
 
 def _add_backward_option(p: argparse.ArgumentParser, demo: bool = False) -> None:

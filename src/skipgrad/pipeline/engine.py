@@ -92,6 +92,8 @@ def run_attack_job(job: AttackJob, out: Path, opts: RunOptions = RunOptions(),
     identity = run_identity(job, models, data, group_size)
     env = environment(models, data, opts, device)
     env["eps_unit"] = units.unit_of(job.attack.norm)  # what the numbers in "config" mean
+    # Compute per image: model evaluations (forward + backward) over all steps and sources.
+    env["gradient_evaluations_per_image"] = job.attack.gradient_evaluations * len(models)
     with outdir.exclusive(out):  # one live run per folder; SIGINT/SIGTERM stop after a group
         distributed.on_main(lambda: prepare_folder(out, identity, env, notes))
         if distributed.world().is_main:

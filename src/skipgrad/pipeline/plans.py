@@ -218,7 +218,10 @@ PLAN_SCHEMA: dict[str, str] = {
     "quiet": _BOOL, "eps": _NUMBER, "step_size": _NUMBER, "steps": _INT, "norm": _TEXT,
     "loss": _TEXT, "targeted": _BOOL, "seed": _INT, "decay": _NUMBER, "di_prob": _NUMBER,
     "di_scale": _NUMBER, "ti_kernel": _INT, "sgm_official": _BOOL, "amp": _TEXT,
-    "channels_last": _BOOL, "compile": _BOOL, "channels": _INT, "class_map": _TEXT}
+    "channels_last": _BOOL, "compile": _BOOL, "channels": _INT, "class_map": _TEXT,
+    "si_copies": _INT, "vt_neighbours": _INT, "vt_beta": _NUMBER, "admix_scales": _INT,
+    "admix_mixes": _INT, "admix_eta": _NUMBER, "sia_copies": _INT, "sia_blocks": _INT,
+    "bsr_copies": _INT, "bsr_blocks": _INT, "bsr_max_angle": _NUMBER}
 
 
 _CHECKS = {

@@ -16,7 +16,11 @@ from skipgrad.errors import UserError
 # Attack settings as the command line and the TOML plans spell them; eps and step_size are pixel
 # levels out of 255 there. ``attack_from_settings`` turns them into the AttackSpec.
 ATTACK_SETTINGS = ("eps", "step_size", "steps", "norm", "loss", "targeted", "seed", "decay",
-                   "di_prob", "di_scale", "ti_kernel", "sgm_official")
+                   "di_prob", "di_scale", "ti_kernel", "sgm_official",
+                   # the companion parts' (attacks.companions), recorded only when in the attack
+                   "si_copies", "vt_neighbours", "vt_beta", "admix_scales", "admix_mixes",
+                   "admix_eta", "sia_copies", "sia_blocks", "bsr_copies", "bsr_blocks",
+                   "bsr_max_angle")
 
 
 _LEVEL_SETTINGS = ("eps", "step_size")
