@@ -114,9 +114,13 @@ def test_the_part_table_is_the_one_home_of_which_setting_belongs_where() -> None
     from skipgrad.attacks.config import PART_SETTINGS, unused_settings
 
     assert set(s for settings in PART_SETTINGS.values() for s in settings) <= set(ATTACK_SETTINGS)
+    companions = ("si_copies", "vt_neighbours", "vt_beta", "admix_scales", "admix_mixes",
+                  "admix_eta", "sia_copies", "sia_blocks", "bsr_copies", "bsr_blocks",
+                  "bsr_max_angle")
     assert unused_settings({"ifgsm"}) == ("decay", "di_prob", "di_scale", "ti_kernel",
-                                          "sgm_official")
-    assert unused_settings({"ni", "di", "sgm"}) == ("ti_kernel",)
+                                          "sgm_official", *companions)
+    assert unused_settings({"ni", "di", "sgm"}) == ("ti_kernel", *companions)
+    assert unused_settings({"ni", "di", "ti", "sgm", "si", "vt", "admix", "sia", "bsr"}) == ()
     assert skipgrad.AttackSpec.parse("pgd").parts == {"pgd", "ifgsm"}
 
 
