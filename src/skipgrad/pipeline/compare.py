@@ -16,6 +16,7 @@ from skipgrad.errors import UserError
 from skipgrad.pipeline.evaluate import (AttackOutput, evaluate_output, keep_images, load_targets,
                                        open_attack_output)
 from skipgrad.pipeline.device import resolve_device
+from skipgrad.pipeline.report import l2_text
 from skipgrad.store.records import comparable_config, shown
 from skipgrad.analysis.stats import PairedComparison, benjamini_hochberg, paired_comparison
 
@@ -30,6 +31,10 @@ class FolderComparison:
     settings_b: dict
     comparisons: dict[str, PairedComparison]
     q_values: dict[str, float]
+    # Mean L2 of each folder's saved perturbations on the compared images, in [0, 1] pixel units
+    # (None: unknown); a rate means little without the perturbation that bought it.
+    mean_l2_a: float | None = None
+    mean_l2_b: float | None = None
 
     def differing_settings(self) -> dict[str, tuple[object, object]]:
         """The run.json config keys whose values differ between A and B."""
@@ -83,7 +88,12 @@ def compare_folders(folder_a: Path, folder_b: Path, targets: Sequence[str], *,
     # decay) differ in nothing that made the images.
     settings_a, settings_b = (comparable_config(o.run.get("config", {})) for o in (a, b))
     return FolderComparison(Path(folder_a), Path(folder_b), settings_a, settings_b, comparisons,
-                            dict(zip(comparisons, q)))
+                            dict(zip(comparisons, q)), _mean_l2(results_a), _mean_l2(results_b))
+
+
+def _mean_l2(results: dict) -> float | None:
+    # One folder's files: every target's result carries the same measurement.
+    return next((r.mean_l2 for r in results.values() if r.mean_l2 is not None), None)
 
 
 def comparison_markdown(result: FolderComparison) -> str:
@@ -94,15 +104,18 @@ def comparison_markdown(result: FolderComparison) -> str:
              "settings that differ: " + ("; ".join(
                  f"{k}: {shown(a)} (A) vs {shown(b)} (B)" for k, (a, b) in differ.items())
                  or "none"), "",
-             "| target | A | B | Δ (points) | 95% CI (Newcombe) | only A / only B | McNemar p "
-             "| BH q |",
-             "|---|---:|---:|---:|---|---:|---:|---:|"]
+             "| target | A | mean L2 A | B | mean L2 B | Δ (points) | 95% CI (Newcombe) "
+             "| only A / only B | McNemar p | BH q |",
+             "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    l2_a, l2_b = l2_text(result.mean_l2_a), l2_text(result.mean_l2_b)
     for target, c in result.comparisons.items():
         lo, hi = c.ci95
-        lines.append(f"| {target} | {100 * c.rate_a:.1f} | {100 * c.rate_b:.1f} "
+        lines.append(f"| {target} | {100 * c.rate_a:.1f} | {l2_a} | {100 * c.rate_b:.1f} | {l2_b} "
                      f"| {100 * c.difference:+.1f} | [{100 * lo:+.1f}, {100 * hi:+.1f}] "
                      f"| {c.only_a} / {c.only_b} | {c.p_value:.2g} "
                      f"| {result.q_values[target]:.2g} |")
+    lines.append("\nA, B: success (%); mean L2: of the saved perturbations, in [0, 1] pixel "
+                 "units (levels / 255, over every channel and pixel).")
     return "\n".join(lines) + "\n"
 
 
@@ -110,6 +123,7 @@ def comparison_json(result: FolderComparison) -> dict:
     """The ``compare --json`` document."""
     return {"folder_a": str(result.folder_a), "folder_b": str(result.folder_b),
             "settings_a": result.settings_a, "settings_b": result.settings_b,
+            "mean_l2_a": result.mean_l2_a, "mean_l2_b": result.mean_l2_b,
             "targets": {t: {"n": c.n, "success_a": c.rate_a, "success_b": c.rate_b,
                             "difference": c.difference, "ci95": list(c.ci95),
                             "only_a": c.only_a, "only_b": c.only_b, "mcnemar_p": c.p_value,

@@ -4,7 +4,8 @@ Output folder::
 
     DIR/run.json        what was run (the config that must match to resume) and the environment
     DIR/manifest.csv    one row per finished image: id, file, label, target_label, source_pred,
-                        sha256 (of the PNG as written; evaluate verifies the files against it)
+                        sha256 (of the PNG as written; evaluate verifies the files against it),
+                        l2, linf (the saved perturbation in [0, 1] pixel units: levels / 255)
     DIR/images/...      lossless 8-bit PNGs, one per input, relative paths kept, suffix .png
 
 Every file is written atomically; the manifest is rewritten after each image group, so an
@@ -45,7 +46,7 @@ from skipgrad.pipeline.device import resolve_device, resolve_group_size
 from skipgrad.pipeline.job import (AttackJob, RunOptions, RunSummary, check_job, check_sgm, environment, load_sources, numerics, on_device, run_identity, source_names)
 from skipgrad.store import outdir, verify
 from skipgrad.store.atomic import atomic_write_many
-from skipgrad.store.records import (FORWARD_PRED_COLUMN, image_file, manifest_part,
+from skipgrad.store.records import (FORWARD_PRED_COLUMN, NORM_COLUMNS, image_file, manifest_part,
                                     merge_manifest_parts, prepare_folder, read_manifest,
                                     record_finish, record_interrupted, write_manifest, write_rows)
 
@@ -290,8 +291,11 @@ def _attack_group(job: AttackJob, out: Path, attacker: tuple[list[torch.nn.Modul
     with outdir.naming_images([str(s.path or s.name) for s in batch]), numerics(job, device):
         adv = attack_with(sources, clean, labels, spec, ids=[s.id for s in batch])
     levels = [to_uint8(a) for a in adv]
+    norms = {}  # id -> (l2, linf) of the levels about to be saved, as the manifest records them
     for sample, adv_levels, image in zip(batch, levels, clean):
-        check_bound(adv_levels, to_uint8(image), job, sample.name)
+        clean_levels = to_uint8(image)
+        check_bound(adv_levels, clean_levels, job, sample.name)
+        norms[sample.id] = verify.perturbation_norms(adv_levels, clean_levels)
     wanted = {s.id for s in missing}
     encoded = {s.id: png_bytes(a) for s, a in zip(batch, levels) if s.id in wanted}
     # The manifest records the hash of exactly the bytes written.
@@ -304,7 +308,7 @@ def _attack_group(job: AttackJob, out: Path, attacker: tuple[list[torch.nn.Modul
     preds = predict(plain, saved)
     rows = [{"id": s.id, "file": image_file(s), "label": s.label,
              "target_label": "" if s.target is None else s.target, "source_pred": int(p),
-             verify.SHA_COLUMN: hashes[s.id]}
+             verify.SHA_COLUMN: hashes[s.id], **dict(zip(NORM_COLUMNS, norms[s.id]))}
             for s, p in zip(batch, preds.tolist()) if s.id in wanted]
     if job.attack.forward is not None:
         with numerics(job, device):

@@ -19,6 +19,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from skipgrad.pipeline import distributed
@@ -37,6 +38,7 @@ from skipgrad.models import WrappedModel, load_model
 from skipgrad.models.loading import named_spec
 from skipgrad.progress import progress_bar
 from skipgrad.pipeline.engine import predict
+from skipgrad.pipeline.report import l2_text
 from skipgrad.store.records import read_manifest, read_run
 from skipgrad.pipeline.device import resolve_device
 from skipgrad.analysis.stats import wilson_interval
@@ -60,6 +62,10 @@ class TargetResult:
     per_image: torch.Tensor | None = field(default=None, compare=False, repr=False)
     # The image ids those outcomes belong to, in the same order.
     ids: tuple[int, ...] = field(default=(), compare=False, repr=False)
+    # The perturbation of the n scored files against their clean images, in [0, 1] pixel units
+    # (skipgrad.store.verify.perturbation_norms): mean L2 and largest L-inf; None when unknown.
+    mean_l2: float | None = None
+    max_linf: float | None = None
 
     @property
     def success_rate(self) -> float:
@@ -89,6 +95,7 @@ class TargetResult:
                 "success_rate_on_correct": self.success_rate_on_correct,
                 "clean_correct": self.clean_correct,
                 "successes_on_correct": self.successes_on_correct,
+                "mean_l2": self.mean_l2, "max_linf": self.max_linf,
                 **({"per_image_success": outcome_bits(self.per_image)}
                    if self.per_image is not None else {})}
 
@@ -186,24 +193,54 @@ def clean_predictions(models: dict[str, WrappedModel], output: AttackOutput, bat
                         "clean", quiet, prefetch)
 
 
+@dataclass(frozen=True)
+class PerturbationSize:
+    """The perturbation of a set of saved files against their clean images, in [0, 1] pixel
+    units: the mean of the per-image L2 norms and the largest L-inf."""
+
+    mean_l2: float | None
+    max_linf: float | None
+
+    @classmethod
+    def of(cls, norms: Sequence[tuple[float, float]]) -> PerturbationSize:
+        """From per-image ``(l2, linf)`` pairs; unknown (None) when there are none."""
+        if not norms:
+            return cls(None, None)
+        return cls(sum(n[0] for n in norms) / len(norms), max(n[1] for n in norms))
+
+
 def adversarial_predictions(models: dict[str, WrappedModel], output: AttackOutput,
                             batch_size: int, quiet: bool = True, prefetch: int | None = None,
                             check: bool = True) -> dict[str, torch.Tensor]:
+    """Each target's predictions on the saved adversarial PNGs (see :func:`adversarial_pass`)."""
+    return adversarial_pass(models, output, batch_size, quiet, prefetch, check)[0]
+
+
+def adversarial_pass(models: dict[str, WrappedModel], output: AttackOutput, batch_size: int,
+                     quiet: bool = True, prefetch: int | None = None, check: bool = True
+                     ) -> tuple[dict[str, torch.Tensor], PerturbationSize]:
     """Each target's predictions on the saved adversarial PNGs, each PNG read and decoded once for
-    all targets. With ``check`` each file is verified as it is read (:mod:`skipgrad.store.verify`):
-    its bytes against the manifest's SHA-256, its levels against the run's eps bound around the
-    clean image; any failure raises one :class:`~skipgrad.store.verify.VerificationError` (on every
+    all targets, and the size of their perturbations, measured on the files against the clean
+    images as they are read (so folders made before the manifest's norm columns get it too).
+    With ``check`` each file is verified as it is read (:mod:`skipgrad.store.verify`): its bytes
+    against the manifest's SHA-256, its levels against the run's eps bound around the clean
+    image; any failure raises one :class:`~skipgrad.store.verify.VerificationError` (on every
     rank of a sharded run) once the pass is done."""
     if check:
         _require_hashes(output)
     mismatches: list[verify.Mismatch] = []  # appended from the loading thread
+    norms: list[tuple[float, float]] = []  # likewise; per file of this rank's batches
 
     def load(batch: Sequence[int]) -> torch.Tensor:
         contents = [output.files[i].read_bytes() for i in batch]
         adv = torch.stack([read_image(output.files[i], output.data.channels, data)
                            for i, data in zip(batch, contents)])
+        clean = verify.levels(output.data.load([output.samples[i] for i in batch]))
+        found = [verify.levels(a) for a in adv]
+        if all(a.shape == c.shape for a, c in zip(found, clean)):  # --no-verify may hold others
+            norms.extend(verify.perturbation_norms(a, c) for a, c in zip(found, clean))
         if check:
-            mismatches.extend(_mismatches(output, batch, contents, adv))
+            mismatches.extend(_mismatches(output, batch, contents, found, clean))
         return adv
 
     indices = list(range(len(output.files)))
@@ -212,7 +249,8 @@ def adversarial_predictions(models: dict[str, WrappedModel], output: AttackOutpu
     found = [m for part in distributed.gather(mismatches) for m in part]
     if found:
         raise verify.mismatch_error(output.folder, sorted(found, key=lambda m: m.file))
-    return preds
+    measured = [n for part in distributed.gather(norms) for n in part]
+    return preds, PerturbationSize.of(measured if len(measured) == len(indices) else [])
 
 
 def _require_hashes(output: AttackOutput) -> None:
@@ -222,17 +260,17 @@ def _require_hashes(output: AttackOutput) -> None:
 
 
 def _mismatches(output: AttackOutput, batch: Sequence[int], contents: Sequence[bytes],
-                adv: torch.Tensor) -> list[verify.Mismatch]:
-    """The files of ``batch`` whose bytes differ from the manifest's hash or whose levels leave
-    the run's eps ball around their clean images (one entry per file, every reason)."""
+                adv: Sequence[np.ndarray], clean: np.ndarray) -> list[verify.Mismatch]:
+    """The files of ``batch`` whose bytes differ from the manifest's hash or whose levels
+    (``adv``) leave the run's eps ball around their clean images' (``clean``) (one entry per
+    file, every reason)."""
     config = output.run.get("config", {})
     norm = config.get("norm", "linf")  # run.json: command-line units; the bound: [0, 1] units
     eps = units.to_library(float(config["eps"]), norm)
-    clean = verify.levels(output.data.load([output.samples[i] for i in batch]))
     found = []
     for k, (i, data) in enumerate(zip(batch, contents)):
         reasons = [] if verify.sha256_hex(data) == output.hashes[i] else ["SHA-256 differs"]
-        outside = verify.bound_violation(verify.levels(adv[k]), clean[k], eps, norm)
+        outside = verify.bound_violation(adv[k], clean[k], eps, norm)
         reasons += [outside] if outside else []
         if reasons:
             found.append(verify.Mismatch(_name(output, i), "; ".join(reasons)))
@@ -338,11 +376,13 @@ def evaluate_output(output: AttackOutput, models: dict[str, WrappedModel], *,
     cache = clean_cache if clean_cache is not None else {}
     keys = {spec: (spec, model.config.weights_sha256, output.data.spec,
                    tuple(s.id for s in output.samples)) for spec, model in models.items()}
-    adversarial = adversarial_predictions(models, output, batch_size, quiet, prefetch, check)
+    adversarial, size = adversarial_pass(models, output, batch_size, quiet, prefetch, check)
     uncached = {spec: model for spec, model in models.items() if keys[spec] not in cache}
     for spec, preds in clean_predictions(uncached, output, batch_size, quiet, prefetch).items():
         cache[keys[spec]] = preds
-    return {spec: score(spec, output, cache[keys[spec]], adversarial[spec]) for spec in models}
+    return {spec: dataclasses.replace(score(spec, output, cache[keys[spec]], adversarial[spec]),
+                                      mean_l2=size.mean_l2, max_linf=size.max_linf)
+            for spec in models}
 
 
 def results_json(results: dict[str, TargetResult], folder: Path | None = None) -> dict:
@@ -380,9 +420,10 @@ def write_results_json(results: dict[str, TargetResult], path: Path,
 
 def format_table(results: dict[str, TargetResult], title: str = "") -> str:
     """A fixed-width terminal table (percentages)."""
-    header = ("target", "n", "success", "95% CI", "clean acc", "success | clean correct")
+    header = ("target", "n", "success", "95% CI", "mean L2", "clean acc",
+              "success | clean correct")
     lines = [[spec, str(r.n), _pct(r.success_rate), f"[{_pct(r.ci95[0])}, {_pct(r.ci95[1])}]",
-              _pct(r.clean_accuracy), _pct(r.success_rate_on_correct)]
+              l2_text(r.mean_l2, "-"), _pct(r.clean_accuracy), _pct(r.success_rate_on_correct)]
              for spec, r in results.items()]
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
     fmt: Callable[[Sequence[str]], str] = lambda row: "  ".join(  # noqa: E731

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from skipgrad.analysis.effects import backward_effects, sgm_effects, transfer_q_values
 from skipgrad.pipeline.report import (EFFECT_NUMERIC, ON_CORRECT_NOTE, TransferRow, effects_table,
-                                      matrix, on_correct_spans, short_name)
+                                      l2_text, matrix, on_correct_spans, row_l2, short_name)
 from skipgrad.store.atomic import atomic_write_text
 from skipgrad.store.records import read_run, shown
 
@@ -138,12 +138,15 @@ def matrix_html(rows: Sequence[TransferRow]) -> str:
     if not rows:
         return ""
     keys, targets, cells = matrix(rows)
-    body = [[e(short_name(s)), e(m), *(_matrix_cell(cells.get(((s, m), t))) for t in targets)]
-            for s, m in keys]
-    head = ["source", "attack", *(short_name(t) for t in targets)]
-    table = table_html(head, body, ["", ""] + ["num"] * len(targets), escaped=True)
+    sized = any(r.mean_l2 is not None for r in rows)  # one folder per row: its mean L2
+    body = [[e(short_name(s)), e(m),
+             *([e(l2_text(row_l2([cells.get(((s, m), t)) for t in targets])))] if sized else []),
+             *(_matrix_cell(cells.get(((s, m), t))) for t in targets)] for s, m in keys]
+    head = ["source", "attack", *(["mean L2"] if sized else []), *map(short_name, targets)]
+    table = table_html(head, body, ["", ""] + ["num"] * (len(head) - 2), escaped=True)
+    size = ("; mean L2: of the saved perturbations, in [0, 1] pixel units" if sized else "")
     return ("<details><summary>The matrix as a table (success % [Wilson 95% interval]; below: "
-            "% of the images the target classified correctly when clean, fooled/correct)"
+            f"% of the images the target classified correctly when clean, fooled/correct{size})"
             f"</summary>{table}</details>")
 
 

@@ -30,7 +30,7 @@ from skipgrad.store.atomic import atomic_write_bytes, atomic_write_text
 
 CSV_COLUMNS = ("source", "attack", "sgm", "target", "success_rate", "n", "ci95_low", "ci95_high",
                "backward", "clean_accuracy", "clean_correct", "success_rate_on_correct",
-               "successes_on_correct", "forward")
+               "successes_on_correct", "forward", "mean_l2")
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,9 @@ class TransferRow:
     clean_correct: int | None = None
     successes_on_correct: int | None = None
     forward: tuple[str, ...] = ()  # forward methods that modified the source (--forward)
+    # Mean L2 of the n saved perturbations, in [0, 1] pixel units (None: not recorded); the same
+    # for every target of one attack folder.
+    mean_l2: float | None = None
 
     @property
     def clean_accuracy(self) -> float | None:
@@ -87,7 +90,15 @@ class TransferRow:
                    float(record["success_rate"]), int(record["n"]), tuple(record["ci95"]),
                    tuple(record.get("backward", ())),
                    *(None if c is None else int(c) for c in counts),
-                   forward=tuple(record.get("forward", ())))
+                   forward=tuple(record.get("forward", ())),
+                   mean_l2=None if record.get("mean_l2") is None else float(record["mean_l2"]))
+
+
+def l2_text(value: float | None, missing: str = "–") -> str:
+    """A mean L2 perturbation (in [0, 1] pixel units) as every table shows it: three significant
+    digits, trailing zeros kept (an L-inf 16/255 attack on 28x28 Fashion-MNIST images: about
+    1-2.5; ``2.00``, ``0.487``, ``24.3``)."""
+    return missing if value is None else f"{value:#.3g}".rstrip(".")
 
 
 def short_name(spec: str) -> str:
@@ -137,7 +148,8 @@ def csv_text(rows: Sequence[TransferRow]) -> str:
                          f"{r.success_rate:.6f}", r.n, f"{r.ci95[0]:.6f}", f"{r.ci95[1]:.6f}",
                          "+".join(r.backward), _csv_rate(r.clean_accuracy),
                          _csv_count(r.clean_correct), _csv_rate(r.success_rate_on_correct),
-                         _csv_count(r.successes_on_correct), "+".join(r.forward)])
+                         _csv_count(r.successes_on_correct), "+".join(r.forward),
+                         _csv_rate(r.mean_l2)])
     return buffer.getvalue()
 
 
@@ -156,14 +168,18 @@ def markdown_table(rows: Sequence[TransferRow], title: str | None = None,
     classified correctly when clean (folded unless ``fold`` is off): both denominators, as
     ``evaluate`` prints them."""
     keys, targets, cells = matrix(rows)
-    lines = _matrix_lines(keys, targets, cells, _md_cell)
+    sized = any(r.mean_l2 is not None for r in rows)
+    lines = _matrix_lines(keys, targets, cells, _md_cell, sized)
     known = any(r.clean_correct is not None for r in rows)
     if known:
-        lines.append("| | *clean accuracy* | " + " | ".join(
+        lines.append("| | *clean accuracy* | " + ("| " if sized else "") + " | ".join(
             _clean_cell([r for r in rows if r.target == t]) for t in targets) + " |")
     n = sorted({r.n for r in rows})
     note = (f"\nSuccess rate = 1 − top-1 accuracy of the target on the adversarial images, all "
             f"images counted (n = {', '.join(map(str, n))}); brackets: Wilson 95% interval.")
+    if sized:
+        note += (" Mean L2: the mean L2 norm of the saved perturbations, in [0, 1] pixel units "
+                 "(levels / 255, over every channel and pixel).")
     if known:
         note += (" Clean accuracy: the target's top-1 accuracy on the clean originals of the same "
                  "images (k/n correct).")
@@ -246,14 +262,24 @@ def _clean_cell(rows: Sequence[TransferRow]) -> str:
 
 
 def _matrix_lines(keys: list, targets: list[str], cells: dict,
-                  cell: Callable[[TransferRow | None], str]) -> list[str]:
-    """Header, alignment row and one row per (source, attack) of a source x target matrix."""
-    lines = ["| source | attack | " + " | ".join(f"`{t}`" for t in targets) + " |",
-             "|" + "---|" * 2 + "---:|" * len(targets)]
-    for source, method in keys:
-        values = [cell(cells.get(((source, method), t))) for t in targets]
-        lines.append(f"| `{source}` | {method} | " + " | ".join(values) + " |")
+                  cell: Callable[[TransferRow | None], str], sized: bool = False) -> list[str]:
+    """Header, alignment row and one row per (source, attack) of a source x target matrix; with
+    ``sized``, a ``mean L2`` column after the attack (one folder per row: the same for every
+    target, the source's white-box cell included)."""
+    size = ["mean L2"] if sized else []
+    lines = ["| " + " | ".join(["source", "attack", *size, *(f"`{t}`" for t in targets)]) + " |",
+             "|" + "---|" * 2 + "---:|" * (len(size) + len(targets))]
+    for key in keys:
+        row = [cells.get((key, t)) for t in targets]
+        size = [l2_text(row_l2(row))] if sized else []
+        values = [f"`{key[0]}`", key[1], *size, *map(cell, row)]
+        lines.append("| " + " | ".join(values) + " |")
     return lines
+
+
+def row_l2(cells: Sequence[TransferRow | None]) -> float | None:
+    """The mean L2 of one matrix row (one attack folder), from whichever of its cells has it."""
+    return next((c.mean_l2 for c in cells if c is not None and c.mean_l2 is not None), None)
 
 
 def _on_correct_table(keys: list, targets: list[str], cells: dict, fold: bool = True) -> str:

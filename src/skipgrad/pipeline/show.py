@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from skipgrad.errors import UserError
+from skipgrad.pipeline.report import l2_text
 from skipgrad.store.records import read_evaluations
 from skipgrad.store.records import read_manifest, read_run, shown
 
@@ -64,6 +65,8 @@ def _evaluations(folder: Path) -> list[str]:
         return ["  evaluations: none yet (skipgrad evaluate DIR --target SPEC)"]
     return ["  evaluations:"] + [
         f"    {spec}: success {100 * r['success_rate']:.1f}% of {r['n']} "
-        f"(clean accuracy {100 * r['clean_accuracy']:.1f}%), {r.get('evaluated', '')}"
+        f"(clean accuracy {100 * r['clean_accuracy']:.1f}%"
+        + ("" if r.get("mean_l2") is None else f", mean L2 {l2_text(r['mean_l2'])}")
+        + f"), {r.get('evaluated', '')}"
         + ("" if r.get("verified", True) else "  [files NOT verified: --no-verify]")
         for spec, r in targets.items()]

@@ -10,7 +10,8 @@ is always run, as the no-SGM folder, and reported as the point ``gamma = 1``.
     {"source": SPEC, "attack": NAME, "data": DATA, "gammas": [0.1, ..., 1.0],   # NAME+METHOD
                                                                                # with --backward
      "targets": {SPEC: {"0.1": {"success_rate": r, "n": n, "ci95": [lo, hi],
-                                "clean_accuracy": a, "success_rate_on_correct": r2}, ...}, ...},
+                                "clean_accuracy": a, "success_rate_on_correct": r2,
+                                "mean_l2": l2}, ...}, ...},   # l2: [0, 1] pixel units
      "mean": {"0.1": r, ...},            # over the transfer targets (the source itself left out)
      "best": {"targets": {SPEC: gamma}, "mean": gamma}}
 
@@ -31,7 +32,7 @@ from skipgrad.analysis.effects import sgm_effects
 from skipgrad.analysis.stats import wilson_interval
 from skipgrad.errors import UserError
 from skipgrad.models.loading import named_spec
-from skipgrad.pipeline.report import TransferRow, short_name
+from skipgrad.pipeline.report import TransferRow, l2_text, short_name
 from skipgrad.pipeline.job import AttackJob, RunOptions, sgm_problem
 from skipgrad.pipeline.transfer import (ModelRef, TransferPlan, heatmap_figure, run_transfer,
                                         write_transfer_html)
@@ -50,6 +51,7 @@ class SweepPoint:
     # Its counts (m fooled of the k clean-correct images), for the interval of the second panel.
     clean_correct: int | None = None
     successes_on_correct: int | None = None
+    mean_l2: float | None = None  # of the gamma's saved perturbations, [0, 1] pixel units
 
     def on_correct_ci95(self) -> tuple[float, float] | None:
         """Wilson 95% interval of the success on the clean-correct images (None: unknown)."""
@@ -60,7 +62,7 @@ class SweepPoint:
     def to_json(self) -> dict:
         return {"success_rate": self.success_rate, "n": self.n, "ci95": list(self.ci95),
                 "clean_accuracy": self.clean_accuracy,
-                "success_rate_on_correct": self.success_rate_on_correct}
+                "success_rate_on_correct": self.success_rate_on_correct, "mean_l2": self.mean_l2}
 
 
 @dataclass
@@ -156,7 +158,8 @@ def curves_from_rows(rows: Sequence[TransferRow]) -> dict[str, dict[float, Sweep
         g = 1.0 if row.sgm is None else float(row.sgm)
         curves.setdefault(row.target, {})[g] = SweepPoint(
             g, row.success_rate, row.n, tuple(row.ci95), row.clean_accuracy,
-            row.success_rate_on_correct, row.clean_correct, row.successes_on_correct)
+            row.success_rate_on_correct, row.clean_correct, row.successes_on_correct,
+            row.mean_l2)
     return curves
 
 
@@ -251,11 +254,21 @@ def format_best(result: SweepResult) -> str:
     mean = result.mean_curve()
     cells = "  ".join(f"{100 * mean[g]:5.1f}" for g in result.gammas)
     lines.append(f"{'mean':<{width}}  {cells}   {best_gamma(mean):g}")
+    lines += _l2_line(result, width)
     lines.append(f"best gamma on average over {len(result.transfer_targets())} transfer target(s): "
                  f"{best_gamma(mean):g} ({100 * max(mean.values()):.1f}% vs "
                  f"{100 * mean[1.0]:.1f}% without SGM)")
     lines[-1:-1] = _on_correct_lines(result, width)  # beside the headline, before the verdict
     return "\n".join(lines + _best_paired(result, best_gamma(mean)))
+
+
+def _l2_line(result: SweepResult, width: int) -> list[str]:
+    """Each gamma's mean L2 perturbation (one folder per gamma: any target's point has it)."""
+    sizes = [next((c[g].mean_l2 for c in result.curves.values() if c[g].mean_l2 is not None),
+                  None) for g in result.gammas]
+    if all(size is None for size in sizes):
+        return []
+    return [f"{'mean L2':<{width}}  " + "  ".join(f"{l2_text(v, '-'):>5}" for v in sizes)]
 
 
 def _on_correct_lines(result: SweepResult, width: int) -> list[str]:

@@ -377,7 +377,8 @@ def evaluate_cells(plan: TransferPlan, folders: list, opts: RunOptions,
         forward_names = tuple(parse_forward(forward).names) if forward is not None else ()
         named = named_spec(source.spec, source.weights)  # tv:resnet50 -> its weights' tag
         rows += [TransferRow(named, attack, gamma, spec, r.success_rate, r.n, r.ci95, names,
-                             r.clean_correct, r.successes_on_correct, forward=forward_names)
+                             r.clean_correct, r.successes_on_correct, forward=forward_names,
+                             mean_l2=r.mean_l2)
                  for spec, r in results.items()]
         outcomes.update({(named, attack, gamma, backward, spec): r.per_image
                          for spec, r in results.items()})

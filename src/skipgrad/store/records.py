@@ -32,6 +32,10 @@ MANIFEST_COLUMNS = ("id", "file", "label", "target_label", "source_pred", "sha25
 # With --forward: the prediction of the source as the forward methods modify it (source_pred is
 # always the unmodified source's); a column only folders with a forward method have.
 FORWARD_PRED_COLUMN = "source_pred_forward"
+# The perturbation of each saved PNG against its clean image, in [0, 1] pixel units (levels / 255,
+# skipgrad.store.verify.perturbation_norms): L2 over every channel and pixel, and L-inf. Folders
+# made before these columns have none; their rows are rewritten without them.
+NORM_COLUMNS = ("l2", "linf")
 
 
 # Folders made before the group size followed --batch-size were attacked in groups of 16; their
@@ -169,8 +173,8 @@ def write_manifest(out: Path, rows: Sequence[dict[str, object]]) -> None:
 
 def write_rows(path: Path, rows: Sequence[dict[str, object]]) -> None:
     buffer = io.StringIO()
-    columns = MANIFEST_COLUMNS + ((FORWARD_PRED_COLUMN,)
-                                 if any(FORWARD_PRED_COLUMN in r for r in rows) else ())
+    columns = MANIFEST_COLUMNS + tuple(
+        c for c in (*NORM_COLUMNS, FORWARD_PRED_COLUMN) if any(c in r for r in rows))
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(sorted(rows, key=lambda r: int(r["id"])))

@@ -69,6 +69,17 @@ def bound_violation(adv: np.ndarray, clean: np.ndarray, eps: float, norm: str) -
             f"({math.sqrt(squares):.7g} levels > {eps * 255:.7g})")
 
 
+def perturbation_norms(adv: np.ndarray, clean: np.ndarray) -> tuple[float, float]:
+    """``(l2, linf)`` of the perturbation between 8-bit ``adv`` and 8-bit ``clean`` (same layout,
+    any), in [0, 1] pixel units: level differences / 255, L2 over every channel and pixel, L-inf
+    the largest absolute difference. The one definition: the attack records it per image in
+    manifest.csv, ``evaluate`` recomputes it from the saved files (so older folders get it too)."""
+    diff = adv.astype(np.int64) - clean.astype(np.int64)
+    if not diff.size:
+        return 0.0, 0.0
+    return math.sqrt(int((diff * diff).sum())) / 255, int(np.abs(diff).max()) / 255
+
+
 def levels(images: torch.Tensor) -> np.ndarray:
     """Float images in [0, 1] on 8-bit levels -> their uint8 levels (any layout)."""
     return images.detach().cpu().mul(255).round().clamp(0, 255).to(torch.uint8).numpy()
