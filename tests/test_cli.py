@@ -161,7 +161,7 @@ def test_evaluate_json_has_the_documented_keys(work: Path, capsys) -> None:
         # The documented keys (docs/design.md, "Output contracts").
         assert set(entry) == {"success_rate", "n", "ci95", "clean_accuracy",
                               "success_rate_on_correct", "clean_correct", "successes_on_correct",
-                              "per_image_success"}
+                              "per_image_success", "mean_l2", "max_linf"}
         assert entry["n"] == N_IMAGES and 0 <= entry["ci95"][0] <= entry["ci95"][1] <= 1
     assert "timm:test_efficientnet" in capsys.readouterr().out
 

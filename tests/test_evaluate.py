@@ -44,7 +44,7 @@ def test_json_schema_is_exactly_the_documented_one() -> None:
     entry = doc["targets"]["zoo:fmnist-vgg"]
     assert set(doc) == {"targets"}
     assert set(entry) == {"success_rate", "n", "ci95", "clean_accuracy", "success_rate_on_correct",
-                          "clean_correct", "successes_on_correct"}
+                          "clean_correct", "successes_on_correct", "mean_l2", "max_linf"}
     assert (entry["clean_correct"], entry["successes_on_correct"]) == (9, 6)
     assert entry["n"] == 10 and entry["success_rate"] == 0.7 and len(entry["ci95"]) == 2
     assert entry["ci95"][0] < 0.7 < entry["ci95"][1]
@@ -71,7 +71,8 @@ def test_transfer_report_files(tmp_path: Path) -> None:
     doc = json.loads(paths["json"].read_text())
     assert [set(r) for r in doc["rows"]] == [
         {"source", "attack", "sgm", "target", "success_rate", "n", "ci95", "backward", "forward",
-         "clean_correct", "successes_on_correct", "clean_accuracy", "success_rate_on_correct"}] * 4
+         "clean_correct", "successes_on_correct", "clean_accuracy", "success_rate_on_correct",
+         "mean_l2"}] * 4
     assert doc["rows"][0]["clean_accuracy"] is None  # rows made without clean counts say so
     assert doc["rows"][0]["sgm"] is None and doc["rows"][2]["sgm"] == 0.2
     assert read_transfer_json(paths["json"]) == _rows()

@@ -137,6 +137,9 @@ def test_torchrun_two_processes_write_the_same_files(reference: Path, tmp_path: 
     assert done.stdout.count("24 images from zoo:fmnist-cnn in") == 1  # only rank 0 reports
     _assert_same(reference, out)
     assert json.loads((out / "run.json").read_text())["environment"]["world_size"] == 2
+    # The ranks' manifest parts carry the perturbation norms as a single process writes them.
+    assert (out / "manifest.csv").read_text().startswith(
+        "id,file,label,target_label,source_pred,sha256,l2,linf\n")
 
 
 def test_torchrun_evaluate_gathers_the_same_counts(reference: Path, tmp_path: Path) -> None:

@@ -229,7 +229,7 @@ def adversarial_pass(models: dict[str, WrappedModel], output: AttackOutput, batc
     if check:
         _require_hashes(output)
     mismatches: list[verify.Mismatch] = []  # appended from the loading thread
-    norms: list[tuple[float, float]] = []  # likewise; per file of this rank's batches
+    norms: list[tuple[int, float, float]] = []  # likewise: (file index, l2, linf)
 
     def load(batch: Sequence[int]) -> torch.Tensor:
         contents = [output.files[i].read_bytes() for i in batch]
@@ -238,7 +238,8 @@ def adversarial_pass(models: dict[str, WrappedModel], output: AttackOutput, batc
         clean = verify.levels(output.data.load([output.samples[i] for i in batch]))
         found = [verify.levels(a) for a in adv]
         if all(a.shape == c.shape for a, c in zip(found, clean)):  # --no-verify may hold others
-            norms.extend(verify.perturbation_norms(a, c) for a, c in zip(found, clean))
+            norms.extend((i, *verify.perturbation_norms(a, c))
+                         for i, a, c in zip(batch, found, clean))
         if check:
             mismatches.extend(_mismatches(output, batch, contents, found, clean))
         return adv
@@ -249,8 +250,10 @@ def adversarial_pass(models: dict[str, WrappedModel], output: AttackOutput, batc
     found = [m for part in distributed.gather(mismatches) for m in part]
     if found:
         raise verify.mismatch_error(output.folder, sorted(found, key=lambda m: m.file))
-    measured = [n for part in distributed.gather(norms) for n in part]
-    return preds, PerturbationSize.of(measured if len(measured) == len(indices) else [])
+    # In file order whatever the ranks: the mean sums as a single process sums it.
+    measured = sorted(n for part in distributed.gather(norms) for n in part)
+    complete = len(measured) == len(indices)
+    return preds, PerturbationSize.of([n[1:] for n in measured] if complete else [])
 
 
 def _require_hashes(output: AttackOutput) -> None:
