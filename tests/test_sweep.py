@@ -91,3 +91,26 @@ def test_source_without_blocks_is_refused(tmp_path: Path, capsys) -> None:
                  "--out", str(tmp_path / "o"), *CHEAP])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1 and "zoo:fmnist-cnn" in err[0]
+
+
+def test_each_gamma_carries_the_mean_l2_of_its_folder_in_json_and_summary(
+        sweep_dir: Path, capsys) -> None:
+    import csv
+
+    record = json.loads((sweep_dir / "sweep.json").read_text())
+    sizes = {}
+    for folder in (sweep_dir / "attacks").iterdir():
+        with open(folder / "manifest.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        part = folder.name.split("__")[-1]
+        sizes["1" if part == "nosgm" else part.removeprefix("sgm")] = (
+            sum(float(r["l2"]) for r in rows) / len(rows))
+    for curve in record["targets"].values():
+        for gamma, point in curve.items():
+            assert point["mean_l2"] == pytest.approx(sizes[gamma], rel=1e-12)
+    capsys.readouterr()  # the same command again: every folder reused, the summary printed
+    assert main(["sweep", "--source", SOURCE, "--attack", "ifgsm", "--gammas", "0.5,0.2",
+                 "--target", TARGET, "--target", SOURCE, "--out", str(sweep_dir),
+                 *[a for a in CHEAP if a != "--quiet"]]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("mean L2"))
+    assert line.split()[2:] == [f"{sizes[g]:#.3g}" for g in ("0.2", "0.5", "1")]

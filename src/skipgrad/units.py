@@ -121,3 +121,10 @@ def diameter(norm: str, values: int) -> float:
     [0, 1] box ([0, 1] units): 1 for L-inf, ``sqrt(values)`` for L2. A larger radius is never
     reached: it only says that the size was typed in another unit."""
     return 1.0 if norm == "linf" else math.sqrt(values)
+
+
+def l2_text(value: float | None, missing: str = "–") -> str:
+    """A (mean) L2 perturbation in [0, 1] pixel units as every table shows it: three significant
+    digits, trailing zeros kept (an L-inf 16/255 attack on 28x28 Fashion-MNIST images: about
+    1-2.5; ``2.00``, ``0.487``, ``24.3``)."""
+    return missing if value is None else f"{value:#.3g}".rstrip(".")

@@ -16,7 +16,7 @@ from skipgrad.errors import UserError
 from skipgrad.pipeline.evaluate import (AttackOutput, evaluate_output, keep_images, load_targets,
                                        open_attack_output)
 from skipgrad.pipeline.device import resolve_device
-from skipgrad.pipeline.report import l2_text
+from skipgrad.units import l2_text
 from skipgrad.store.records import comparable_config, shown
 from skipgrad.analysis.stats import PairedComparison, benjamini_hochberg, paired_comparison
 

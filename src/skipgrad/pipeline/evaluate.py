@@ -38,7 +38,6 @@ from skipgrad.models import WrappedModel, load_model
 from skipgrad.models.loading import named_spec
 from skipgrad.progress import progress_bar
 from skipgrad.pipeline.engine import predict
-from skipgrad.pipeline.report import l2_text
 from skipgrad.store.records import read_manifest, read_run
 from skipgrad.pipeline.device import resolve_device
 from skipgrad.analysis.stats import wilson_interval
@@ -426,7 +425,8 @@ def format_table(results: dict[str, TargetResult], title: str = "") -> str:
     header = ("target", "n", "success", "95% CI", "mean L2", "clean acc",
               "success | clean correct")
     lines = [[spec, str(r.n), _pct(r.success_rate), f"[{_pct(r.ci95[0])}, {_pct(r.ci95[1])}]",
-              l2_text(r.mean_l2, "-"), _pct(r.clean_accuracy), _pct(r.success_rate_on_correct)]
+              units.l2_text(r.mean_l2, "-"), _pct(r.clean_accuracy),
+              _pct(r.success_rate_on_correct)]
              for spec, r in results.items()]
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
     fmt: Callable[[Sequence[str]], str] = lambda row: "  ".join(  # noqa: E731

@@ -23,8 +23,9 @@ from pathlib import Path
 
 from skipgrad.analysis.effects import backward_effects, sgm_effects, transfer_q_values
 from skipgrad.pipeline.report import (EFFECT_NUMERIC, ON_CORRECT_NOTE, TransferRow, effects_table,
-                                      l2_text, matrix, on_correct_spans, row_l2, short_name)
+                                      matrix, on_correct_spans, row_l2, short_name)
 from skipgrad.store.atomic import atomic_write_text
+from skipgrad.units import l2_text
 from skipgrad.store.records import read_run, shown
 
 # Nothing but embedded images and the inline style may load; a stray external reference fails

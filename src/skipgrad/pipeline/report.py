@@ -27,6 +27,7 @@ import numpy as np
 
 from skipgrad.analysis.effects import BackwardEffect, SGMEffect, transfer_q_values
 from skipgrad.store.atomic import atomic_write_bytes, atomic_write_text
+from skipgrad.units import l2_text
 
 CSV_COLUMNS = ("source", "attack", "sgm", "target", "success_rate", "n", "ci95_low", "ci95_high",
                "backward", "clean_accuracy", "clean_correct", "success_rate_on_correct",
@@ -92,13 +93,6 @@ class TransferRow:
                    *(None if c is None else int(c) for c in counts),
                    forward=tuple(record.get("forward", ())),
                    mean_l2=None if record.get("mean_l2") is None else float(record["mean_l2"]))
-
-
-def l2_text(value: float | None, missing: str = "–") -> str:
-    """A mean L2 perturbation (in [0, 1] pixel units) as every table shows it: three significant
-    digits, trailing zeros kept (an L-inf 16/255 attack on 28x28 Fashion-MNIST images: about
-    1-2.5; ``2.00``, ``0.487``, ``24.3``)."""
-    return missing if value is None else f"{value:#.3g}".rstrip(".")
 
 
 def short_name(spec: str) -> str:

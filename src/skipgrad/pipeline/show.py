@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from skipgrad.errors import UserError
-from skipgrad.pipeline.report import l2_text
+from skipgrad.units import l2_text
 from skipgrad.store.records import read_evaluations
 from skipgrad.store.records import read_manifest, read_run, shown
 

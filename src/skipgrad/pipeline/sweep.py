@@ -32,7 +32,8 @@ from skipgrad.analysis.effects import sgm_effects
 from skipgrad.analysis.stats import wilson_interval
 from skipgrad.errors import UserError
 from skipgrad.models.loading import named_spec
-from skipgrad.pipeline.report import TransferRow, l2_text, short_name
+from skipgrad.pipeline.report import TransferRow, short_name
+from skipgrad.units import l2_text
 from skipgrad.pipeline.job import AttackJob, RunOptions, sgm_problem
 from skipgrad.pipeline.transfer import (ModelRef, TransferPlan, heatmap_figure, run_transfer,
                                         write_transfer_html)
