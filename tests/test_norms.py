@@ -113,6 +113,10 @@ def test_evaluate_reports_the_mean_l2_of_the_manifest_beside_the_rate(
     capsys.readouterr()
     assert main(["show", str(run)]) == 0
     assert f"mean L2 {mean:#.3g}" in capsys.readouterr().out
+    assert _attack(run, 20) == 0  # resumed, nothing to do: the summary line names it too
+    summary = capsys.readouterr().out.rstrip()
+    assert "white-box success on the source: " in summary
+    assert summary.endswith(f"%; mean L2 {mean:#.3g}"), summary
 
 
 def _without_norm_columns(folder: Path) -> None:
@@ -139,13 +143,15 @@ def test_a_folder_without_the_norm_columns_evaluates_with_the_mean_l2_of_its_fil
 
 
 def test_an_old_folder_resumes_keeping_its_rows_and_measures_the_new_ones(
-        run: Path, tmp_path: Path) -> None:
+        run: Path, tmp_path: Path, capsys) -> None:
     old = tmp_path / "old"
     shutil.copytree(run, old)
     _without_norm_columns(old)
     kept = _manifest(old)
     (old / kept[-1]["file"]).unlink()  # the last image is redone on resumption
+    capsys.readouterr()
     assert _attack(old, 20) == 0
+    assert "mean L2" not in capsys.readouterr().out  # three of its rows were never measured
     rows = _manifest(old)
     assert [{k: r[k] for k in kept[0]} for r in rows[:-1]] == kept[:-1]
     assert all(r["l2"] == r["linf"] == "" for r in rows[:-1])  # not measured then: left empty

@@ -39,6 +39,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from skipgrad.pipeline.engine import run_attack_job
     from skipgrad.pipeline.job import run_options
     from skipgrad.pipeline.plans import attack_job
+    from skipgrad.units import l2_text
 
     flags = vars(args)
     job, auto = attack_job(flags)
@@ -66,7 +67,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
     print(f"{summary.total} images from {', '.join(summary.sources)} in {args.out} "
           f"({summary.skipped} already done, "
           f"{summary.attacked} attacked in {summary.seconds:.1f} s, {summary.cpu_seconds:.1f} s "
-          f"CPU{compiled}); {white_box}")
+          f"CPU{compiled}); {white_box}"
+          + ("" if summary.mean_l2 is None else f"; mean L2 {l2_text(summary.mean_l2)}"))
     return 0
 
 

@@ -189,7 +189,7 @@ def _attack_missing(job: AttackJob, out: Path, opts: RunOptions, data: ImageData
     success = distributed.on_main(lambda: _finish_manifest(out, wanted, job, seconds))
     return RunSummary(out, len(data), skipped, attacked, seconds, success[0], compile_seconds,
                       cpu_seconds, modified_source_success=success[1],
-                      sources=source_names(job, models))
+                      sources=source_names(job, models), mean_l2=success[2])
 
 
 @contextlib.contextmanager
@@ -257,9 +257,10 @@ def _save_progress(out: Path, done: dict[str, dict], new_rows: dict[str, dict]) 
 
 
 def _finish_manifest(out: Path, wanted: set[str], job: AttackJob, seconds: float
-                     ) -> tuple[float, float | None]:
+                     ) -> tuple[float, float | None, float | None]:
     """Merge the manifest, record the finish in run.json; the white-box success on the
-    unmodified source and, with a forward method, on the modified one (also in run.json)."""
+    unmodified source and, with a forward method, on the modified one (also in run.json), and
+    the mean L2 of the wanted images' perturbations (None when a row has no ``l2``)."""
     merge_manifest_parts(out)
     rows = {r["file"]: r for r in read_manifest(out)}
     success = _source_success(rows, wanted, job.attack.targeted)
@@ -269,7 +270,9 @@ def _finish_manifest(out: Path, wanted: set[str], job: AttackJob, seconds: float
     white_box = None if modified is None else {"source_success": success,
                                                "modified_source_success": modified}
     record_finish(out, len(rows), seconds, white_box)
-    return success, modified
+    sizes = [r.get(NORM_COLUMNS[0]) for f, r in rows.items() if f in wanted]
+    mean_l2 = (sum(map(float, sizes)) / len(sizes)) if sizes and all(sizes) else None
+    return success, modified, mean_l2
 
 
 def _attack_group(job: AttackJob, out: Path, attacker: tuple[list[torch.nn.Module], AttackSpec],

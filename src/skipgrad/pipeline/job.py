@@ -96,6 +96,9 @@ class RunSummary:
     # The sources as resolved (``tv:resnet50`` -> ``tv:resnet50.IMAGENET1K_V1``), a local weights
     # file named after its spec: what the summary line says was attacked from.
     sources: tuple[str, ...] = ()
+    # Mean L2 of the folder's saved perturbations in [0, 1] pixel units (the manifest's ``l2``
+    # column); None when a row lacks it (a folder begun before the column).
+    mean_l2: float | None = None
 
 
 def check_job(job: AttackJob) -> None:

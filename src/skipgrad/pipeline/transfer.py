@@ -47,6 +47,7 @@ from skipgrad.pipeline.report import TransferRow, write_transfer_report
 from skipgrad.pipeline.job import AttackJob, RunOptions
 from skipgrad.pipeline.device import resolve_device
 from skipgrad.pipeline.engine import run_attack_job
+from skipgrad.units import l2_text
 
 
 @dataclass(frozen=True)
@@ -224,8 +225,9 @@ def _attack_cells(plan: TransferPlan, out: Path, opts: RunOptions,
         summary = run_attack_job(job, folder, opts, log=lambda _msg: None)
         modified = ("" if summary.modified_source_success is None else
                     f" (modified source {100 * summary.modified_source_success:.1f}%)")
+        size = "" if summary.mean_l2 is None else f", mean L2 {l2_text(summary.mean_l2)}"
         log(f"    {summary.skipped} reused, {summary.attacked} attacked, "
-            f"source success {100 * summary.source_success:.1f}%{modified}")
+            f"source success {100 * summary.source_success:.1f}%{modified}{size}")
         folders.append((source, attack, gamma, backward, folder))
     return folders
 
