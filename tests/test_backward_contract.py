@@ -73,7 +73,8 @@ CASES: dict[str, Case] = {
     "linbp": Case(_resnet, zoo_vit,
                   "linbp cannot rewire the residual blocks of SmallViT "
                   "(timm.vision_transformer.Block): it needs ResNet-style blocks with one branch "
-                  "entry and a registered branch_exit (see skipgrad.register_block)"),
+                  "entry, a registered branch_exit (see skipgrad.register_block) and ReLUs in "
+                  "the branch"),
     "bpa": Case(_resnet_with_pool, zoo_vit,
                 "bpa found no ReLU from start='vit.blocks.1' on and no max-pool in SmallViT; BPA "
                 "changes the backward of ReLUs and max-pools"),

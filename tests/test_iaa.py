@@ -217,3 +217,41 @@ def test_tiny_resnet_by_hand_with_a_float64_model():
         reference = model.head(h)
     assert ours.dtype == torch.float64
     torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+
+
+def _mobilenet_by_hand(net: nn.Module, x: torch.Tensor, branch: float, skip: torch.Tensor | float
+                       ) -> torch.Tensor:
+    """torchvision MobileNetV2's forward, written out: each residual block returns
+    ``branch * conv(x) + skip * x`` (IAA: ``branch`` = lambda, ``skip`` = 1; Ghost: ``branch`` = 1,
+    ``skip`` = its per-channel factor), every other block as it is."""
+    for block in net.features:
+        if getattr(block, "use_res_connect", False):
+            x = branch * block.conv(x) + skip * x
+        else:
+            x = block(x)
+    return net.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_mobilenetv2_residual_branches_are_scaled_and_eroded_as_written_out():
+    """MobileNetV2's inverted residuals (identity skip, ReLU6 branches) declare their branch exit:
+    IAA scales the branch, Ghost erodes the skip; LinBP, with no ReLU to linearise there,
+    still refuses them."""
+    from torchvision.models import mobilenet_v2
+
+    torch.manual_seed(0)
+    net = randomise_batchnorm(mobilenet_v2(num_classes=10, width_mult=0.25)).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = _mobilenet_by_hand(net, x, 0.4, 1.0)
+        with skipgrad.iaa(net, residual_scale=0.4) as context:
+            torch.testing.assert_close(net(x), expected, rtol=1e-5, atol=1e-6)
+    assert context.stages == ["features"]
+    with pytest.raises(NothingToChangeError, match="ReLUs in the branch"):
+        skipgrad.linbp(net)
+    # Ghost erodes every residual block's identity skip (its factors are checked in
+    # tests/test_ghost.py); the eroded network differs from the plain one.
+    with torch.no_grad(), skipgrad.ghost(net, erosion=0.3, seed=1) as ghost:
+        assert len(ghost.changes) == sum(getattr(b, "use_res_connect", False) for b in net.features)
+        eroded = net(x)
+    with torch.no_grad():
+        assert not torch.allclose(eroded, net(x))

@@ -131,6 +131,17 @@ _EXITS: dict[str, BranchExit] = {
 }
 
 
+# Identity-skip kinds whose whole branch is one child module, added to the block's input with
+# nothing after it (torchvision's MobileNetV2: ``x + self.conv(x)``; MobileNetV3:
+# ``result = self.block(x); result += x``), so Ghost and IAA can act on them.
+_IDENTITY_EXITS: dict[str, BranchExit] = {
+    "torchvision.models.mobilenetv2:InvertedResidual": lambda block: (
+        block.conv if block.use_res_connect else None),
+    "torchvision.models.mobilenetv3:InvertedResidual": lambda block: (
+        block.block if block.use_res_connect else None),
+}
+
+
 def _label(path: str) -> str:
     """``"timm.models.senet:Bottleneck"`` -> ``"timm.senet.Bottleneck"`` (unique across files)."""
     module, cls = path.split(":")
@@ -144,7 +155,9 @@ def _register_families() -> None:
                        branch_exit=_EXITS.get(path),
                        skip_path=last_present("downsample") if path in _EXITS else None)
     for path, entries in _IDENTITY_SKIP:
-        register_block(path, entries, decay_first_in_stage=True, name=_label(path))
+        exit_ = _IDENTITY_EXITS.get(path)
+        register_block(path, entries, decay_first_in_stage=True, name=_label(path),
+                       branch_exit=exit_, skip_path=(lambda block: None) if exit_ else None)
 
 
 _register_families()

@@ -130,12 +130,14 @@ def check_branch_scale(value: float) -> float:
 
 def linbp_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The residual blocks of ``model`` whose branch LinBP can rewire, in module order: blocks
-    with one branch entry and a registered branch exit (see :func:`skipgrad.register_block`)."""
+    with one branch entry, a registered branch exit (see :func:`skipgrad.register_block`) and a
+    ``nn.ReLU`` to linearise (MobileNetV2's branches have ReLU6 only: nothing to change there)."""
     found = []
     for name, block, _ in find_blocks(model):
         kind = BLOCKS.lookup(block)
         if kind.branch_exit is not None and kind.branch_exit(block) is not None \
-                and len(kind.branch_entries(block)) == 1:
+                and len(kind.branch_entries(block)) == 1 \
+                and any(isinstance(m, nn.ReLU) for m in block.modules()):
             found.append((name, block))
     return found
 
@@ -194,8 +196,8 @@ class linbp(BackwardContext):  # noqa: N801 - a context manager named like torch
             kinds = sorted({BLOCKS.lookup(b).name for _, b, _ in find_blocks(self.model)})
             raise NothingToChangeError(
                 f"linbp cannot rewire the residual blocks of {model_label(self.model)} "
-                f"({', '.join(kinds)}): it needs ResNet-style blocks with one branch entry and a "
-                "registered branch_exit (see skipgrad.register_block)")
+                f"({', '.join(kinds)}): it needs ResNet-style blocks with one branch entry, a "
+                "registered branch_exit (see skipgrad.register_block) and ReLUs in the branch")
         relus = trunk_relus(self.model)
         if not relus:
             raise NothingToChangeError(
