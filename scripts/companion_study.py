@@ -16,7 +16,6 @@ rows and per-image outcomes.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path

@@ -5,7 +5,7 @@ adversarially trained members and the input-transformation defenses (the targets
 scripts/backward_study.py), with McNemar's exact test and Benjamini-Hochberg correction.
 
     python scripts/forward_study.py --out runs/forward [--limit 500] [--replication DIR]
-        [--write-docs]
+        [--rescore] [--write-docs]
 
 IAA's beta and lambda were tuned by its authors on ImageNet ResNets. The study runs two IAA
 settings per source: the published one carried over to the zoo (``published_iaa``) and the one a
@@ -140,9 +140,10 @@ def score(plan: TransferPlan, root: Path, opts: RunOptions, rescore: bool) -> tu
 
 
 def run_source(source: str, sgm: bool, out: Path, limit: int, targets: list[str],
-               replication: bool) -> dict:
+               rescore: bool) -> dict:
     """Baseline and every method of one source; the method's outcomes keyed with its label in the
-    method slot, so that :func:`backward_effects` pairs them with the baseline."""
+    method slot, so that :func:`backward_effects` pairs them with the baseline. With ``rescore``
+    the finished folders are only scored (the replication, or a newer table)."""
     opts = RunOptions(limit=limit, batch_size=250, quiet=True)
     root = out / source
     record: dict = {"source": source, "limit": limit, "targets": targets, "rows": [],
@@ -150,7 +151,7 @@ def run_source(source: str, sgm: bool, out: Path, limit: int, targets: list[str]
     calibration_path = root / "iaa_calibration.json"
     if calibration_path.is_file():
         calibration = json.loads(calibration_path.read_text())
-    elif replication or not _applies(source, "iaa", record):
+    elif rescore or not _applies(source, "iaa", record):
         calibration = None
     else:
         print(f"calibrating IAA on {source}")
@@ -164,7 +165,7 @@ def run_source(source: str, sgm: bool, out: Path, limit: int, targets: list[str]
     for forward in [None, *methods]:
         plan = plan_for(source, sgm, targets, forward)
         try:
-            rows, outcomes = score(plan, root, opts, replication)
+            rows, outcomes = score(plan, root, opts, rescore)
         except UserError as exc:
             if forward is None or f"--forward {forward} on " not in str(exc):
                 raise
@@ -304,6 +305,9 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated zoo sources")
     parser.add_argument("--replication", type=Path, default=None,
                         help="score the finished folders on the seed-1 models in this folder")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score the finished folders again (e.g. for a newer table), attack "
+                             "nothing")
     parser.add_argument("--collect-only", action="store_true")
     parser.add_argument("--write-docs", action="store_true",
                         help="also rewrite the generated tables of docs/forward.md")
@@ -314,10 +318,10 @@ def main() -> None:
         targets = retrained_targets(args.replication) if args.replication else study_targets()
         for source, sgm in SOURCES:
             path = args.out / source / f"forward{suffix}.json"
-            if (only and source not in only) or path.is_file():
+            if (only and source not in only) or (path.is_file() and not args.rescore):
                 continue
             record = run_source(source, sgm, args.out, args.limit, targets,
-                                args.replication is not None)
+                                args.replication is not None or args.rescore)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(record) + "\n")
     rows, effects, skipped, records = collect([args.out], suffix)
