@@ -88,7 +88,9 @@ def test_attack_writes_bounded_pngs_manifest_and_run_json(work: Path) -> None:
     with open(out / "manifest.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["id"] for r in rows] == [str(i) for i in range(N_IMAGES)]
-    assert set(rows[0]) == {"id", "file", "label", "target_label", "source_pred", "sha256"}
+    assert set(rows[0]) == {"id", "file", "label", "target_label", "source_pred", "sha256",
+                            "l2", "linf"}
+    assert all(0 < float(r["linf"]) * 255 <= EPS + 1e-9 for r in rows)
     run = json.loads((out / "run.json").read_text())
     sha = hashlib.sha256((work / "source.safetensors").read_bytes()).hexdigest()
     assert run["config"]["weights_sha256"] == [sha] and run["config"]["sgm"] == 0.5

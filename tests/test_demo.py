@@ -57,7 +57,8 @@ def test_transfer_json_schema_covers_every_attack_and_target(demo_out):
     demo_out, targets = demo_out
     rows = json.loads((demo_out / "transfer.json").read_text())["rows"]
     keys = {"source", "attack", "sgm", "target", "success_rate", "n", "ci95", "backward",
-            "forward", "clean_correct", "successes_on_correct", "clean_accuracy", "success_rate_on_correct"}
+            "forward", "clean_correct", "successes_on_correct", "clean_accuracy", "success_rate_on_correct",
+                "mean_l2"}
     assert all(set(row) == keys for row in rows)
     assert all(0 < row["clean_correct"] <= row["n"] for row in rows)
     assert {(r["attack"], r["sgm"]) for r in rows} == {(a, g) for a in DEMO_ATTACKS

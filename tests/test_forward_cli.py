@@ -103,7 +103,7 @@ def test_runs_without_forward_keep_their_manifest_and_record(tmp_path):
     assert _attack(out) == 0
     assert "forward" not in _run(out)["config"] and "white_box" not in _run(out)
     assert (out / "manifest.csv").read_text().splitlines()[0] == \
-        "id,file,label,target_label,source_pred,sha256"
+        "id,file,label,target_label,source_pred,sha256,l2,linf"  # no source_pred_forward
 
 
 @pytest.mark.parametrize("method, source, reason", [
