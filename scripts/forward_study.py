@@ -206,7 +206,7 @@ def _white_box(plan: TransferPlan, root: Path) -> dict:
     for _, attack, gamma, backward in plan.cells():
         run = json.loads((cell_folder(root, source, attack, gamma, backward,
                                       plan.forward_of(source)) / "run.json").read_text())
-        found[f"{attack} sgm={gamma}"] = run.get("white_box")
+        found[attack if gamma is None else f"{attack}+sgm {gamma:g}"] = run.get("white_box")
     return found
 
 
@@ -252,6 +252,8 @@ def white_box_table(records: dict) -> str:
     for source, record in records.items():
         for method, cells in record.get("white_box", {}).items():
             for cell, rates in cells.items():
+                # (records written before the labels matched the effect tables: "mi sgm=0.5")
+                cell = cell.replace(" sgm=None", "").replace(" sgm=", "+sgm ")
                 if rates:
                     lines.append(f"| {source} | `{method}` | {cell} | "
                                  f"{100 * rates['source_success']:.1f}% | "
