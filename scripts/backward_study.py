@@ -36,7 +36,7 @@ from skipgrad.errors import UserError  # noqa: E402
 from skipgrad.pipeline.report import effects_markdown, markdown_table  # noqa: E402
 from skipgrad.pipeline.job import AttackJob, RunOptions  # noqa: E402
 from skipgrad.pipeline.transfer import (  # noqa: E402
-    ModelRef, TransferPlan, cell_folder, evaluate_cells, run_transfer)
+    ModelRef, TransferPlan, run_transfer, score_finished)
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY_GAMMA = 0.5  # docs/study.md: the gamma of its MI/DI rows, the best or near it for most sources
@@ -94,16 +94,16 @@ def run_study(out: Path, limit: int, only: set[str] | None, replication: Path | 
             record: dict = {"source": source, "method": method, "limit": limit, "targets": targets}
             plan = study_plan(source, method, sgm, targets)
             try:
-                rows, outcomes = (rescore(plan, out / source, opts) if replication
+                rows, outcomes = (score_finished(plan, out / source, opts) if replication
                                   else _attack_and_score(plan, out / source, opts))
             except UserError as exc:
+                if "is not a finished attack folder" in str(exc):  # replication of a part never run
+                    print(f"not replicated {source} × {method}: {exc}")
+                    continue
                 if f": --backward {method} on " not in str(exc):  # e.g. a folder in use: not a result
                     raise
                 print(f"skipped {source} × {method}: {exc}")  # the method does not apply
                 record["skipped"] = str(exc)
-            except FileNotFoundError as exc:  # replication of a part that never ran
-                print(f"not replicated {source} × {method}: {exc}")
-                continue
             else:
                 record["rows"] = [r.to_json() for r in rows]
                 record["outcomes"] = [[*key, [int(v) for v in success.tolist()]]
@@ -122,17 +122,6 @@ def _saved(path: Path, limit: int, targets: list[str]) -> bool:
 def _attack_and_score(plan: TransferPlan, root: Path, opts: RunOptions) -> tuple[list, dict]:
     result = run_transfer(plan, root, opts)
     return result.rows, result.outcomes
-
-
-def rescore(plan: TransferPlan, root: Path, opts: RunOptions) -> tuple[list, dict]:
-    """Score the plan's finished attack folders under ``root`` on its targets; attack nothing."""
-    folders = []
-    for source, attack, gamma, backward in plan.cells():
-        folder = cell_folder(root, source, attack, gamma, backward)
-        if not (folder / "run.json").is_file():
-            raise FileNotFoundError(f"{folder} is not a finished attack folder")
-        folders.append((source, attack, gamma, backward, folder))
-    return evaluate_cells(plan, folders, opts, print)
 
 
 def collect(outs: list[Path], suffix: str = "") -> tuple[list, list, list[str]]:

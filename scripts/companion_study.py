@@ -24,13 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fmnist_replication import SEED, retrained_targets  # noqa: E402
+from forward_study import score  # noqa: E402
 
 from skipgrad.analysis.effects import backward_effects, sgm_effects  # noqa: E402
 from skipgrad.attacks.config import AttackSpec  # noqa: E402
 from skipgrad.models.loading import zoo_specs  # noqa: E402
 from skipgrad.pipeline.job import AttackJob, RunOptions  # noqa: E402
-from skipgrad.pipeline.transfer import (ModelRef, TransferPlan, cell_folder,  # noqa: E402
-                                        evaluate_cells, run_transfer)
+from skipgrad.pipeline.transfer import ModelRef, TransferPlan  # noqa: E402
 
 SOURCE = "zoo:fmnist-preact-resnet20"
 GAMMA = 0.5
@@ -77,12 +77,7 @@ def run_budget(budget: int | None, out: Path, limit: int, targets: list[str], re
         # iteration count differs between attacks at an equal budget.
         root = out / folder_name(budget) / attack.replace("+", "-")
         plan = plan_for(attack, budget, targets)
-        if rescore:
-            folders = [(s, a, g, b, cell_folder(root, s, a, g, b)) for s, a, g, b in plan.cells()]
-            found, scored = evaluate_cells(plan, folders, opts, print)
-        else:
-            result = run_transfer(plan, root, opts)
-            found, scored = result.rows, result.outcomes
+        found, scored = score(plan, root, opts, rescore)
         rows += found
         outcomes.update(scored)
         spec = plan.template.attack
@@ -119,8 +114,10 @@ def main() -> None:
         path = args.out / f"{folder_name(budget)}{suffix}.json"
         if path.is_file() and not args.rescore:
             continue
-        record = run_budget(budget, args.out, limit, targets,
-                            args.rescore or args.replication is not None)
+        scoring = args.rescore or args.replication is not None
+        if scoring and not (args.out / f"{folder_name(budget)}.json").is_file():
+            continue  # never attacked: nothing to score
+        record = run_budget(budget, args.out, limit, targets, scoring)
         args.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record) + "\n")
 

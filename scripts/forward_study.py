@@ -37,7 +37,7 @@ from skipgrad.errors import UserError  # noqa: E402
 from skipgrad.pipeline.job import AttackJob, RunOptions  # noqa: E402
 from skipgrad.pipeline.report import effects_markdown, markdown_table  # noqa: E402
 from skipgrad.pipeline.transfer import (ModelRef, TransferPlan, cell_folder,  # noqa: E402
-                                        evaluate_cells, run_transfer)
+                                        run_transfer, score_finished)
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION_IMAGES = 300
@@ -124,19 +124,11 @@ def plan_for(source: str, sgm: bool, targets: list[str], forward: str | None) ->
 
 
 def score(plan: TransferPlan, root: Path, opts: RunOptions, rescore: bool) -> tuple[list, dict]:
-    """Attack (or, with ``rescore``, only score the finished folders of) one plan."""
-    if not rescore:
-        result = run_transfer(plan, root, opts)
-        return result.rows, result.outcomes
-    source = plan.sources[0]
-    forward = plan.forward_of(source)
-    folders = []
-    for _, attack, gamma, backward in plan.cells():
-        folder = cell_folder(root, source, attack, gamma, backward, forward)
-        if not (folder / "run.json").is_file():
-            raise FileNotFoundError(f"{folder} is not a finished attack folder")
-        folders.append((source, attack, gamma, backward, folder))
-    return evaluate_cells(plan, folders, opts, print)
+    """Attack and score one plan, or with ``rescore`` only score its finished folders."""
+    if rescore:
+        return score_finished(plan, root, opts)
+    result = run_transfer(plan, root, opts)
+    return result.rows, result.outcomes
 
 
 def run_source(source: str, sgm: bool, out: Path, limit: int, targets: list[str],
@@ -167,13 +159,13 @@ def run_source(source: str, sgm: bool, out: Path, limit: int, targets: list[str]
         try:
             rows, outcomes = score(plan, root, opts, rescore)
         except UserError as exc:
+            if "is not a finished attack folder" in str(exc):  # a part that never ran
+                print(f"not scored {source} × {forward}: {exc}")
+                continue
             if forward is None or f"--forward {forward} on " not in str(exc):
                 raise
             print(f"skipped {source} × {forward}: {exc}")
             record["skipped"].append(f"{source} × {forward}: {exc}")
-            continue
-        except FileNotFoundError as exc:
-            print(f"not replicated {source} × {forward}: {exc}")
             continue
         record["rows"] += [r.to_json() for r in rows]
         record["outcomes"] += [[s, a, g, forward, t, [int(v) for v in success.tolist()]]

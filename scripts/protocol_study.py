@@ -30,13 +30,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fmnist_replication import SEED, retrained_targets  # noqa: E402
+from forward_study import score  # noqa: E402
 
 from skipgrad.analysis.effects import backward_effects, sgm_effects  # noqa: E402
 from skipgrad.attacks.config import AttackSpec  # noqa: E402
 from skipgrad.models.loading import zoo_specs  # noqa: E402
 from skipgrad.pipeline.job import AttackJob, RunOptions  # noqa: E402
-from skipgrad.pipeline.transfer import (ModelRef, TransferPlan, cell_folder,  # noqa: E402
-                                        evaluate_cells, run_transfer)
+from skipgrad.pipeline.transfer import ModelRef, TransferPlan  # noqa: E402
 
 GAMMA = 0.5
 SOURCES = ("preact-resnet20", "vgg", "resnet56")  # cheapest first
@@ -110,12 +110,7 @@ def run_cell(setting: Setting, source: str, out: Path, targets: list[str], resco
     opts = RunOptions(limit=setting.images(source), batch_size=250, quiet=True)
     rows, outcomes = [], {}
     for plan in plans(setting, source, targets):
-        if rescore:
-            folders = [(s, a, g, b, cell_folder(root, s, a, g, b)) for s, a, g, b in plan.cells()]
-            found, scored = evaluate_cells(plan, folders, opts, print)
-        else:
-            result = run_transfer(plan, root, opts)
-            found, scored = result.rows, result.outcomes
+        found, scored = score(plan, root, opts, rescore)
         rows += found
         outcomes.update(scored)
     return {"setting": dataclasses.asdict(setting), "source": source,
@@ -162,10 +157,12 @@ def main() -> None:
             path = args.out / setting.folder / f"{source}{suffix}.json"
             if path.is_file() and not args.rescore:
                 continue
+            scoring = args.rescore or args.replication is not None
+            if scoring and not (args.out / setting.folder / f"{source}.json").is_file():
+                continue  # never attacked: nothing to score
             print(f"== {setting.label} from {source} on {setting.images(source)} images",
                   flush=True)
-            record = run_cell(setting, source, args.out, targets,
-                              args.rescore or args.replication is not None)
+            record = run_cell(setting, source, args.out, targets, scoring)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(record) + "\n")
 

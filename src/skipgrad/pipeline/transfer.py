@@ -39,7 +39,7 @@ from skipgrad.backward.registry import parse_backward, parse_forward
 from skipgrad.gamma import check_gamma
 from skipgrad.errors import UserError
 from skipgrad.models.loading import named_spec
-from skipgrad.store.records import calibration_warning
+from skipgrad.store.records import calibration_warning, read_manifest, read_run
 from skipgrad.pipeline.evaluate import (evaluate_output, load_targets, open_attack_output,
                                record_evaluation)
 from skipgrad.pipeline.html_report import write_html_report
@@ -390,6 +390,20 @@ def evaluate_cells(plan: TransferPlan, folders: list, opts: RunOptions,
             print(warning, file=sys.stderr)
     log(f"evaluated {len(folders)} attack folders on {len(models)} targets")
     return rows, outcomes
+
+
+def score_finished(plan: TransferPlan, out: Path, opts: RunOptions = RunOptions(),
+                   log: Callable[[str], None] = print) -> tuple[list[TransferRow], dict]:
+    """Score the plan's finished attack folders under ``out`` on its targets, attacking nothing
+    (e.g. on other targets than the run's, or for a newer table). Returns what
+    :func:`evaluate_cells` returns; a cell without a finished folder is a ``UserError``."""
+    folders = []
+    for source, attack, gamma, backward in plan.cells():
+        folder = cell_folder(out, source, attack, gamma, backward, plan.forward_of(source))
+        if read_run(folder) is None or not read_manifest(folder):
+            raise UserError(f"{folder} is not a finished attack folder: run the plan first")
+        folders.append((source, attack, gamma, backward, folder))
+    return evaluate_cells(plan, folders, opts, log)
 
 
 def model_refs_of(specs: list[str] | None, weights: list[str] | None,
