@@ -68,7 +68,7 @@ def iaa_grid(source: str) -> list[str]:
 def calibrate_iaa(source: str, log=print) -> dict:
     """Mean I-FGSM success over the held-out zoo half for every grid setting, on the first
     CALIBRATION_IMAGES training images (rounded to 8-bit levels as saved files are), and the
-    best setting (ties: the earlier, i.e. smoother-free, grid entry)."""
+    best setting (ties: the earlier grid entry)."""
     import skipgrad
     from skipgrad.analysis.success import succeeded
     from skipgrad.data.datasets import open_dataset
