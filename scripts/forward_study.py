@@ -237,6 +237,30 @@ def calibration_table(records: dict) -> str:
     return "\n".join(lines)
 
 
+def summary_table(effects: list, q: dict, alpha: float = 0.05) -> str:
+    """Per source, method and SGM setting (both attacks together): the mean and range of the
+    transfer effects (points) and the significant gains / losses, on plain and defended targets."""
+    groups: dict[tuple, dict[str, list]] = {}
+    for e in effects:
+        if e.target == e.source:
+            continue
+        key = (e.source.removeprefix("zoo:fmnist-"), e.method, "yes" if e.gamma else "no")
+        groups.setdefault(key, {"plain": [], "defended": []})[
+            "defended" if _is_defended(e.target) else "plain"].append(e)
+    lines = ["| source | method | SGM | plain: mean (range), sig. +/− | "
+             "defended: mean (range), sig. +/− |", "|---|---|---|---|---|"]
+    for (source, method, sgm), parts in groups.items():
+        cells = []
+        for part in (parts["plain"], parts["defended"]):
+            d = [100 * e.comparison.difference for e in part]
+            up = sum(q[id(e)] < alpha and e.comparison.difference > 0 for e in part)
+            down = sum(q[id(e)] < alpha and e.comparison.difference < 0 for e in part)
+            cells.append(f"{sum(d) / len(d):+.1f} ({min(d):+.1f} … {max(d):+.1f}), {up}/{down}"
+                         if d else "–")
+        lines.append(f"| {source} | `{method}` | {sgm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def white_box_table(records: dict) -> str:
     """White-box success of each method's attack on the unmodified and the modified source."""
     lines = ["| source | method | attack | unmodified source | modified source |",
@@ -265,6 +289,10 @@ def tables(rows: list, effects: list, skipped: list[str], records: dict, command
         "#### IAA calibration grid: mean I-FGSM success (%) on the held-out zoo half, "
         f"first {CALIBRATION_IMAGES} training images (chosen setting in bold; `none`: no IAA)", "",
         calibration_table(records), "",
+        "#### Summary: effect on transfer (points), I-FGSM and MI together", "",
+        "Mean and range over the transfer cells; significant gains / losses after "
+        "Benjamini-Hochberg over all transfer cells of the study (McNemar, q < 0.05).", "",
+        summary_table(effects, q), "",
         "#### Effect of each method: success with it minus without (points), same attack and "
         "SGM setting, same images", "",
         "Bold with `*`: significant after Benjamini-Hochberg correction over all transfer cells "
