@@ -121,6 +121,18 @@ def protocol_tables(records: list[tuple]) -> str:
     return "\n\n".join(parts)
 
 
+def not_run(records: list[tuple]) -> str:
+    """The (protocol, source) cells of the full grid that have no record, one line per source."""
+    done = {(setting, source) for setting, source, *_ in records}
+    lines = []
+    for source in protocol_study.SOURCES:
+        missing = [s.label for s in protocol_study.all_settings() if (s, source) not in done]
+        if missing:
+            lines.append(f"- {source}: " + "; ".join(missing))
+    return ("Not run (the session's CPU budget ran out first):\n\n" + "\n".join(lines)
+            if lines else "")
+
+
 def iterations_figure(records: list[tuple], path: Path) -> None:
     """Mean transfer (solid) and white-box (thin) success against T, per source and eps; step
     eps/T left, fixed 1 level right."""
@@ -284,7 +296,7 @@ def main() -> None:
     if not args.write_docs:
         return
     name = "protocol replication" if args.replication else "protocol"
-    replace_section(f"{name} tables", f"{tables}\n\n{details}", PAGE)
+    replace_section(f"{name} tables", f"{not_run(protocol)}\n\n{tables}\n\n{details}", PAGE)
     if not args.replication:
         iterations_figure(protocol, ROOT / "docs" / "protocol_iterations.png")
         if companions:
