@@ -3,7 +3,7 @@ MI+Admix, MI+SIA and MI+BSR, each with and without SGM, from PreAct ResNet-20, c
 usual 10 iterations, where they cost 1 to 21 gradient evaluations per step, and (2) at one common
 budget of about BUDGET gradient evaluations per image (iterations = budget / cost per step).
 
-    python scripts/companion_study.py --out runs/companions [--limit 200] [--reference-limit 100]
+    python scripts/companion_study.py --out runs/companions [--limit 150] [--reference-limit 100]
         [--replication DIR] [--rescore]
 
 L-inf eps 16 levels, step eps/T, MI decay 1.0, each part at its published defaults (docs/
@@ -102,7 +102,7 @@ def effects_of(record: dict) -> tuple[list, list]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/companions"))
-    parser.add_argument("--limit", type=int, default=200, help="images at the equal budget")
+    parser.add_argument("--limit", type=int, default=150, help="images at the equal budget")
     parser.add_argument("--reference-limit", type=int, default=100,
                         help="images at the usual 10 iterations")
     parser.add_argument("--replication", type=Path, default=None)

@@ -259,7 +259,7 @@ def compute_figure(companions: list[dict], protocol: list[tuple], path: Path) ->
         ifgsm = [(t, s) for t, s in ifgsm if s]
         if ifgsm:
             ax.plot([t for t, _ in ifgsm], [100 * s["transfer"] for _, s in ifgsm], "s--",
-                    color="black", lw=1, label="I-FGSM (protocol study)")
+                    color="black", lw=1, label="I-FGSM (protocol grid)")
         ax.set_xscale("log")
         ax.set_xlabel("gradient evaluations per image")
         ax.set_title(f"{short_name(companion_study.SOURCE)}, ε 16, step ε/T, "
@@ -269,8 +269,9 @@ def compute_figure(companions: list[dict], protocol: list[tuple], path: Path) ->
         ax.grid(alpha=0.3)
         if k == 0:
             ax.set_ylabel("mean transfer success over 7 plain targets (%)")
-    axes[1].legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
