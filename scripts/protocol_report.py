@@ -48,8 +48,9 @@ def effect_method(effect) -> str:
 
 
 def is_transfer(source: str, target: str) -> bool:
-    """A transfer cell: the target is neither the source nor its seed-1 copy."""
-    return short_name(target).removesuffix("-seed1") != short_name(source)
+    """A transfer cell: the target is not the source itself (the source's seed-1 copy, with
+    other weights, is a transfer target, as in docs/backward.md's replication)."""
+    return short_name(target) != short_name(source)
 
 
 def summarise(rows: list[TransferRow]) -> dict[str, dict]:
