@@ -152,7 +152,7 @@ def write_report(out: Path, plan, rows: Sequence[TransferRow], effects: Sequence
     to the figures."""
     source = plan.sources[0].spec
     text = "\n".join([
-        f"# skipgrad demo: SGM on Fashion-MNIST\n",
+        "# skipgrad demo: SGM on Fashion-MNIST\n",
         _setting_sentence(plan, rows).replace(source, f"`{source}`", 1) + "\n",
         markdown_table(rows, plan.title, fold=False),
         *on_correct_summary(rows, source), "",
